@@ -1,0 +1,42 @@
+# Set-up and the two everyday jobs. Each target creates or reuses the local virtual environment.
+#   make demo   generate the built-in data, train vq3d-tiny on the CPU, render orbit videos
+#   make test   install the test needs and run the suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch build this project is tested with (pip on this machine finds it on local disk);
+# override to use another, e.g. make TORCH="torch==2.5.1 torchvision==0.20.1" test
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+DEMO_DATA ?= data/synth
+DEMO_SCENES ?= 1000
+DEMO_RUN := outputs/demo/vq3d-tiny/demo
+DEMO_OUT ?= demo_out
+
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# ns-render checks for an ffmpeg on PATH: use the one bundled in the imageio-ffmpeg wheel.
+	ln -sf "$$($(BIN)/python -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" $(BIN)/ffmpeg
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/vq3d synth $(DEMO_DATA) --num-scenes $(DEMO_SCENES) --resolution 64
+	$(BIN)/ns-train vq3d-tiny --data $(DEMO_DATA) --output-dir outputs --experiment-name demo \
+		--timestamp demo --vis tensorboard
+	$(BIN)/vq3d render-orbit --load-config $(DEMO_RUN)/config.yml --output-dir $(DEMO_OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) outputs/demo

@@ -1,0 +1,109 @@
+"""Dataparser and dataset: layouts, classes, stable split, depth handling, cropping."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_image
+from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig
+from vq3d_nerfstudio.data.dataset import Vq3dImageDataset, load_disparity, load_image
+
+
+def parse(data, split="train", **kwargs):
+    return Vq3dImagesDataParserConfig(data=data, **kwargs).setup().get_dataparser_outputs(split=split)
+
+
+def test_flat_folder_and_canonical_camera(tmp_path):
+    for i in range(5):
+        write_image(tmp_path / f"img{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    train, evals = parse(tmp_path, image_size=64), parse(tmp_path, "val", image_size=64)
+    names = sorted(p.name for p in train.image_filenames + evals.image_filenames)
+    assert names == [f"img{i}.png" for i in range(5)]
+    assert len(evals.image_filenames) >= 1
+    cams = train.cameras
+    # canonical camera: identity rotation at (0, 0, 2); focal = 32 / tan(25 deg)
+    assert torch.allclose(cams.camera_to_worlds[0], torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2]]))
+    assert math.isclose(float(cams.fx[0]), 32 / math.tan(math.radians(25)), rel_tol=1e-6)
+    assert int(cams.width[0]) == 64 and float(cams.cx[0]) == 32
+    assert train.metadata["depth_kind"] == "none" and train.metadata["class_ids"] == [-1] * len(train.image_filenames)
+
+
+def test_imagenet_layout_class_ids_follow_sorted_folder_names(tmp_path):
+    for cls in ["n02", "n01", "n03"]:
+        for i in range(3):
+            write_image(tmp_path / cls / f"{cls}_{i}.JPEG")
+    outputs = parse(tmp_path, eval_fraction=0.0)
+    assert outputs.metadata["class_names"] == ["n01", "n02", "n03"]
+    for path, class_id in zip(outputs.image_filenames, outputs.metadata["class_ids"]):
+        assert path.parent.name == ["n01", "n02", "n03"][class_id]
+
+
+def test_split_is_stable_when_images_are_added(tmp_path):
+    for i in range(40):
+        write_image(tmp_path / f"a{i:03d}.png", size=(4, 4))
+    before = {p.name for p in parse(tmp_path, "val", eval_fraction=0.2).image_filenames}
+    for i in range(40):
+        write_image(tmp_path / f"b{i:03d}.png", size=(4, 4))
+    after = {p.name for p in parse(tmp_path, "val", eval_fraction=0.2).image_filenames}
+    assert before and before == {n for n in after if n.startswith("a")}
+
+
+def test_synth_scenes_use_frame_zero_and_its_depth(synth_dir):
+    outputs = parse(synth_dir, image_size=32)
+    assert all(p.name == "frame_00000.png" for p in outputs.image_filenames)
+    assert outputs.metadata["depth_kind"] == "z-depth"
+    assert all(d.name == "frame_00000.npy" for d in outputs.metadata["depth_filenames"])
+    item = Vq3dImageDataset(outputs)[0]
+    assert item["image"].shape == (32, 32, 3) and item["disparity"].shape == (32, 32, 1)
+    depth = np.load(outputs.metadata["depth_filenames"][0])
+    expected = np.where(np.isinf(depth), 0.0, 1.0 / depth)
+    assert np.allclose(item["disparity"][..., 0].numpy(), expected, atol=1e-6)
+    assert item["disparity_mask"].all()  # inf (sky) is valid: disparity 0
+
+
+def test_depth_kind_errors_name_the_file(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png")
+    np.save(tmp_path / "a.npy", np.ones((12, 20), np.float32))
+    with pytest.raises(DatasetError, match=r"a\.npy.*--depth-kind"):
+        parse(tmp_path)  # kind unknown
+    with pytest.raises(DatasetError, match=r"b\.png.*no depth file"):
+        parse(tmp_path, depth_kind="disparity")  # one image lacks depth
+    assert parse(tmp_path, depth_kind="none").metadata["depth_filenames"] is None
+    (tmp_path / "vq3d_meta.json").write_text(json.dumps({"depth_kind": "disparity"}))
+    np.save(tmp_path / "b.npy", np.ones((12, 20), np.float32))
+    assert parse(tmp_path).metadata["depth_kind"] == "disparity"
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="no images found"):
+        parse(tmp_path)
+    with pytest.raises(DatasetError, match="no such folder"):
+        parse(tmp_path / "missing")
+
+
+def test_center_crop_and_resize(tmp_path):
+    # 6 wide x 2 high: left 2 columns red, middle 2 green, right 2 blue -> centre crop is green
+    array = np.zeros((2, 6, 3), np.uint8)
+    array[:, :2, 0] = 255
+    array[:, 2:4, 1] = 255
+    array[:, 4:, 2] = 255
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    image = load_image(tmp_path / "wide.png", 4)
+    assert image.shape == (4, 4, 3)
+    assert torch.allclose(image, torch.tensor([0.0, 1.0, 0.0]).expand(4, 4, 3), atol=1e-2)
+
+
+def test_disparity_from_z_depth_and_bad_shapes(tmp_path):
+    depth = np.array([[2.0, np.inf], [np.nan, 0.5]], np.float32)
+    np.save(tmp_path / "d.npy", depth)
+    disp, mask = load_disparity(tmp_path / "d.npy", "z-depth", (2, 2), 2)
+    assert torch.allclose(disp[..., 0], torch.tensor([[0.5, 0.0], [0.0, 2.0]]))
+    assert mask[..., 0].tolist() == [[True, True], [False, True]]
+    with pytest.raises(DatasetError, match=r"d\.npy.*shape"):
+        load_disparity(tmp_path / "d.npy", "z-depth", (3, 2), 2)

@@ -1,0 +1,162 @@
+"""Streaming datamanager: B images per step from disk through a torch DataLoader, rays at random
+pixels of each, every ray tagged with ``metadata["batch_idx"]`` (which image's tri-plane it uses).
+
+It subclasses ``VanillaDataManager`` because ``ns-render`` / ``ns-export`` check for it, but it never
+caches images: the built-in datamanagers hold every image in memory, which fails at ImageNet scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, Literal, Tuple, Type, Union
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.datamanagers.base_datamanager import DataManager, VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader, RandIndicesEvalDataloader
+from nerfstudio.model_components.ray_generators import RayGenerator
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
+
+
+@dataclass
+class Vq3dDataManagerConfig(VanillaDataManagerConfig):
+    """Streams B images per step from disk and samples rays from each."""
+
+    _target: Type = field(default_factory=lambda: Vq3dDataManager)
+    dataparser: Vq3dImagesDataParserConfig = field(default_factory=Vq3dImagesDataParserConfig)
+    """The image-collection dataparser."""
+    images_per_batch: int = 8
+    """Images (hence tri-planes) per training step, per device."""
+    rays_per_image: int = 256
+    """Random pixels rendered per image per step; 0 renders every pixel."""
+    num_workers: int = 2
+    """DataLoader worker processes reading and resizing images."""
+    seed: int = 0
+    """Seed of the shuffling order (and of DistributedSampler under DDP)."""
+
+
+def _forever(loader: DataLoader) -> Iterator[Dict]:
+    """Iterate a DataLoader across epochs, telling a DistributedSampler the epoch."""
+    epoch = 0
+    while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class Vq3dDataManager(VanillaDataManager):
+    """Train batches: ``(RayBundle [B * n], batch)`` with ``batch["input_images"]`` ``[B, 3, S, S]``,
+    per-ray ``image`` ``[B*n, 3]`` targets, optional per-ray ``disparity`` / ``disparity_mask``,
+    and ``image_idx`` / ``class_id`` ``[B]``."""
+
+    config: Vq3dDataManagerConfig
+    train_dataset: Vq3dImageDataset
+    eval_dataset: Vq3dImageDataset
+
+    def __init__(
+        self,
+        config: Vq3dDataManagerConfig,
+        device: Union[torch.device, str] = "cpu",
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        **kwargs,
+    ):
+        self.config = config
+        self.device = device
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.sampler = None
+        self.test_mode = test_mode
+        self.test_split = "test" if test_mode in ["test", "inference"] else "val"
+        if self.config.data is not None:
+            self.config.dataparser.data = Path(self.config.data)
+        else:
+            self.config.data = self.config.dataparser.data
+        self.dataparser_config = self.config.dataparser
+        self.dataparser = self.dataparser_config.setup()
+        self.includes_time = False
+        self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
+        self.train_dataset = Vq3dImageDataset(self.train_dataparser_outputs)
+        self.eval_dataset = Vq3dImageDataset(self.dataparser.get_dataparser_outputs(split=self.test_split))
+        self.exclude_batch_keys_from_device = []
+        DataManager.__init__(self)
+
+    def _loader(self, dataset: Vq3dImageDataset, num_workers: int) -> Iterator[Dict]:
+        batch_size = self.config.images_per_batch
+        if self.world_size > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=self.world_size, rank=self.local_rank, shuffle=True, seed=self.config.seed
+            )
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.config.seed))
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            drop_last=len(dataset) >= batch_size * self.world_size,
+            persistent_workers=num_workers > 0,
+            pin_memory=str(self.device).startswith("cuda"),
+        )
+        return _forever(loader)
+
+    def setup_train(self):
+        self.iter_train_image_dataloader = self._loader(self.train_dataset, self.config.num_workers)
+        self.train_ray_generator = RayGenerator(self.train_dataset.cameras.to(self.device))
+
+    def setup_eval(self):
+        self.iter_eval_image_dataloader = self._loader(self.eval_dataset, 0)
+        self.eval_ray_generator = RayGenerator(self.eval_dataset.cameras.to(self.device))
+        self.fixed_indices_eval_dataloader = FixedIndicesEvalDataloader(input_dataset=self.eval_dataset, device=self.device)
+        self.eval_dataloader = RandIndicesEvalDataloader(input_dataset=self.eval_dataset, device=self.device)
+
+    def _rays_for_images(self, images: Dict, ray_generator: RayGenerator) -> Tuple[RayBundle, Dict]:
+        image = images["image"].to(self.device)  # (B, S, S, 3)
+        num_images, height, width = image.shape[:3]
+        per_image = self.config.rays_per_image
+        if per_image <= 0 or per_image >= height * width:
+            pixels = torch.arange(height * width, device=self.device).expand(num_images, -1)
+        else:
+            pixels = torch.randint(0, height * width, (num_images, per_image), device=self.device)
+        per_image = pixels.shape[1]
+        batch_idx = torch.arange(num_images, device=self.device).repeat_interleave(per_image)
+        rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
+        camera_idx = images["image_idx"].to(self.device)[batch_idx]
+        ray_bundle = ray_generator(torch.stack([camera_idx, rows, cols], dim=-1))
+        ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
+        batch = {
+            "input_images": image.permute(0, 3, 1, 2).contiguous(),
+            "image": image[batch_idx, rows, cols],
+            "image_idx": images["image_idx"],
+            "class_id": images["class_id"],
+        }
+        if "disparity" in images:
+            batch["disparity"] = images["disparity"].to(self.device)[batch_idx, rows, cols]
+            batch["disparity_mask"] = images["disparity_mask"].to(self.device)[batch_idx, rows, cols]
+        return ray_bundle, batch
+
+    def next_train(self, step: int) -> Tuple[RayBundle, Dict]:
+        self.train_count += 1
+        return self._rays_for_images(next(self.iter_train_image_dataloader), self.train_ray_generator)
+
+    def next_eval(self, step: int) -> Tuple[RayBundle, Dict]:
+        self.eval_count += 1
+        return self._rays_for_images(next(self.iter_eval_image_dataloader), self.eval_ray_generator)
+
+    def next_eval_image(self, step: int) -> Tuple[Cameras, Dict]:
+        for camera, batch in self.eval_dataloader:
+            return camera, batch
+        raise ValueError("No eval images")
+
+    def get_train_rays_per_batch(self) -> int:
+        return self.config.images_per_batch * self.config.rays_per_image
+
+    def get_eval_rays_per_batch(self) -> int:
+        return self.get_train_rays_per_batch()

@@ -1,0 +1,232 @@
+"""`vq3d-images` dataparser: collections of single, unposed images (+ optional depth).
+
+Every image gets the same canonical camera (nerfstudio/OpenGL convention: at ``(0, 0, d)`` looking
+at the origin, pinhole, square, ``fov_deg`` horizontal field of view). Three layouts are read:
+
+- a folder of ``vq3d synth`` scenes (``*/transforms.json``): frame 0 of each scene, with its depth;
+- an ImageNet-style folder of class subfolders: class name = folder name, class id = its index in the
+  sorted folder names (stable while the set of classes stays the same);
+- a flat folder of images.
+
+Depth is an ``.npy`` beside each image with the same stem (z-depth in world units, or relative
+disparity, larger = nearer); its kind comes from ``--depth-kind``, ``vq3d_meta.json`` in the data
+folder, or the scenes' ``transforms.json``. The train/eval split hashes each image's relative path,
+so adding images never moves old ones between splits.
+
+This module must not import nerfstudio's datamanagers or pipelines: it is named by the
+``nerfstudio.dataparser_configs`` entry point and is imported by every ``ns-*`` command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple, Type
+
+import torch
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.plugins.registry_dataparser import DataParserSpecification
+
+from vq3d_nerfstudio.data.synth import focal_length
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DepthKind = Literal["auto", "z-depth", "disparity", "none"]
+
+
+class DatasetError(ValueError):
+    """A problem with the user's data; the message names the file and the fix."""
+
+
+def canonical_camera_to_world(distance: float) -> torch.Tensor:
+    """``[3, 4]`` camera-to-world of the canonical camera: identity rotation, at ``(0, 0, distance)``."""
+    c2w = torch.eye(4)[:3]
+    c2w[2, 3] = distance
+    return c2w
+
+
+def square_pinhole_cameras(camera_to_worlds: torch.Tensor, image_size: int, fov_deg: float) -> Cameras:
+    """Square pinhole cameras with ``fov_deg`` horizontal field of view at ``[N, 3, 4]`` poses."""
+    num = camera_to_worlds.shape[0]
+    focal = focal_length(image_size, fov_deg)
+    return Cameras(
+        camera_to_worlds=camera_to_worlds,
+        fx=torch.full((num, 1), focal),
+        fy=torch.full((num, 1), focal),
+        cx=torch.full((num, 1), image_size / 2),
+        cy=torch.full((num, 1), image_size / 2),
+        width=torch.full((num, 1), image_size, dtype=torch.long),
+        height=torch.full((num, 1), image_size, dtype=torch.long),
+        camera_type=CameraType.PERSPECTIVE,
+    )
+
+
+def canonical_cameras(num: int, image_size: int, distance: float, fov_deg: float) -> Cameras:
+    """``num`` identical canonical cameras (the pose is broadcast, not copied)."""
+    return square_pinhole_cameras(canonical_camera_to_world(distance)[None].expand(num, 3, 4), image_size, fov_deg)
+
+
+def split_fraction(relative_path: str) -> float:
+    """A stable number in [0, 1) from an image's path: the split key."""
+    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()
+    return int(digest[:8], 16) / 2**32
+
+
+@dataclass
+class ImageRecord:
+    """One image of the collection."""
+
+    image: Path
+    depth: Optional[Path]
+    class_id: int
+    key: str  # path relative to the data folder, POSIX form
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord], Optional[str]]:
+    records, kinds = [], set()
+    for transforms_path in scene_files:
+        try:
+            meta = json.loads(transforms_path.read_text())
+            frame = meta["frames"][0]
+            image = transforms_path.parent / frame["file_path"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+            raise DatasetError(f"{transforms_path}: not a readable scene ({err!r}); fix or remove the folder") from err
+        depth = transforms_path.parent / frame["depth_file_path"] if "depth_file_path" in frame else None
+        if "depth_kind" in meta:
+            kinds.add(meta["depth_kind"])
+        records.append(ImageRecord(image, depth, -1, image.relative_to(root).as_posix()))
+    if len(kinds) > 1:
+        raise DatasetError(f"{root}: scenes disagree on depth_kind {sorted(kinds)}; make them agree")
+    return records, (kinds.pop() if kinds else None)
+
+
+def scan_image_folder(root: Path) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
+    """Find the images under ``root``.
+
+    Returns:
+        ``(records, class_names, depth_kind_from_metadata)``; class names are empty when the folder
+        has no class subfolders.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; pass --data <folder of images>")
+    scene_files = sorted(root.glob("*/transforms.json"))
+    meta_kind = None
+    meta_file = root / "vq3d_meta.json"
+    if meta_file.exists():
+        meta_kind = json.loads(meta_file.read_text()).get("depth_kind")
+    if scene_files:
+        records, scene_kind = _scan_scenes(root, scene_files)
+        return records, [], meta_kind or scene_kind
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = [d for d in class_dirs if any(_is_image(p) for p in d.rglob("*"))]
+    records: List[ImageRecord] = []
+    if class_dirs:
+        for class_id, class_dir in enumerate(class_dirs):
+            for image in sorted(p for p in class_dir.rglob("*") if _is_image(p)):
+                records.append(ImageRecord(image, None, class_id, image.relative_to(root).as_posix()))
+        names = [d.name for d in class_dirs]
+    else:
+        for image in sorted(p for p in root.iterdir() if _is_image(p)):
+            records.append(ImageRecord(image, None, -1, image.name))
+        names = []
+    for record in records:
+        candidate = record.image.with_suffix(".npy")
+        record.depth = candidate if candidate.exists() else None
+    if not records:
+        raise DatasetError(
+            f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files, flat or in class subfolders)"
+        )
+    return records, names, meta_kind
+
+
+@dataclass
+class Vq3dImagesDataParserConfig(DataParserConfig):
+    """Single unposed images from a folder: flat, ImageNet-style class folders, or `vq3d synth` scenes."""
+
+    _target: Type = field(default_factory=lambda: Vq3dImagesDataParser)
+    data: Path = Path("data/synth")
+    """Folder of images (flat, class subfolders, or `vq3d synth` scenes)."""
+    image_size: int = 64
+    """Images are centre-cropped and resized to this square size; must equal the model's image size."""
+    depth_kind: DepthKind = "auto"
+    """Depth files (`<image stem>.npy`): 'z-depth' (world units), 'disparity' (relative, larger = nearer),
+    'none' (ignore depth), or 'auto' (read vq3d_meta.json / transforms.json; no depth files -> none)."""
+    eval_fraction: float = 0.05
+    """Fraction of images held out for evaluation, chosen by a hash of each file's path."""
+    camera_distance: float = 2.0
+    """Distance of the canonical camera from the pivot (world units). Change only together with the data."""
+    fov_deg: float = 50.0
+    """Horizontal field of view of the canonical camera, degrees."""
+    scene_extent: float = 3.0
+    """Half-width of the scene box reported to nerfstudio (world units); the field itself is unbounded."""
+
+
+@dataclass
+class Vq3dImagesDataParser(DataParser):
+    """Builds canonical cameras and per-image metadata; images are read lazily by the dataset."""
+
+    config: Vq3dImagesDataParserConfig
+
+    def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
+        records, class_names, meta_kind = scan_image_folder(Path(self.config.data))
+        depth_kind = self._resolve_depth_kind(records, meta_kind)
+        is_eval = [split_fraction(r.key) < self.config.eval_fraction for r in records]
+        if not any(is_eval) and self.config.eval_fraction > 0:
+            # Tiny collections: hold out the single image with the smallest key, still stable.
+            is_eval[min(range(len(records)), key=lambda i: split_fraction(records[i].key))] = True
+        if all(is_eval) and len(records) > 1:
+            raise DatasetError(f"{self.config.data}: every image fell in the eval split; lower --eval-fraction")
+        want_eval = split != "train"
+        chosen = [r for r, e in zip(records, is_eval) if e == want_eval] or records
+        cameras = canonical_cameras(
+            len(chosen), self.config.image_size, self.config.camera_distance, self.config.fov_deg
+        )
+        extent = self.config.scene_extent
+        metadata: Dict = {
+            "depth_filenames": [r.depth for r in chosen] if depth_kind != "none" else None,
+            "depth_kind": depth_kind,
+            "class_ids": [r.class_id for r in chosen],
+            "class_names": class_names,
+            "image_keys": [r.key for r in chosen],
+        }
+        return DataparserOutputs(
+            image_filenames=[r.image for r in chosen],
+            cameras=cameras,
+            scene_box=SceneBox(aabb=torch.tensor([[-extent] * 3, [extent] * 3], dtype=torch.float32)),
+            metadata=metadata,
+        )
+
+    def _resolve_depth_kind(self, records: List[ImageRecord], meta_kind: Optional[str]) -> str:
+        kind = self.config.depth_kind
+        if kind == "none":
+            return "none"
+        with_depth = [r for r in records if r.depth is not None]
+        if kind == "auto":
+            if not with_depth:
+                return "none"
+            if meta_kind not in ("z-depth", "disparity"):
+                raise DatasetError(
+                    f"{with_depth[0].depth}: depth files found but their kind is unknown; "
+                    "pass --depth-kind z-depth|disparity|none (or write vq3d_meta.json)"
+                )
+            kind = meta_kind
+        missing = [r for r in records if r.depth is None]
+        if missing:
+            raise DatasetError(
+                f"{missing[0].image}: no depth file ({missing[0].image.with_suffix('.npy').name}) although "
+                f"{len(with_depth)} other images have one; add it or pass --depth-kind none"
+            )
+        return kind
+
+
+vq3d_images_dataparser = DataParserSpecification(
+    config=Vq3dImagesDataParserConfig(),
+    description="Single unposed images (flat folder, class folders, or `vq3d synth` scenes) with optional depth.",
+)

@@ -1,0 +1,68 @@
+"""Tri-plane radiance field: density and colour at world points, given one tri-plane per image."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from nerfstudio.cameras.rays import RaySamples
+from nerfstudio.field_components.activations import trunc_exp
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.field_components.mlp import MLP
+from torch import nn
+
+from vq3d_nerfstudio.triplane import contract, sample_triplanes_by_index
+
+
+class TriplaneField(nn.Module):
+    """Sample the image's tri-plane at contracted points; small MLPs give density and colour.
+
+    Colour does not depend on view direction: a single photo carries no view-dependent signal.
+    Unlike nerfstudio's ``TriplaneEncoding``, the planes are an input (decoded per image), not a
+    learned per-scene parameter.
+    """
+
+    def __init__(self, triplane_channels: int, hidden_dim: int, scene_scale: float, geo_feat_dim: int = 15) -> None:
+        super().__init__()
+        self.scene_scale = scene_scale
+        self.geo_feat_dim = geo_feat_dim
+        self.density_mlp = MLP(
+            in_dim=3 * triplane_channels,
+            num_layers=2,
+            layer_width=hidden_dim,
+            out_dim=1 + geo_feat_dim,
+            activation=nn.ReLU(),
+            implementation="torch",
+        )
+        self.color_mlp = MLP(
+            in_dim=geo_feat_dim,
+            num_layers=2,
+            layer_width=hidden_dim,
+            out_dim=3,
+            activation=nn.ReLU(),
+            out_activation=nn.Sigmoid(),
+            implementation="torch",
+        )
+
+    def forward(
+        self, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor
+    ) -> Dict[FieldHeadNames, torch.Tensor]:
+        """Density ``[R, S, 1]`` (per world unit) and RGB ``[R, S, 3]`` in [0, 1].
+
+        Args:
+            ray_samples: ``[R, S]`` samples (world frame).
+            planes: ``[B, 3, C, Rp, Rp]`` tri-planes.
+            batch_idx: ``[R]`` which tri-plane each ray uses.
+        """
+        positions = ray_samples.frustums.get_positions()  # (R, S, 3)
+        num_rays, num_samples = positions.shape[:2]
+        points = contract(positions, self.scene_scale).reshape(-1, 3)
+        point_batch = batch_idx[:, None].expand(num_rays, num_samples).reshape(-1)
+        feats = sample_triplanes_by_index(planes, points, point_batch)
+        hidden = self.density_mlp(feats)
+        density = trunc_exp(hidden[:, :1] - 1.0)
+        rgb = self.color_mlp(hidden[:, 1:])
+        return {
+            FieldHeadNames.DENSITY: density.reshape(num_rays, num_samples, 1),
+            FieldHeadNames.RGB: rgb.reshape(num_rays, num_samples, 3),
+        }

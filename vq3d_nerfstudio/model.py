@@ -1,0 +1,327 @@
+"""VQ3D stage 1 as a nerfstudio Model: image -> tokens -> tri-plane NeRF -> rendered rays.
+
+One forward pass turns an image into a NeRF (no per-scene optimisation): a ViT encoder, a
+factorized vector quantizer, and a ViT decoder that writes a tri-plane; nerfstudio's samplers and
+renderers draw it (coarse samples, then PDF samples from the coarse weights, one shared field).
+Rays with ``metadata["batch_idx"]`` use the tri-plane of that input image; rays without it (viewer,
+``ns-render``, ``ns-export``) use the model's current scene, picked by ``cam_idx`` of the camera
+(a training image), by :meth:`set_scene_images`, or by ``default_scene_index`` (an eval image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import OrientedBox
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.model_components.ray_samplers import PDFSampler, SpacedSampler
+from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
+from nerfstudio.model_components.scene_colliders import NearFarCollider
+from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.utils import colormaps
+from torch.nn import Parameter
+
+from vq3d_nerfstudio import losses
+from vq3d_nerfstudio.encoder import ViTEncoder
+from vq3d_nerfstudio.field import TriplaneField
+from vq3d_nerfstudio.quantizer import FactorizedQuantizer, code_perplexity
+from vq3d_nerfstudio.triplane_decoder import TriplaneDecoder
+
+
+class PiecewiseLinDispSampler(SpacedSampler):
+    """Uniform in distance up to ``linear_until``, then linear in disparity out to the far plane.
+
+    nerfstudio's ``UniformLinDispPiecewiseSampler`` with the switch point scaled from 1 to
+    ``linear_until`` world units, so that the near scene (the canonical camera sits 2 units from the
+    pivot) gets a third of the samples and the unbounded background the rest.
+    """
+
+    def __init__(self, num_samples: int, linear_until: float, train_stratified: bool = True) -> None:
+        a = linear_until
+        super().__init__(
+            num_samples=num_samples,
+            spacing_fn=lambda x: torch.where(x < a, x / (2 * a), 1 - a / (2 * x)),
+            spacing_fn_inv=lambda s: torch.where(s < 0.5, 2 * a * s, a / (2 - 2 * s)),
+            train_stratified=train_stratified,
+        )
+
+
+@dataclass
+class Vq3dModelConfig(ModelConfig):
+    """VQ3D stage 1 (Sargent et al., ICCV 2023). Sizes come from the preset table in
+    ``method_configs.py``; paper-scale values follow ViT-VQGAN (256 px, 8 px patches, 8192 codes of
+    32-d). Choices the paper leaves open are written beside each field."""
+
+    _target: Type = field(default_factory=lambda: Vq3dModel)
+    enable_collider: bool = False
+    """Unused: the model makes its own near/far collider from near_plane/far_plane."""
+    image_size: int = 64
+    """Input image size (square, pixels); must equal the dataparser's image size."""
+    patch_size: int = 8
+    """ViT patch size (pixels); the token grid is image_size / patch_size on a side."""
+    hidden_dim: int = 128
+    """Transformer width of encoder and decoder."""
+    num_encoder_layers: int = 2
+    """Transformer blocks in the encoder."""
+    num_decoder_layers: int = 2
+    """Transformer blocks in the decoder."""
+    num_heads: int = 4
+    """Attention heads."""
+    codebook_size: int = 1024
+    """Number of codes."""
+    code_dim: int = 32
+    """Dimension of the l2-normalised code space (factorized codes, ViT-VQGAN)."""
+    commitment_beta: float = 0.25
+    """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
+    triplane_resolution: int = 32
+    """Tri-plane side (texels); a multiple of the token grid."""
+    triplane_channels: int = 16
+    """Feature channels per plane."""
+    field_hidden_dim: int = 64
+    """Width of the density and colour MLPs."""
+    scene_scale: float = 1.5
+    """Half-width (world units) of the cube kept linear by the scene contraction; beyond it space
+    is contracted (mip-NeRF 360) so the unbounded background fits the tri-plane."""
+    near_plane: float = 0.3
+    """Where rays start (world units from the camera)."""
+    far_plane: float = 1000.0
+    """Where rays end; far enough to stand for infinity after contraction."""
+    sampler_linear_until: float = 3.0
+    """Coarse samples are uniform up to this distance, linear in disparity beyond."""
+    num_coarse_samples: int = 32
+    """Coarse samples per ray."""
+    num_fine_samples: int = 32
+    """PDF samples per ray drawn from the coarse weights (added to the coarse ones)."""
+    rgb_loss_mult: float = 1.0
+    """Weight of the MSE photometric loss on the fine render."""
+    coarse_rgb_loss_mult: float = 0.1
+    """Weight of the MSE photometric loss on the coarse render."""
+    vq_loss_mult: float = 1.0
+    """Weight of the codebook + commitment loss."""
+    depth_loss_mult: float = 0.1
+    """Weight of the depth loss (coarse and fine weights), applied when the data has depth."""
+    depth_loss_type: Literal["pointwise", "accumulated"] = "pointwise"
+    """'pointwise': VQ3D's loss on per-sample rendering weights; 'accumulated': the ablation,
+    a loss on the rendered (expected) disparity only."""
+    default_scene_index: int = 0
+    """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx)."""
+
+
+class Vq3dModel(Model):
+    """See the module docstring."""
+
+    config: Vq3dModelConfig
+
+    def populate_modules(self):
+        cfg = self.config
+        self.encoder = ViTEncoder(cfg.image_size, cfg.patch_size, cfg.hidden_dim, cfg.num_encoder_layers, cfg.num_heads)
+        self.grid_size = self.encoder.grid_size
+        self.quantizer = FactorizedQuantizer(cfg.hidden_dim, cfg.codebook_size, cfg.code_dim, cfg.commitment_beta)
+        self.decoder = TriplaneDecoder(
+            self.grid_size,
+            cfg.hidden_dim,
+            cfg.num_decoder_layers,
+            cfg.num_heads,
+            cfg.triplane_channels,
+            cfg.triplane_resolution,
+        )
+        self.field = TriplaneField(cfg.triplane_channels, cfg.field_hidden_dim, cfg.scene_scale)
+        self.collider = NearFarCollider(near_plane=cfg.near_plane, far_plane=cfg.far_plane)
+        self.sampler_coarse = PiecewiseLinDispSampler(cfg.num_coarse_samples, cfg.sampler_linear_until)
+        self.sampler_pdf = PDFSampler(num_samples=cfg.num_fine_samples, include_original=True)
+        self.renderer_rgb = RGBRenderer(background_color="last_sample")
+        self.renderer_depth = DepthRenderer(method="expected")
+        self.renderer_accumulation = AccumulationRenderer()
+        metadata = self.kwargs.get("metadata") or {}
+        self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
+        # Scene shown for rays without batch_idx. Not state to save: a plain attribute, not a buffer.
+        self._scene_image: Optional[torch.Tensor] = None
+        self._scene_planes: Optional[torch.Tensor] = None
+        self._scene_key: Optional[Tuple[str, int]] = None
+        self.image_loader: Optional[Callable[[str, int], torch.Tensor]] = None
+        """Set by the pipeline: ``(split, index) -> [S, S, 3]`` image, for cam_idx / default scenes."""
+
+    # ---- stage-1 interface (stage 2 uses only these) -------------------------------------------
+    def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """``[B, 3, S, S]`` in [0, 1] -> (quantized tokens ``[B, T, D]``, indices ``[B, T]``, VQ losses)."""
+        return self.quantizer(self.encoder(images))
+
+    @torch.no_grad()
+    def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` images in [0, 1] -> ``[B, h, w]`` code indices (raster order)."""
+        _, indices, _ = self.encode(images)
+        return indices.reshape(-1, self.grid_size, self.grid_size)
+
+    def decode_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` code indices -> ``[B, 3, C, R, R]`` tri-planes."""
+        tokens = self.quantizer.get_output_from_indices(indices.reshape(indices.shape[0], -1))
+        return self.decoder(tokens)
+
+    # ---- scene selection for rays without batch_idx --------------------------------------------
+    @torch.no_grad()
+    def set_scene_images(self, image: torch.Tensor, key: Optional[Tuple[str, int]] = None) -> None:
+        """Show this image's NeRF. ``image``: ``[S, S, 3]`` or ``[1, 3, S, S]`` in [0, 1]."""
+        if image.dim() == 3:
+            image = image.permute(2, 0, 1)[None]
+        self._scene_image = image.to(self.device, torch.float32)
+        self._scene_key = key
+        self._scene_planes = None
+
+    def show_image(self, split: str, index: int) -> None:
+        """Show image ``index`` of ``split`` ('train' or 'eval'), loading it unless already shown."""
+        if self._scene_key == (split, index) and self._scene_image is not None:
+            return
+        if self.image_loader is None:
+            raise RuntimeError("no image loader: the pipeline sets one; or call set_scene_images(image)")
+        self.set_scene_images(self.image_loader(split, index), key=(split, index))
+
+    @torch.no_grad()
+    def current_planes(self) -> torch.Tensor:
+        """Tri-planes of the shown image, encoded with the current weights (cached until they change)."""
+        if self._scene_image is None:
+            self.show_image("eval", self.config.default_scene_index)
+        if self._scene_planes is None:
+            quantized, _, _ = self.encode(self._scene_image)
+            self._scene_planes = self.decoder(quantized)
+        return self._scene_planes
+
+    # ---- rendering -----------------------------------------------------------------------------
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        autoencoder = [*self.encoder.parameters(), *self.quantizer.parameters(), *self.decoder.parameters()]
+        return {"autoencoder": autoencoder, "field": list(self.field.parameters())}
+
+    def forward(self, ray_bundle: RayBundle, batch: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
+        """Render rays. With ``batch["input_images"]`` the images are encoded here (inside the
+        DDP-wrapped call, so all trainable work is synchronised) and rays pick their image by
+        ``metadata["batch_idx"]``; the VQ losses and code statistics join the outputs."""
+        extra: Dict[str, torch.Tensor] = {}
+        if batch is not None and "input_images" in batch:
+            self._scene_planes = None  # weights are about to change: re-encode the shown scene later
+            quantized, indices, vq = self.encode(batch["input_images"])
+            planes = self.decoder(quantized)
+            batch_idx = ray_bundle.metadata["batch_idx"][:, 0].long()
+            extra = {
+                "vq_codebook": vq["codebook"],
+                "vq_commitment": vq["commitment"],
+                "code_indices": indices,
+                "batch_idx": batch_idx,
+            }
+        else:
+            planes = self.current_planes()
+            batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
+        ray_bundle = self.collider(ray_bundle)
+        outputs = self.render_rays(ray_bundle, planes, batch_idx, keep_samples=bool(extra))
+        outputs.update(extra)
+        return outputs
+
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
+        planes = self.current_planes()
+        batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
+        return self.render_rays(self.collider(ray_bundle), planes, batch_idx, keep_samples=False)
+
+    def render_rays(
+        self, ray_bundle: RayBundle, planes: torch.Tensor, batch_idx: torch.Tensor, keep_samples: bool
+    ) -> Dict[str, torch.Tensor]:
+        """Coarse pass, PDF resampling, fine pass. Outputs are per ray (``[R, C]``)."""
+        if ray_bundle.metadata is None or "directions_norm" not in ray_bundle.metadata:
+            directions_norm = torch.ones_like(ray_bundle.origins[:, :1])
+        else:
+            directions_norm = ray_bundle.metadata["directions_norm"]
+        coarse = self.sampler_coarse(ray_bundle)
+        coarse_out = self.field(coarse, planes, batch_idx)
+        coarse_w = coarse.get_weights(coarse_out[FieldHeadNames.DENSITY])
+        fine = self.sampler_pdf(ray_bundle, coarse, coarse_w.detach())
+        fine_out = self.field(fine, planes, batch_idx)
+        fine_w = fine.get_weights(fine_out[FieldHeadNames.DENSITY])
+        fine_disp = losses.sample_disparity((fine.frustums.starts + fine.frustums.ends) / 2, directions_norm)
+        outputs = {
+            "rgb": self.renderer_rgb(rgb=fine_out[FieldHeadNames.RGB], weights=fine_w),
+            "rgb_coarse": self.renderer_rgb(rgb=coarse_out[FieldHeadNames.RGB], weights=coarse_w),
+            "accumulation": self.renderer_accumulation(fine_w),
+            "depth": self.renderer_depth(fine_w, fine),
+            "expected_depth": self.renderer_depth(fine_w, fine),
+            "disparity": losses.expected_disparity(fine_w, fine_disp),
+        }
+        if keep_samples:
+            coarse_disp = losses.sample_disparity((coarse.frustums.starts + coarse.frustums.ends) / 2, directions_norm)
+            outputs.update(weights_fine=fine_w, disp_fine=fine_disp, weights_coarse=coarse_w, disp_coarse=coarse_disp)
+        return outputs
+
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
+        """Render a camera's image of the current scene; ``cam_idx`` in the camera's metadata (the
+        viewer's training frustums, ``ns-render --camera-idx``) first selects that training image."""
+        if camera.metadata and camera.metadata.get("cam_idx") is not None:
+            cam_idx = camera.metadata["cam_idx"]
+            self.show_image("train", int(cam_idx.reshape(-1)[0]) if torch.is_tensor(cam_idx) else int(cam_idx))
+            camera = Cameras(
+                camera_to_worlds=camera.camera_to_worlds,
+                fx=camera.fx,
+                fy=camera.fy,
+                cx=camera.cx,
+                cy=camera.cy,
+                width=camera.width,
+                height=camera.height,
+                distortion_params=camera.distortion_params,
+                camera_type=camera.camera_type,
+                times=camera.times,
+            )
+        return super().get_outputs_for_camera(camera, obb_box=obb_box)
+
+    # ---- losses and metrics --------------------------------------------------------------------
+    def _depth_target(self, outputs: Dict, batch: Dict) -> torch.Tensor:
+        target = batch["disparity"]
+        if self.depth_is_metric:
+            return target
+        # Relative pseudo-GT disparity: align scale and shift to the render, per image.
+        num_images = batch["input_images"].shape[0]
+        return losses.align_scale_shift(target, outputs["disparity"], outputs["batch_idx"], num_images)
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        gt = batch["image"].to(self.device)
+        metrics = {"psnr": -10 * torch.log10(F.mse_loss(outputs["rgb"], gt).clamp_min(1e-10))}
+        if "code_indices" in outputs:
+            metrics["code_perplexity"] = code_perplexity(outputs["code_indices"], self.config.codebook_size)
+            metrics["codes_used"] = torch.unique(outputs["code_indices"]).numel() / self.config.codebook_size
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        cfg = self.config
+        gt = batch["image"].to(self.device)
+        loss_dict = {
+            "rgb_loss": cfg.rgb_loss_mult * F.mse_loss(outputs["rgb"], gt),
+            "rgb_loss_coarse": cfg.coarse_rgb_loss_mult * F.mse_loss(outputs["rgb_coarse"], gt),
+        }
+        if "vq_codebook" in outputs:
+            loss_dict["vq_loss"] = cfg.vq_loss_mult * (outputs["vq_codebook"] + outputs["vq_commitment"])
+        if "disparity" in batch and "weights_fine" in outputs and cfg.depth_loss_mult > 0:
+            target = self._depth_target(outputs, batch)
+            mask = batch.get("disparity_mask")
+            loss_fn = losses.pointwise_depth_loss if cfg.depth_loss_type == "pointwise" else losses.accumulated_depth_loss
+            depth_loss = loss_fn(outputs["weights_fine"], outputs["disp_fine"], target, mask) + loss_fn(
+                outputs["weights_coarse"], outputs["disp_coarse"], target, mask
+            )
+            loss_dict["depth_loss"] = cfg.depth_loss_mult * depth_loss
+        return loss_dict
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+        from pytorch_msssim import ssim
+
+        gt = batch["image"].to(self.device)[..., :3]
+        rgb = outputs["rgb"].clamp(0, 1)
+        gt_chw, rgb_chw = gt.permute(2, 0, 1)[None], rgb.permute(2, 0, 1)[None]
+        mse = F.mse_loss(rgb, gt).clamp_min(1e-10)
+        metrics = {"psnr": float(-10 * torch.log10(mse)), "ssim": float(ssim(gt_chw, rgb_chw, data_range=1.0, size_average=True, win_size=7))}
+        images = {
+            "img": torch.cat([gt, rgb], dim=1),
+            "disparity": colormaps.apply_colormap(outputs["disparity"] / outputs["disparity"].max().clamp_min(1e-6)),
+            "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
+        }
+        return metrics, images

@@ -1,0 +1,64 @@
+"""Orbit cameras around the pivot (the canonical camera's look-at point) as nerfstudio Cameras."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+
+from vq3d_nerfstudio.data import synth
+from vq3d_nerfstudio.data.dataparser import square_pinhole_cameras
+
+
+def orbit_camera_to_world(yaw_deg: float, elevation_deg: float, distance: float) -> torch.Tensor:
+    """``[3, 4]`` OpenGL camera-to-world looking at the pivot (origin), world +y up; yaw 0,
+    elevation 0 is the canonical camera at ``(0, 0, distance)``; positive yaw moves the camera
+    towards +x, positive elevation above the pivot. The same cameras ``vq3d synth`` renders."""
+    return torch.from_numpy(synth.orbit_camera_to_world(yaw_deg, elevation_deg, distance)[:3]).float()
+
+
+def orbit_path(num_frames: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:
+    """A closed loop of (yaw, elevation): yaw swings ``+-max_yaw`` while elevation bobs ``+-max_el``."""
+    return [
+        (max_yaw_deg * math.sin(2 * math.pi * i / num_frames), max_elevation_deg * math.sin(4 * math.pi * i / num_frames))
+        for i in range(num_frames)
+    ]
+
+
+def orbit_cameras(poses: List[Tuple[float, float]], image_size: int, distance: float, fov_deg: float) -> Cameras:
+    """Square pinhole cameras (``fov_deg`` horizontal FOV) at the given (yaw, elevation) poses."""
+    c2w = torch.stack([orbit_camera_to_world(yaw, el, distance) for yaw, el in poses])
+    return square_pinhole_cameras(c2w, image_size, fov_deg)
+
+
+def camera_path_dict(
+    poses: List[Tuple[float, float]], image_size: int, distance: float, fov_deg: float, seconds: float
+) -> dict:
+    """A camera path in the JSON layout nerfstudio's viewer writes and ``ns-render camera-path``
+    reads (square images, so the vertical FOV it stores equals the horizontal one)."""
+    frames = []
+    for yaw, el in poses:
+        c2w = torch.eye(4)
+        c2w[:3] = orbit_camera_to_world(yaw, el, distance)
+        frames.append({"camera_to_world": [round(v, 7) for v in c2w.reshape(-1).tolist()], "fov": fov_deg, "aspect": 1.0})
+    return {
+        "camera_type": "perspective",
+        "render_height": image_size,
+        "render_width": image_size,
+        "seconds": seconds,
+        "camera_path": frames,
+    }
+
+
+if __name__ == "__main__":
+    # Regenerates the camera paths shipped in configs/camera_paths/.
+    import json
+    from pathlib import Path
+
+    out = Path(__file__).resolve().parents[1] / "configs" / "camera_paths"
+    out.mkdir(parents=True, exist_ok=True)
+    path = camera_path_dict(orbit_path(48, 20.0, 8.0), 64, 2.0, 50.0, seconds=2.0)
+    (out / "orbit.json").write_text(json.dumps(path, indent=1) + "\n")
+    print(f"wrote {out / 'orbit.json'}")

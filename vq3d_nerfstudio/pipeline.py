@@ -1,0 +1,138 @@
+"""Pipeline that hands the batch (the input images) to the model.
+
+nerfstudio's ``VanillaPipeline`` calls ``model(ray_bundle)`` without the batch and renders eval
+cameras without their image; VQ3D needs the image to build the NeRF, so this subclass passes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import time
+from typing import Dict, Literal, Optional, Type
+
+import torch
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils import profiler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.cuda.amp.grad_scaler import GradScaler
+
+from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
+from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
+
+
+@dataclass
+class Vq3dPipelineConfig(VanillaPipelineConfig):
+    """VQ3D pipeline: streaming image datamanager + the stage-1 model."""
+
+    _target: Type = field(default_factory=lambda: Vq3dPipeline)
+    datamanager: Vq3dDataManagerConfig = field(default_factory=Vq3dDataManagerConfig)
+    """Image-collection datamanager."""
+    model: Vq3dModelConfig = field(default_factory=Vq3dModelConfig)
+    """Stage-1 model."""
+
+
+class Vq3dPipeline(VanillaPipeline):
+    """Passes input images to the model in training, eval and image metrics."""
+
+    config: Vq3dPipelineConfig
+    datamanager: Vq3dDataManager
+
+    def __init__(
+        self,
+        config: Vq3dPipelineConfig,
+        device: str,
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        grad_scaler: Optional[GradScaler] = None,
+    ):
+        data_size = config.datamanager.dataparser.image_size
+        if data_size != config.model.image_size:
+            raise ValueError(
+                f"dataparser image size {data_size} != model image size {config.model.image_size}; "
+                "set both (--pipeline.datamanager.dataparser.image-size / --pipeline.model.image-size)"
+            )
+        super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        self.model.image_loader = self.load_image
+
+    @property
+    def model(self) -> Vq3dModel:
+        return super().model  # type: ignore[return-value]
+
+    def load_image(self, split: str, index: int) -> torch.Tensor:
+        """``[S, S, 3]`` image ``index`` of the 'train' or 'eval' split."""
+        dataset = self.datamanager.train_dataset if split == "train" else self.datamanager.eval_dataset
+        if not 0 <= index < len(dataset):
+            raise IndexError(f"no {split} image {index}: the {split} split has {len(dataset)} images")
+        return dataset[index]["image"]
+
+    @profiler.time_function
+    def get_train_loss_dict(self, step: int):
+        ray_bundle, batch = self.datamanager.next_train(step)
+        model_outputs = self._model(ray_bundle, batch)  # through _model so DDP syncs gradients
+        metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
+        loss_dict = self.model.get_loss_dict(model_outputs, batch, metrics_dict)
+        return model_outputs, loss_dict, metrics_dict
+
+    @profiler.time_function
+    def get_eval_loss_dict(self, step: int):
+        self.eval()
+        ray_bundle, batch = self.datamanager.next_eval(step)
+        with torch.no_grad():
+            model_outputs = self.model(ray_bundle, batch)
+            metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
+            loss_dict = self.model.get_loss_dict(model_outputs, batch, metrics_dict)
+        self.train()
+        return model_outputs, loss_dict, metrics_dict
+
+    @profiler.time_function
+    def get_eval_image_metrics_and_images(self, step: int):
+        self.eval()
+        camera, batch = self.datamanager.next_eval_image(step)
+        self.model.set_scene_images(batch["image"], key=("eval", int(batch["image_idx"])))
+        outputs = self.model.get_outputs_for_camera(camera)
+        metrics_dict, images_dict = self.model.get_image_metrics_and_images(outputs, batch)
+        metrics_dict["num_rays"] = (camera.height * camera.width * camera.size).item()
+        self.train()
+        return metrics_dict, images_dict
+
+    @profiler.time_function
+    def get_average_image_metrics(
+        self,
+        data_loader,
+        image_prefix: str,
+        step: Optional[int] = None,
+        output_path: Optional[Path] = None,
+        get_std: bool = False,
+    ) -> Dict[str, float]:
+        """Mean (and std) of the image metrics over ``data_loader``, each image rendered from its
+        own NeRF (encoded from that image)."""
+        import torchvision.utils as vutils
+
+        self.eval()
+        rows = []
+        if output_path is not None:
+            output_path.mkdir(exist_ok=True, parents=True)
+        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn(), MofNCompleteColumn())
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task("[green]Evaluating all images...", total=len(data_loader))
+            for idx, (camera, batch) in enumerate(data_loader):
+                start = time()
+                self.model.set_scene_images(batch["image"], key=("eval", int(batch["image_idx"])))
+                outputs = self.model.get_outputs_for_camera(camera=camera)
+                metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
+                metrics["fps"] = 1.0 / max(time() - start, 1e-9)
+                if output_path is not None:
+                    for key, image in images.items():
+                        vutils.save_image(image.permute(2, 0, 1).cpu(), output_path / f"{image_prefix}_{key}_{idx:04d}.png")
+                rows.append(metrics)
+                progress.advance(task)
+        self.train()
+        result: Dict[str, float] = {}
+        for key in rows[0]:
+            values = torch.tensor([row[key] for row in rows], dtype=torch.float64)
+            result[key] = float(values.mean())
+            if get_std:
+                result[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+        return result

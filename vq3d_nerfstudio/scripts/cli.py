@@ -1,0 +1,25 @@
+"""The ``vq3d`` console script: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import tyro
+from typing_extensions import Annotated
+
+from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
+from vq3d_nerfstudio.scripts.synth import Synth
+
+Commands = Union[
+    Annotated[Synth, tyro.conf.subcommand("synth")],
+    Annotated[RenderOrbit, tyro.conf.subcommand("render-orbit")],
+]
+
+
+def entrypoint() -> None:
+    """Parse ``vq3d <subcommand> ...`` and run it."""
+    tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, rendering and evaluation tools.").main()
+
+
+if __name__ == "__main__":
+    entrypoint()
