@@ -64,3 +64,20 @@ def test_contraction_hand_values():
     assert torch.allclose(contract(outside, scale), torch.tensor([[5 / 6, 5 / 18, 0.0]]), atol=1e-6)
     far = contract(torch.tensor([[0.0, 0.0, -1e6]]), scale)
     assert far[0, 2] < -0.999 and far[0, 2] >= -1.0
+
+
+def test_decoder_layout_lines_image_rows_up_with_world_y():
+    """A token-grid cell at image row i, column j lands where the canonical camera sees it."""
+    from vq3d_nerfstudio.triplane_decoder import align_to_image
+
+    grids = torch.zeros(1, 3, 1, RES, RES)
+    top_row, left_col = 0, 0
+    grids[0, :, 0, top_row, left_col] = 1.0  # the image's top-left cell in every plane
+    planes = align_to_image(grids)
+    # xy plane: top-left of the image is (x=-1, y=+1) -> plane row R-1 (y ascending), column 0
+    assert planes[0, 0, 0, RES - 1, 0] == 1
+    # xz plane: columns are x (left -> -1), rows are z; image top is far away (-z) -> row 0
+    assert planes[0, 1, 0, 0, 0] == 1
+    # yz plane: columns are y (top -> +1 -> last column); rows are z, from the image column
+    assert planes[0, 2, 0, 0, RES - 1] == 1
+    assert planes.sum() == 3

@@ -34,10 +34,10 @@ PRESETS: Dict[str, Dict] = {
     # A CPU model that learns something visible in minutes: 64 px, 8 px patches -> 8x8 tokens.
     "vq3d-tiny": dict(
         image_size=64, patch_size=8, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
-        codebook_size=1024, code_dim=32, triplane_resolution=32, triplane_channels=16, field_hidden_dim=64,
+        codebook_size=1024, code_dim=32, triplane_resolution=64, triplane_channels=16, field_hidden_dim=64,
         num_coarse_samples=24, num_fine_samples=24,
         images_per_batch=8, rays_per_image=256, num_workers=1,
-        lr=1e-3, max_steps=20_000, warmup=200, device="cpu", steps_per_save=500, steps_per_eval=500,
+        lr=1e-3, max_steps=3_000, warmup=200, device="cpu", steps_per_save=250, steps_per_eval=250,
     ),
 }
 

@@ -12,11 +12,10 @@ from vq3d_nerfstudio.vit import Transformer
 class TriplaneDecoder(nn.Module):
     """``[B, h*w, hidden_dim]`` tokens -> ``[B, 3, C, R, R]`` tri-planes with ``R = h * upsample``.
 
-    A transformer mixes all tokens (so any token can carry what any plane location needs); a linear
-    head turns each token into a ``upsample x upsample`` tile of all three planes (pixel shuffle);
-    a 3x3 convolution smooths tile seams. Token (row i, column j) lands at plane row i, column j of
-    every plane; attention lets the network route content to the xz and yz planes, which are not
-    aligned with the image.
+    A transformer mixes all tokens; a linear head turns each token into an ``upsample x upsample``
+    tile of all three planes (pixel shuffle); a 3x3 convolution smooths tile seams. Tiles are laid
+    out so that the image's axes line up with the planes' (see :func:`align_to_image`): the token
+    grid keeps its spatial meaning instead of asking attention to move content across the grid.
     """
 
     def __init__(
@@ -45,4 +44,19 @@ class TriplaneDecoder(nn.Module):
         x = F.pixel_shuffle(x, self.upsample)  # (B, 3C, R, R)
         x = x + self.refine(x)
         res = x.shape[-1]
-        return x.reshape(batch, 3, self.channels, res, res)
+        return align_to_image(x.reshape(batch, 3, self.channels, res, res))
+
+
+def align_to_image(grids: torch.Tensor) -> torch.Tensor:
+    """Map token-grid layout ``[B, 3, C, R, R]`` (row i = image row, top first; column j = image
+    column) onto the tri-plane convention of ``triplane.py``, for the canonical camera (x right,
+    y up, looking down -z):
+
+    - xy plane (rows = y, ascending): image top is +y, so rows are flipped;
+    - xz plane (rows = z, ascending): image top shows the far ground (-z), already in order;
+    - yz plane (columns = y, rows = z): image rows run along y (flipped), image columns along z.
+    """
+    xy = grids[:, 0].flip(-2)
+    xz = grids[:, 1]
+    yz = grids[:, 2].flip(-2).transpose(-1, -2)  # yz[c, r, col] = grid[c, R-1-col, r]
+    return torch.stack([xy, xz, yz], dim=1)
