@@ -85,7 +85,7 @@ def main() -> None:
     results = json.loads(metrics_path.read_text())["results"]
     times = train_iter_times(run_dir)
     sec_per_step = statistics.median(times[5:] or times)
-    images = PRESETS["vq3d-tiny"]["images_per_batch"]
+    images = PRESETS["vq3d-tiny"]["data"]["images_per_batch"]
     rows = [
         ("seconds / training step (median)", f"{sec_per_step:.3f}"),
         ("images / s", f"{images / sec_per_step:.1f}"),

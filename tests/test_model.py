@@ -105,3 +105,17 @@ def test_image_size_mismatch_is_refused():
     config.pipeline.model.image_size = 32
     with pytest.raises(ValueError, match="image size"):
         config.pipeline.setup(device="cpu", test_mode="inference")
+
+
+def test_paper_scale_preset_shapes():
+    """`vq3d` follows ViT-VQGAN: 256 px, 8 px patches -> 32x32 tokens from 8192 codes."""
+    from vq3d_nerfstudio.method_configs import build_trainer_config
+
+    config = build_trainer_config("vq3d").pipeline.model
+    model = config.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1,
+                         metadata={}).eval()
+    assert (config.image_size, config.patch_size, config.codebook_size) == (256, 8, 8192)
+    indices = model.encode_to_indices(torch.rand(1, 3, 256, 256))
+    assert indices.shape == (1, 32, 32) and int(indices.max()) < 8192
+    with torch.no_grad():
+        assert model.decode_from_indices(indices).shape == (1, 3, 32, 128, 128)

@@ -20,53 +20,42 @@ from vq3d_nerfstudio.model import Vq3dModelConfig
 from vq3d_nerfstudio.pipeline import Vq3dPipelineConfig
 from vq3d_nerfstudio.schedulers import WarmupCosineSchedulerConfig
 
-PRESETS: Dict[str, Dict] = {
+PRESETS: Dict[str, Dict[str, Dict]] = {
     # ViT-VQGAN scale (Yu et al. 2022; VQ3D builds on it): 256 px, 8 px patches -> 32x32 tokens,
     # 8192 codes of 32-d. Tri-plane 128^2 x 32 channels (EG3D uses 256^2 x 32; halved for memory
     # at 8 images per GPU). Samples: 48 + 48 per ray, 1024 rays per image.
     "vq3d": dict(
-        image_size=256, patch_size=8, hidden_dim=512, num_encoder_layers=8, num_decoder_layers=8, num_heads=8,
-        codebook_size=8192, code_dim=32, triplane_resolution=128, triplane_channels=32, field_hidden_dim=64,
-        num_coarse_samples=48, num_fine_samples=48,
-        images_per_batch=8, rays_per_image=1024, num_workers=8,
-        lr=1e-4, max_steps=500_000, warmup=5_000, device="cuda", steps_per_save=2_000, steps_per_eval=1_000,
+        model=dict(
+            image_size=256, patch_size=8, hidden_dim=512, num_encoder_layers=8, num_decoder_layers=8, num_heads=8,
+            codebook_size=8192, code_dim=32, triplane_resolution=128, triplane_channels=32, field_hidden_dim=64,
+            num_coarse_samples=48, num_fine_samples=48,
+        ),
+        data=dict(images_per_batch=8, rays_per_image=1024, num_workers=8),
+        train=dict(lr=1e-4, max_steps=500_000, warmup=5_000, device="cuda", steps_per_save=2_000, steps_per_eval=1_000),
     ),
-    # A CPU model that learns something visible in minutes: 64 px, 8 px patches -> 8x8 tokens.
+    # A CPU model that learns something visible in minutes: 64 px, 8 px patches -> 8x8 tokens;
+    # 3000 steps take about 15 minutes on 2 cores (BENCHMARKS.md).
     "vq3d-tiny": dict(
-        image_size=64, patch_size=8, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
-        codebook_size=1024, code_dim=32, triplane_resolution=64, triplane_channels=16, field_hidden_dim=64,
-        num_coarse_samples=24, num_fine_samples=24,
-        images_per_batch=8, rays_per_image=256, num_workers=1,
-        lr=1e-3, max_steps=3_000, warmup=200, device="cpu", steps_per_save=250, steps_per_eval=250,
+        model=dict(
+            image_size=64, patch_size=8, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
+            codebook_size=1024, code_dim=32, triplane_resolution=64, triplane_channels=16, field_hidden_dim=64,
+            num_coarse_samples=24, num_fine_samples=24,
+        ),
+        data=dict(images_per_batch=8, rays_per_image=256, num_workers=1),
+        train=dict(lr=1e-3, max_steps=3_000, warmup=200, device="cpu", steps_per_save=250, steps_per_eval=250),
     ),
 }
 
 
 def build_trainer_config(name: str) -> TrainerConfig:
     """The full ``TrainerConfig`` for preset ``name`` (a key of :data:`PRESETS`)."""
-    p = PRESETS[name]
-    model = Vq3dModelConfig(
-        image_size=p["image_size"],
-        patch_size=p["patch_size"],
-        hidden_dim=p["hidden_dim"],
-        num_encoder_layers=p["num_encoder_layers"],
-        num_decoder_layers=p["num_decoder_layers"],
-        num_heads=p["num_heads"],
-        codebook_size=p["codebook_size"],
-        code_dim=p["code_dim"],
-        triplane_resolution=p["triplane_resolution"],
-        triplane_channels=p["triplane_channels"],
-        field_hidden_dim=p["field_hidden_dim"],
-        num_coarse_samples=p["num_coarse_samples"],
-        num_fine_samples=p["num_fine_samples"],
-        eval_num_rays_per_chunk=4096,
-    )
+    preset = PRESETS[name]
+    p = preset["train"]
+    model = Vq3dModelConfig(**preset["model"], eval_num_rays_per_chunk=4096)
     datamanager = Vq3dDataManagerConfig(
-        dataparser=Vq3dImagesDataParserConfig(image_size=p["image_size"]),
-        images_per_batch=p["images_per_batch"],
-        rays_per_image=p["rays_per_image"],
-        num_workers=p["num_workers"],
+        dataparser=Vq3dImagesDataParserConfig(image_size=model.image_size), **preset["data"]
     )
+
     def schedule() -> Dict:
         return {
             "optimizer": AdamOptimizerConfig(lr=p["lr"], eps=1e-8, weight_decay=0.0),
