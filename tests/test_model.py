@@ -119,3 +119,15 @@ def test_paper_scale_preset_shapes():
     assert indices.shape == (1, 32, 32) and int(indices.max()) < 8192
     with torch.no_grad():
         assert model.decode_from_indices(indices).shape == (1, 3, 32, 128, 128)
+
+
+def test_rendering_the_shown_scene_never_touches_the_codebook():
+    """Viewer renders happen while the model is in training mode: they must not restart codes."""
+    model = tiny_model().train()
+    model.quantizer.dead_code_threshold = 2.0  # every code would count as dead in a training step
+    model.set_scene_images(torch.rand(SIZE, SIZE, 3))
+    before = model.quantizer.codebook.detach().clone()
+    usage = model.quantizer.code_usage.clone()
+    model.get_outputs_for_camera(orbit_cameras([(0.0, 0.0)], SIZE, 2.0, 50.0))
+    model.encode_to_indices(torch.rand(1, 3, SIZE, SIZE))
+    assert torch.equal(model.quantizer.codebook, before) and torch.equal(model.quantizer.code_usage, usage)

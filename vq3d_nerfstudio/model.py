@@ -154,7 +154,7 @@ class Vq3dModel(Model):
     @torch.no_grad()
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` images in [0, 1] -> ``[B, h, w]`` code indices (raster order)."""
-        _, indices, _ = self.encode(images)
+        _, indices = self.quantizer.quantize(self.encoder(images))
         return indices.reshape(-1, self.grid_size, self.grid_size)
 
     def decode_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ class Vq3dModel(Model):
         if self._scene_image is None:
             self.show_image("eval", self.config.default_scene_index)
         if self._scene_planes is None:
-            quantized, _, _ = self.encode(self._scene_image)
+            quantized, _ = self.quantizer.quantize(self.encoder(self._scene_image))
             self._scene_planes = self.decoder(quantized)
         return self._scene_planes
 

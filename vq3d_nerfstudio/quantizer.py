@@ -135,6 +135,13 @@ class FactorizedQuantizer(nn.Module):
         quantized = self.project_out(straight_through)
         return quantized, indices, {"codebook": codebook_loss, "commitment": commitment_loss}
 
+    @torch.no_grad()
+    def quantize(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(quantized, indices)`` with no side effects (no code restarts, no losses): for
+        inference, the viewer, and stage 2."""
+        indices = nearest_codes(self.encode(tokens), self.normalized_codebook())
+        return self.get_output_from_indices(indices), indices
+
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` long -> ``[B, N, input_dim]``."""
         return self.project_out(F.embedding(indices, self.normalized_codebook()))
