@@ -89,6 +89,13 @@ def test_cam_idx_picks_a_training_image_and_default_is_eval_zero():
     camera.metadata = None
     assert torch.allclose(model.get_outputs_for_camera(camera)["rgb"], picked, atol=1e-6)
     assert not torch.allclose(default, picked)
+    # a scene chosen another way stays while the camera keeps sending the same cam_idx
+    model.set_scene_images(images[("eval", 0)])
+    camera.metadata = {"cam_idx": 2}
+    assert torch.allclose(model.get_outputs_for_camera(camera)["rgb"], default, atol=1e-6)
+    camera.metadata = {"cam_idx": 1}
+    model.get_outputs_for_camera(camera)
+    assert requested[-1] == ("train", 1)
 
 
 def test_accumulated_depth_loss_option():
@@ -131,3 +138,18 @@ def test_rendering_the_shown_scene_never_touches_the_codebook():
     model.get_outputs_for_camera(orbit_cameras([(0.0, 0.0)], SIZE, 2.0, 50.0))
     model.encode_to_indices(torch.rand(1, 3, SIZE, SIZE))
     assert torch.equal(model.quantizer.codebook, before) and torch.equal(model.quantizer.code_usage, usage)
+
+
+def test_viewer_camera_renders_the_clicked_training_image():
+    """nerfstudio's viewer builds cameras with get_camera (any aspect, times, cam_idx metadata)."""
+    import numpy as np
+    from nerfstudio.cameras.cameras import CameraType
+    from nerfstudio.viewer.utils import CameraState, get_camera
+
+    model = tiny_model().train()  # the viewer renders while training runs
+    model.image_loader = lambda split, index: torch.full((SIZE, SIZE, 3), index / 10)
+    c2w = torch.tensor([[1.0, 0, 0, 0.3], [0, 1, 0, 0.1], [0, 0, 1, 2.0]])
+    state = CameraState(fov=np.radians(50), aspect=1.5, c2w=c2w, camera_type=CameraType.PERSPECTIVE, idx=3)
+    outputs = model.get_outputs_for_camera(get_camera(state, 12, 18))
+    assert outputs["rgb"].shape == (12, 18, 3) and outputs["disparity"].shape == (12, 18, 1)
+    assert model._scene_key == ("train", 3)

@@ -143,6 +143,7 @@ class Vq3dModel(Model):
         self._scene_image: Optional[torch.Tensor] = None
         self._scene_planes: Optional[torch.Tensor] = None
         self._scene_key: Optional[Tuple[str, int]] = None
+        self._last_cam_idx: Optional[int] = None
         self.image_loader: Optional[Callable[[str, int], torch.Tensor]] = None
         """Set by the pipeline: ``(split, index) -> [S, S, 3]`` image, for cam_idx / default scenes."""
 
@@ -254,11 +255,17 @@ class Vq3dModel(Model):
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
-        """Render a camera's image of the current scene; ``cam_idx`` in the camera's metadata (the
-        viewer's training frustums, ``ns-render --camera-idx``) first selects that training image."""
+        """Render a camera's image of the current scene; a new ``cam_idx`` in the camera's metadata
+        (the viewer's clicked training frustum, ``ns-render --camera-idx``) first selects that
+        training image."""
         if camera.metadata and camera.metadata.get("cam_idx") is not None:
             cam_idx = camera.metadata["cam_idx"]
-            self.show_image("train", int(cam_idx.reshape(-1)[0]) if torch.is_tensor(cam_idx) else int(cam_idx))
+            cam_idx = int(cam_idx.reshape(-1)[0]) if torch.is_tensor(cam_idx) else int(cam_idx)
+            # Only a change selects: the viewer sends its last clicked frustum with every frame, and
+            # a scene chosen another way (GUI, set_scene_images) must stay until the next click.
+            if cam_idx != self._last_cam_idx:
+                self._last_cam_idx = cam_idx
+                self.show_image("train", cam_idx)
             camera = Cameras(
                 camera_to_worlds=camera.camera_to_worlds,
                 fx=camera.fx,
