@@ -124,3 +124,13 @@ def test_render_orbit_bad_index_is_one_line(trained_run, tmp_path):
                              "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "no eval image 999" in result.stderr
+
+
+def test_vq3d_console_script_runs_synth(tmp_path, cli_env):
+    result = run([cli("vq3d"), "--help"], cli_env)
+    assert "synth" in result.stdout and "render-orbit" in result.stdout
+    run([cli("vq3d"), "synth", str(tmp_path / "s"), "--num-scenes", "2", "--resolution", "16", "--num-views", "2"],
+        cli_env)
+    scenes = sorted((tmp_path / "s").glob("scene_*/transforms.json"))
+    assert len(scenes) == 2
+    assert len(json.loads(scenes[0].read_text())["frames"]) == 2
