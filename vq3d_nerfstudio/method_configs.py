@@ -31,7 +31,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             num_coarse_samples=48, num_fine_samples=48,
         ),
         data=dict(images_per_batch=8, rays_per_image=1024, num_workers=8),
-        train=dict(lr=1e-4, max_steps=500_000, warmup=5_000, device="cuda", steps_per_save=2_000, steps_per_eval=1_000),
+        train=dict(lr=1e-4, max_steps=500_000, warmup=5_000, device_type="cuda", steps_per_save=2_000, steps_per_eval=1_000),
     ),
     # A CPU model that learns something visible in minutes: 64 px, 8 px patches -> 8x8 tokens;
     # 3000 steps take about 15 minutes on 2 cores (BENCHMARKS.md).
@@ -42,7 +42,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             num_coarse_samples=24, num_fine_samples=24,
         ),
         data=dict(images_per_batch=8, rays_per_image=256, num_workers=1),
-        train=dict(lr=1e-3, max_steps=3_000, warmup=200, device="cpu", steps_per_save=250, steps_per_eval=250),
+        train=dict(lr=1e-3, max_steps=3_000, warmup=200, device_type="cpu", steps_per_save=250, steps_per_eval=250),
     ),
 }
 
@@ -77,7 +77,7 @@ def build_trainer_config(name: str) -> TrainerConfig:
         viewer=ViewerConfig(num_rays_per_chunk=4096, quit_on_train_completion=True),
         vis="viewer",
     )
-    config.machine.device_type = p["device"]
+    config.machine.device_type = p["device_type"]
     return config
 
 
