@@ -134,3 +134,16 @@ def test_vq3d_console_script_runs_synth(tmp_path, cli_env):
     scenes = sorted((tmp_path / "s").glob("scene_*/transforms.json"))
     assert len(scenes) == 2
     assert len(json.loads(scenes[0].read_text())["frames"]) == 2
+
+
+def test_vq3d_eval_on_synth_scenes(trained_run, synth_dir, tmp_path):
+    config, env = trained_run
+    out = tmp_path / "eval.json"
+    result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(synth_dir), "--output", str(out)], env)
+    assert "Wrote" in result.stdout
+    report = json.loads(out.read_text())
+    assert len(report["scenes"]) == 24
+    summary = report["summary_by_offset_deg"]
+    assert set(summary) == {"0", "10", "20"}  # synth frames: input, yaw -20, yaw -10
+    assert summary["0"]["count"] == 24 and "still_psnr" in summary["20"]
+    assert 0 < summary["20"]["psnr"] < 60 and summary["0"]["abs_rel"] >= 0

@@ -7,12 +7,14 @@ from typing import Union
 import tyro
 from typing_extensions import Annotated
 
+from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
 from vq3d_nerfstudio.scripts.synth import Synth
 
 Commands = Union[
     Annotated[Synth, tyro.conf.subcommand("synth")],
     Annotated[RenderOrbit, tyro.conf.subcommand("render-orbit")],
+    Annotated[Evaluate, tyro.conf.subcommand("eval")],
 ]
 
 

@@ -1,0 +1,118 @@
+"""The multi-view evaluation protocol against scenes where the answer is known."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vq3d_nerfstudio.data import synth
+from vq3d_nerfstudio.data.dataparser import DatasetError
+from vq3d_nerfstudio.evaluation import PSNR_CAP, evaluate_scene, load_scene, psnr, summarize, view_offset_deg
+
+
+def load_rgb(path):
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def oracle_for(transforms_path):
+    """A 'model' that renders the true synthetic scene from whatever canonical poses it is given."""
+    meta = json.loads(transforms_path.read_text())
+    scene = synth.sample_scene(synth.scene_rng(meta["seed"], meta["scene_index"]))
+
+    def render(image, poses, intrinsics):
+        outs = []
+        for pose in poses:
+            rgb, depth = synth.render_view(scene, pose, int(intrinsics["w"]))
+            rgb8 = np.clip(rgb, 0, 1) * 255 + 0.5
+            outs.append({"rgb": torch.from_numpy(rgb8.astype(np.uint8).astype(np.float32) / 255), "z_depth": torch.from_numpy(depth)})
+        return outs
+
+    return render
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalscenes")
+    synth.write_scenes(out, num_scenes=2, resolution=24, num_views=5, seed=1, num_workers=1, progress=False)
+    return sorted(out.glob("*/transforms.json"))
+
+
+def test_ground_truth_model_scores_perfectly(scenes):
+    for path in scenes:
+        result = evaluate_scene(load_scene(path), oracle_for(path), 2.0, load_rgb, load_rgb)
+        assert result["scale"] == pytest.approx(1.0)
+        for view in result["views"]:
+            assert view["psnr"] == PSNR_CAP
+            assert view["abs_rel"] < 1e-5 and view["delta1"] == 1.0
+        # the 'nothing moves' floor is a real, finite score for the novel views
+        assert all(v["still_psnr"] < 40 for v in result["views"][1:])
+        offsets = [v["offset_deg"] for v in result["views"]]
+        assert offsets == pytest.approx([0, 20, 10, 10, 20], abs=1e-4)
+
+
+def test_alignment_undoes_a_moved_and_scaled_world(scenes, tmp_path):
+    """Rotate, translate and scale the whole capture: the protocol maps it back to canonical."""
+    source = scenes[0]
+    meta = json.loads(source.read_text())
+    angle, k, t = math.radians(37), 3.5, np.array([1.0, -2.0, 0.5])
+    rot = np.array([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]])
+    rot = rot @ np.array([[1, 0, 0], [0, math.cos(0.3), -math.sin(0.3)], [0, math.sin(0.3), math.cos(0.3)]])
+    moved = tmp_path / source.parent.name
+    (moved / "depths").mkdir(parents=True)
+    (moved / "images").mkdir()
+    for frame in meta["frames"]:
+        c2w = np.asarray(frame["transform_matrix"])
+        new = np.eye(4)
+        new[:3, :3] = rot @ c2w[:3, :3]
+        new[:3, 3] = k * (rot @ c2w[:3, 3]) + t
+        frame["transform_matrix"] = new.tolist()
+        np.save(moved / frame["depth_file_path"], np.load(source.parent / frame["depth_file_path"]) * k)
+        (moved / frame["file_path"]).write_bytes((source.parent / frame["file_path"]).read_bytes())
+    meta["pivot"] = (k * (rot @ np.zeros(3)) + t).tolist()
+    (moved / "transforms.json").write_text(json.dumps(meta))
+    result = evaluate_scene(load_scene(moved / "transforms.json"), oracle_for(source), 2.0, load_rgb, load_rgb)
+    assert result["scale"] == pytest.approx(1 / k)
+    assert all(v["psnr"] > 45 for v in result["views"])
+    assert all(v["abs_rel"] < 1e-4 for v in result["views"])
+
+
+def test_shifted_image_scores_the_hand_computed_psnr(tmp_path):
+    gray = np.full((8, 8, 3), 128, np.uint8)
+    (tmp_path / "images").mkdir()
+    frames = []
+    for i, yaw in enumerate((0.0, 10.0)):
+        Image.fromarray(gray).save(tmp_path / "images" / f"{i}.png")
+        frames.append({"file_path": f"images/{i}.png", "transform_matrix": synth.orbit_camera_to_world(yaw, 0).tolist()})
+    transforms = {"fl_x": 8.0, "fl_y": 8.0, "cx": 4.0, "cy": 4.0, "w": 8, "h": 8, "pivot": [0, 0, 0], "frames": frames}
+    (tmp_path / "transforms.json").write_text(json.dumps(transforms))
+
+    def shifted(image, poses, intrinsics):
+        return [{"rgb": torch.full((8, 8, 3), 128 / 255 + 0.1), "z_depth": torch.ones(8, 8)} for _ in poses]
+
+    result = evaluate_scene(load_scene(tmp_path / "transforms.json"), shifted, 2.0, load_rgb, load_rgb)
+    # MSE = 0.1^2 = 0.01 -> PSNR = -10 log10(0.01) = 20 dB; no depth files -> no depth metrics
+    assert [v["psnr"] for v in result["views"]] == pytest.approx([20.0, 20.0])
+    assert result["views"][1]["still_psnr"] == PSNR_CAP and "abs_rel" not in result["views"][1]
+    summary = summarize([result])
+    assert set(summary) == {"0", "10"} and summary["10"]["psnr"] == pytest.approx(20.0)
+
+
+def test_psnr_and_offset_hand_values():
+    assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
+    assert view_offset_deg(synth.orbit_camera_to_world(0, 0), synth.orbit_camera_to_world(-20, 0)) == pytest.approx(20)
+
+
+def test_invalid_scenes_name_the_file(tmp_path):
+    bad = tmp_path / "transforms.json"
+    bad.write_text("{not json")
+    with pytest.raises(DatasetError, match="transforms.json: cannot read"):
+        load_scene(bad)
+    bad.write_text(json.dumps({"fl_x": 1, "fl_y": 1, "cx": 1, "cy": 1, "w": 2, "h": 2, "frames": [{"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}]}))
+    with pytest.raises(DatasetError, match="at least one novel view"):
+        load_scene(bad)
+    bad.write_text(json.dumps({"w": 2, "frames": []}))
+    with pytest.raises(DatasetError, match="missing fl_x"):
+        load_scene(bad)

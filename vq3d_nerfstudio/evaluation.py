@@ -1,0 +1,164 @@
+"""Multi-view evaluation protocol (pure functions; the ``vq3d eval`` command wires in a model).
+
+A scene is a nerfstudio-format ``transforms.json`` (camera-to-world OpenGL ``transform_matrix`` per
+frame, ``fl_x fl_y cx cy w h``, optional ``depth_file_path`` to z-depth ``.npy`` and top-level
+``pivot``). Frame 0 is the input; the others are held-out novel views. The world is mapped so that
+frame 0 becomes the canonical camera (identity rotation at ``(0, 0, distance)``) and scaled so that
+frame 0's distance to the pivot (without a pivot: its median finite ground-truth depth) equals the
+canonical distance; every other frame is rendered in that frame and scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from vq3d_nerfstudio.data.dataparser import DatasetError
+
+PSNR_CAP = 100.0  # reported for a perfect match (MSE 0)
+
+
+@dataclass
+class EvalScene:
+    """One scene of the evaluation set."""
+
+    name: str
+    images: List[Path]
+    depths: List[Optional[Path]]
+    camera_to_worlds: np.ndarray  # (N, 4, 4) OpenGL, world units
+    intrinsics: Dict[str, float]  # fl_x, fl_y, cx, cy, w, h
+    pivot: Optional[np.ndarray]
+
+
+def load_scene(transforms_path: Path) -> EvalScene:
+    """Read and validate a scene; errors name the file and what to fix."""
+    try:
+        meta = json.loads(transforms_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{transforms_path}: cannot read ({err}); write a nerfstudio transforms.json") from err
+    missing = [k for k in ("fl_x", "fl_y", "cx", "cy", "w", "h", "frames") if k not in meta]
+    if missing:
+        raise DatasetError(f"{transforms_path}: missing {', '.join(missing)}; add them (nerfstudio format)")
+    frames = meta["frames"]
+    if len(frames) < 2:
+        raise DatasetError(f"{transforms_path}: needs frame 0 (the input) and at least one novel view")
+    root = transforms_path.parent
+    images, depths, poses = [], [], []
+    for i, frame in enumerate(frames):
+        if "file_path" not in frame or "transform_matrix" not in frame:
+            raise DatasetError(f"{transforms_path}: frame {i} lacks file_path or transform_matrix")
+        image = root / frame["file_path"]
+        if not image.exists():
+            raise DatasetError(f"{image}: listed in {transforms_path} but missing")
+        images.append(image)
+        depths.append(root / frame["depth_file_path"] if frame.get("depth_file_path") else None)
+        pose = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        if pose.shape != (4, 4) or not np.isfinite(pose).all():
+            raise DatasetError(f"{transforms_path}: frame {i} transform_matrix is not a finite 4x4 matrix")
+        poses.append(pose)
+    pivot = np.asarray(meta["pivot"], dtype=np.float64) if "pivot" in meta else None
+    intrinsics = {k: float(meta[k]) for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")}
+    return EvalScene(root.name, images, depths, np.stack(poses), intrinsics, pivot)
+
+
+def canonical_alignment(
+    c2w0: np.ndarray, distance: float, pivot: Optional[np.ndarray] = None, median_depth: Optional[float] = None
+) -> Tuple[np.ndarray, float]:
+    """World -> canonical map ``x -> s * (inv(c2w0) x) + (0, 0, distance)``.
+
+    Returns:
+        ``(world_to_canonical_rigid [4, 4], scale s)``; the rigid part is ``inv(c2w0)`` followed by
+        the translation applied after scaling (see :func:`align_pose`).
+    """
+    reference = np.linalg.norm(c2w0[:3, 3] - pivot) if pivot is not None else median_depth
+    if reference is None or not reference > 0:
+        raise ValueError("need a pivot or a positive median depth of frame 0 to set the scale")
+    return np.linalg.inv(c2w0), distance / float(reference)
+
+
+def align_pose(c2w: np.ndarray, world_to_cam0: np.ndarray, scale: float, distance: float) -> np.ndarray:
+    """A camera-to-world pose expressed in the canonical frame (rotation kept, position mapped)."""
+    out = world_to_cam0 @ c2w
+    out[:3, 3] = out[:3, 3] * scale + np.array([0.0, 0.0, distance])
+    return out
+
+
+def view_offset_deg(c2w0: np.ndarray, c2w: np.ndarray) -> float:
+    """Angle between two cameras' optical axes, degrees."""
+    a, b = -c2w0[:3, 2], -c2w[:3, 2]
+    cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+
+
+def psnr(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """PSNR in dB for images in [0, 1]; ``PSNR_CAP`` when they are identical."""
+    mse = float(torch.mean((pred.double() - gt.double()) ** 2))
+    return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else -10 * math.log10(mse)
+
+
+def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> Dict[str, float]:
+    """AbsRel and delta < 1.25 over pixels with finite, positive ground truth."""
+    mask = torch.isfinite(gt) & (gt > 0) & torch.isfinite(pred) & (pred > 0)
+    if not bool(mask.any()):
+        return {}
+    p, g = pred[mask].double(), gt[mask].double()
+    ratio = torch.maximum(p / g, g / p)
+    return {"abs_rel": float(((p - g).abs() / g).mean()), "delta1": float((ratio < 1.25).double().mean())}
+
+
+Renderer = Callable[[torch.Tensor, List[np.ndarray], Dict[str, float]], List[Dict[str, torch.Tensor]]]
+"""``render(input_image [H, W, 3], canonical poses [4, 4] each, intrinsics) -> [{"rgb": [h, w, 3],
+"z_depth": [h, w]}]``: build the NeRF from the input image and render it from each pose."""
+
+
+def evaluate_scene(scene: EvalScene, render: Renderer, distance: float, load_rgb, load_input) -> Dict:
+    """Score frame 0 (reconstruction) and every novel view of one scene.
+
+    ``load_rgb(path) -> [h, w, 3]`` reads a ground-truth frame; ``load_input(path) -> [S, S, 3]``
+    reads the input image as the model sees it.
+    """
+    depth0 = np.load(scene.depths[0]) if scene.depths[0] is not None else None
+    median = float(np.median(depth0[np.isfinite(depth0) & (depth0 > 0)])) if depth0 is not None else None
+    if scene.pivot is None and median is None:
+        raise DatasetError(f"{scene.images[0]}: scene has neither a pivot nor depth for frame 0; add a \"pivot\"")
+    world_to_cam0, scale = canonical_alignment(scene.camera_to_worlds[0], distance, scene.pivot, median)
+    poses = [align_pose(c2w, world_to_cam0, scale, distance) for c2w in scene.camera_to_worlds]
+    outputs = render(load_input(scene.images[0]), poses, scene.intrinsics)
+    input_gt = load_rgb(scene.images[0])
+    views = []
+    for i, (image, depth, out) in enumerate(zip(scene.images, scene.depths, outputs)):
+        gt = load_rgb(image)
+        row = {
+            "frame": i,
+            "offset_deg": round(view_offset_deg(scene.camera_to_worlds[0], scene.camera_to_worlds[i]), 2),
+            "psnr": psnr(out["rgb"], gt),
+        }
+        if i > 0:
+            row["still_psnr"] = psnr(input_gt, gt) if input_gt.shape == gt.shape else float("nan")
+        if depth is not None:
+            gt_depth = torch.from_numpy(np.load(depth).astype(np.float64) * scale)
+            row.update(depth_errors(out["z_depth"], gt_depth))
+        views.append(row)
+    return {"scene": scene.name, "scale": scale, "views": views}
+
+
+def summarize(results: List[Dict], bin_deg: float = 5.0) -> Dict[str, Dict[str, float]]:
+    """Mean of every metric, grouped by view offset rounded to ``bin_deg`` ('0' is the input view)."""
+    groups: Dict[str, List[Dict]] = {}
+    for result in results:
+        for view in result["views"]:
+            key = str(int(round(view["offset_deg"] / bin_deg) * bin_deg))
+            groups.setdefault(key, []).append(view)
+    summary = {}
+    for key in sorted(groups, key=float):
+        rows = groups[key]
+        metrics = sorted({m for row in rows for m in row} - {"frame", "offset_deg"})
+        summary[key] = {m: float(np.mean([row[m] for row in rows if m in row])) for m in metrics}
+        summary[key]["count"] = len(rows)
+    return summary
