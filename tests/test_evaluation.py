@@ -45,7 +45,7 @@ def test_ground_truth_model_scores_perfectly(scenes):
         result = evaluate_scene(load_scene(path), oracle_for(path), 2.0, load_rgb, load_rgb)
         assert result["scale"] == pytest.approx(1.0)
         for view in result["views"]:
-            assert view["psnr"] == PSNR_CAP
+            assert view["psnr"] == PSNR_CAP and view["ssim"] == pytest.approx(1.0)
             assert view["abs_rel"] < 1e-5 and view["delta1"] == 1.0
         # the 'nothing moves' floor is a real, finite score for the novel views
         assert all(v["still_psnr"] < 40 for v in result["views"][1:])
@@ -95,6 +95,9 @@ def test_shifted_image_scores_the_hand_computed_psnr(tmp_path):
     result = evaluate_scene(load_scene(tmp_path / "transforms.json"), shifted, 2.0, load_rgb, load_rgb)
     # MSE = 0.1^2 = 0.01 -> PSNR = -10 log10(0.01) = 20 dB; no depth files -> no depth metrics
     assert [v["psnr"] for v in result["views"]] == pytest.approx([20.0, 20.0])
+    # SSIM of constants a, b: luminance term (2ab + C1) / (a^2 + b^2 + C1), contrast/structure terms 1
+    a, b, c1 = 128 / 255 + 0.1, 128 / 255, 0.01**2
+    assert result["views"][1]["ssim"] == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-6)
     assert result["views"][1]["still_psnr"] == PSNR_CAP and "abs_rel" not in result["views"][1]
     summary = summarize([result])
     assert set(summary) == {"0", "10"} and summary["10"]["psnr"] == pytest.approx(20.0)

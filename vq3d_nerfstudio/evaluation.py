@@ -102,6 +102,16 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor) -> float:
     return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else -10 * math.log10(mse)
 
 
+def ssim(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """SSIM of two ``[H, W, 3]`` images in [0, 1] (Gaussian window of up to 7 pixels, odd, fitting the image)."""
+    from pytorch_msssim import ssim as _ssim
+
+    win = min(7, min(gt.shape[:2]))
+    win -= 1 - win % 2
+    to_batch = lambda x: x.permute(2, 0, 1)[None].double()  # noqa: E731
+    return float(_ssim(to_batch(pred), to_batch(gt), data_range=1.0, win_size=win, size_average=True))
+
+
 def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> Dict[str, float]:
     """AbsRel and delta < 1.25 over pixels with finite, positive ground truth."""
     mask = torch.isfinite(gt) & (gt > 0) & torch.isfinite(pred) & (pred > 0)
@@ -138,6 +148,7 @@ def evaluate_scene(scene: EvalScene, render: Renderer, distance: float, load_rgb
             "frame": i,
             "offset_deg": round(view_offset_deg(scene.camera_to_worlds[0], scene.camera_to_worlds[i]), 2),
             "psnr": psnr(out["rgb"], gt),
+            "ssim": ssim(out["rgb"], gt),
         }
         if i > 0:
             row["still_psnr"] = psnr(input_gt, gt) if input_gt.shape == gt.shape else float("nan")

@@ -12,7 +12,7 @@ import tyro
 @dataclass
 class Evaluate:
     """Score single-image NeRFs against held-out views: frame 0 of each scene is the input, the
-    other frames are novel views (PSNR, depth AbsRel and delta<1.25), grouped by
+    other frames are novel views (PSNR, SSIM, depth AbsRel and delta<1.25), grouped by
     how far each view is from the input, beside the 'nothing moves' floor (the input image scored
     against each novel frame)."""
 
@@ -90,7 +90,7 @@ class Evaluate:
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.output.write_text(json.dumps({"summary_by_offset_deg": summary, "scenes": results}, indent=1))
         table = Table(title=f"{len(results)} scenes: mean by view offset (degrees)")
-        columns = ["psnr", "still_psnr", "abs_rel", "delta1", "count"]
+        columns = ["psnr", "ssim", "still_psnr", "abs_rel", "delta1", "count"]
         table.add_column("offset")
         for column in columns:
             table.add_column(column)
