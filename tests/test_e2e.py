@@ -147,3 +147,20 @@ def test_vq3d_eval_on_synth_scenes(trained_run, synth_dir, tmp_path):
     assert set(summary) == {"0", "10", "20"}  # synth frames: input, yaw -20, yaw -10
     assert summary["0"]["count"] == 24 and "still_psnr" in summary["20"]
     assert 0 < summary["20"]["psnr"] < 60 and summary["0"]["abs_rel"] >= 0
+
+
+def test_render_orbit_of_a_real_photo(trained_run, tmp_path):
+    from skimage import data as skdata
+
+    config, env = trained_run
+    photo = tmp_path / "astronaut.jpg"
+    iio.imwrite(photo, skdata.astronaut())  # 512x512 real photo shipped with scikit-image
+    run([cli("vq3d"), "render-orbit", "--load-config", str(config), "--image", str(photo),
+         "--output-dir", str(tmp_path / "out"), "--num-frames", "4"], env)
+    assert iio.imread(tmp_path / "out" / "astronaut_orbit.mp4", plugin="pyav").shape == (4, 64, 64, 3)
+    assert iio.imread(tmp_path / "out" / "astronaut_input.png").shape == (64, 64, 3)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    result = subprocess.run([cli("vq3d"), "render-orbit", "--load-config", str(config), "--image", str(bad),
+                             "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "notes.jpg: cannot read image" in result.stderr

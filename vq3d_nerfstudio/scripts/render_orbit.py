@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import tyro
 
 
 @dataclass
 class RenderOrbit:
-    """Render an orbit video, a disparity video and the canonical view of one dataset image's NeRF."""
+    """Render an orbit video, a disparity video and the canonical view of one image's NeRF: a dataset
+    image (--split/--image-index) or any photo (--image)."""
 
     load_config: Path
     """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
@@ -21,6 +22,9 @@ class RenderOrbit:
     """Which split the image comes from; eval images were held out of training."""
     image_index: int = 0
     """Index of the image within the split."""
+    image: Optional[Path] = None
+    """Any photo instead of a dataset image (centre-cropped and resized to the model's size);
+    outputs are then named after the file."""
     num_frames: int = 48
     """Frames in the loop."""
     fps: int = 24
@@ -46,11 +50,19 @@ class RenderOrbit:
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
         model = pipeline.model
         dataparser = pipeline.config.datamanager.dataparser
+        from vq3d_nerfstudio.data.dataparser import DatasetError
+        from vq3d_nerfstudio.data.dataset import load_image
+
         try:
-            image = pipeline.load_image(self.split, self.image_index)
-        except IndexError as err:
+            if self.image is not None:
+                image = load_image(self.image, model.config.image_size)
+                stem_name = self.image.stem
+            else:
+                image = pipeline.load_image(self.split, self.image_index)
+                stem_name = f"{self.split}_{self.image_index:05d}"
+        except (IndexError, DatasetError) as err:
             raise SystemExit(f"vq3d render-orbit: error: {err}") from None
-        model.set_scene_images(image, key=(self.split, self.image_index))
+        model.set_scene_images(image)
         size = self.resolution or model.config.image_size
         poses = [(0.0, 0.0)] + orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
         cameras = orbit_cameras(poses, size, dataparser.camera_distance, dataparser.fov_deg).to(model.device)
@@ -62,7 +74,7 @@ class RenderOrbit:
         disp_max = float(torch.stack(disp_frames).max().clamp_min(1e-6))
         to_u8 = lambda x: (x.numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.output_dir / f"{self.split}_{self.image_index:05d}"
+        stem = self.output_dir / stem_name
         imageio.imwrite(f"{stem}_input.png", to_u8(image))
         imageio.imwrite(f"{stem}_canonical.png", to_u8(rgb_frames[0]))
         from nerfstudio.utils import colormaps
