@@ -368,7 +368,7 @@ def test_sample_scene_ranges_and_determinism():
         for colors in (scene.ground_colors, scene.sky_colors):
             assert len(colors) == 2
             assert all(0.0 <= v <= 1.0 for col in colors for v in col)
-        assert 1 <= len(scene.objects) <= 4
+        assert len(scene.objects) in (1, 2, 3, 4)
         counts.add(len(scene.objects))
         xz = []
         for obj in scene.objects:

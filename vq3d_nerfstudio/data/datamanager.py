@@ -103,7 +103,7 @@ class Vq3dDataManager(VanillaDataManager):
             num_workers=num_workers,
             drop_last=len(dataset) >= batch_size * self.world_size,
             persistent_workers=num_workers > 0,
-            pin_memory=str(self.device).startswith("cuda"),
+            pin_memory=torch.device(self.device).type == "cuda",
         )
         return _forever(loader)
 

@@ -48,20 +48,27 @@ def canonical_camera_to_world(distance: float) -> torch.Tensor:
     return c2w
 
 
-def square_pinhole_cameras(camera_to_worlds: torch.Tensor, image_size: int, fov_deg: float) -> Cameras:
-    """Square pinhole cameras with ``fov_deg`` horizontal field of view at ``[N, 3, 4]`` poses."""
+def pinhole_cameras(
+    camera_to_worlds: torch.Tensor, fx: float, fy: float, cx: float, cy: float, width: int, height: int
+) -> Cameras:
+    """Pinhole cameras sharing one set of intrinsics (pixels) at ``[N, 3, 4]`` OpenGL poses."""
     num = camera_to_worlds.shape[0]
-    focal = focal_length(image_size, fov_deg)
     return Cameras(
         camera_to_worlds=camera_to_worlds,
-        fx=torch.full((num, 1), focal),
-        fy=torch.full((num, 1), focal),
-        cx=torch.full((num, 1), image_size / 2),
-        cy=torch.full((num, 1), image_size / 2),
-        width=torch.full((num, 1), image_size, dtype=torch.long),
-        height=torch.full((num, 1), image_size, dtype=torch.long),
+        fx=torch.full((num, 1), float(fx)),
+        fy=torch.full((num, 1), float(fy)),
+        cx=torch.full((num, 1), float(cx)),
+        cy=torch.full((num, 1), float(cy)),
+        width=torch.full((num, 1), int(width), dtype=torch.long),
+        height=torch.full((num, 1), int(height), dtype=torch.long),
         camera_type=CameraType.PERSPECTIVE,
     )
+
+
+def square_pinhole_cameras(camera_to_worlds: torch.Tensor, image_size: int, fov_deg: float) -> Cameras:
+    """Square pinhole cameras with ``fov_deg`` horizontal field of view at ``[N, 3, 4]`` poses."""
+    focal = focal_length(image_size, fov_deg)
+    return pinhole_cameras(camera_to_worlds, focal, focal, image_size / 2, image_size / 2, image_size, image_size)
 
 
 def canonical_cameras(num: int, image_size: int, distance: float, fov_deg: float) -> Cameras:

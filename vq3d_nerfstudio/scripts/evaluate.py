@@ -32,7 +32,7 @@ class Evaluate:
         from rich.progress import track
         from rich.table import Table
 
-        from vq3d_nerfstudio.data.dataparser import DatasetError
+        from vq3d_nerfstudio.data.dataparser import DatasetError, pinhole_cameras
         from vq3d_nerfstudio.data.dataset import load_image
         from vq3d_nerfstudio.evaluation import evaluate_scene, load_scene, summarize
 
@@ -49,20 +49,12 @@ class Evaluate:
         distance = pipeline.config.datamanager.dataparser.camera_distance
 
         def render(image, poses, intrinsics):
-            from nerfstudio.cameras.cameras import Cameras, CameraType
-
             model.set_scene_images(image)
-            count = len(poses)
-            cameras = Cameras(
-                camera_to_worlds=torch.tensor(np.stack(poses)[:, :3], dtype=torch.float32),
-                fx=torch.full((count, 1), intrinsics["fl_x"]),
-                fy=torch.full((count, 1), intrinsics["fl_y"]),
-                cx=torch.full((count, 1), intrinsics["cx"]),
-                cy=torch.full((count, 1), intrinsics["cy"]),
-                width=torch.full((count, 1), int(intrinsics["w"]), dtype=torch.long),
-                height=torch.full((count, 1), int(intrinsics["h"]), dtype=torch.long),
-                camera_type=CameraType.PERSPECTIVE,
+            cameras = pinhole_cameras(
+                torch.tensor(np.stack(poses)[:, :3], dtype=torch.float32),
+                *(intrinsics[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")),
             )
+            count = len(poses)
             outs = []
             for i in range(count):
                 camera = cameras[i : i + 1]
