@@ -202,7 +202,8 @@ class Vq3dModel(Model):
         ``metadata["batch_idx"]``; the VQ losses and code statistics join the outputs."""
         extra: Dict[str, torch.Tensor] = {}
         if batch is not None and "input_images" in batch:
-            self._scene_planes = None  # weights are about to change: re-encode the shown scene later
+            if self.training:
+                self._scene_planes = None  # weights are about to change: re-encode the shown scene later
             quantized, indices, vq = self.encode(batch["input_images"])
             planes = self.decoder(quantized)
             batch_idx = ray_bundle.metadata["batch_idx"][:, 0].long()
