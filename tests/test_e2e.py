@@ -37,7 +37,8 @@ def test_reloaded_checkpoint_renders_the_same_image(synth_dir, tmp_path):
     config.max_num_iterations, config.steps_per_save = 4, 100
     config.steps_per_eval_batch = config.steps_per_eval_image = 2
     for group in config.optimizers.values():  # reach the decay branch: its state must load with weights_only
-        group["scheduler"].warm_up_end = 1
+        if group["scheduler"] is not None:
+            group["scheduler"].warm_up_end = 1
     dm = config.pipeline.datamanager
     dm.data, dm.images_per_batch, dm.rays_per_image, dm.num_workers = synth_dir, 2, 32, 0
     config.set_timestamp()
@@ -139,14 +140,43 @@ def test_vq3d_console_script_runs_synth(tmp_path, cli_env):
 def test_vq3d_eval_on_synth_scenes(trained_run, synth_dir, tmp_path):
     config, env = trained_run
     out = tmp_path / "eval.json"
-    result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(synth_dir), "--output", str(out)], env)
+    # torch hub cache with no AlexNet: LPIPS is skipped with a note naming where the weights go
+    env = dict(env, TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(synth_dir), "--output", str(out),
+                  "--load-step", "5"], env)
     assert "Wrote" in result.stdout
+    assert "LPIPS skipped" in result.stdout and "alexnet-owt-7be5be79.pth" in result.stdout
     report = json.loads(out.read_text())
     assert len(report["scenes"]) == 24
     summary = report["summary_by_offset_deg"]
     assert set(summary) == {"0", "10", "20"}  # synth frames: input, yaw -20, yaw -10
     assert summary["0"]["count"] == 24 and "still_psnr" in summary["20"]
     assert 0 < summary["20"]["psnr"] < 60 and summary["0"]["abs_rel"] >= 0
+    assert summary["0"]["depth_spread"] > 0 and "lpips" not in summary["0"]
+
+
+def test_vq3d_eval_lpips_with_cached_weights_and_bad_step(trained_run, tmp_path):
+    import torchvision
+
+    config, env = trained_run
+    torch_home = tmp_path / "torch_home"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(),
+               torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    env = dict(env, TORCH_HOME=str(torch_home))
+    scenes = tmp_path / "scenes"
+    from vq3d_nerfstudio.data.synth import write_scenes
+
+    write_scenes(scenes, num_scenes=1, resolution=32, num_views=3, seed=3, num_workers=1, progress=False)
+    out = tmp_path / "eval.json"
+    result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(scenes), "--output", str(out)], env)
+    assert "LPIPS skipped" not in result.stdout
+    summary = json.loads(out.read_text())["summary_by_offset_deg"]
+    assert summary["0"]["lpips"] >= 0 and summary["20"]["still_lpips"] > 0
+    bad = subprocess.run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(scenes), "--load-step", "4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "step-000000004.ckpt does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_render_orbit_of_a_real_photo(trained_run, tmp_path):

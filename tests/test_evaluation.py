@@ -10,7 +10,15 @@ from PIL import Image
 
 from vq3d_nerfstudio.data import synth
 from vq3d_nerfstudio.data.dataparser import DatasetError
-from vq3d_nerfstudio.evaluation import PSNR_CAP, evaluate_scene, load_scene, psnr, summarize, view_offset_deg
+from vq3d_nerfstudio.evaluation import (
+    PSNR_CAP,
+    depth_spread,
+    evaluate_scene,
+    load_scene,
+    psnr,
+    summarize,
+    view_offset_deg,
+)
 
 
 def load_rgb(path):
@@ -119,3 +127,36 @@ def test_invalid_scenes_name_the_file(tmp_path):
     bad.write_text(json.dumps({"w": 2, "frames": []}))
     with pytest.raises(DatasetError, match="missing fl_x"):
         load_scene(bad)
+
+
+def test_depth_spread_hand_values():
+    gt = torch.tensor([[2.0, float("inf")]])
+    # pixel 0: half the weight 10% in front of the surface, half 10% behind -> 0.1; pixel 1 has no depth
+    z = torch.tensor([[[1.8, 2.2, 5.0], [1.0, 2.0, 3.0]]])
+    w = torch.tensor([[[0.3, 0.3, 0.0], [0.2, 0.2, 0.2]]])
+    assert depth_spread(w, z, gt) == pytest.approx(0.1)
+    on_surface = torch.tensor([[[0.0, 0.9, 0.0], [1.0, 0.0, 0.0]]])
+    assert depth_spread(on_surface, torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]]), gt) == 0.0
+    assert depth_spread(w, z, torch.full((1, 2), float("nan"))) is None
+
+
+def test_lpips_and_spread_join_the_views(scenes):
+    """With an LPIPS callable and per-sample weights, every view gets them; the oracle scores 0."""
+    path = scenes[0]
+    oracle = oracle_for(path)
+
+    def render(image, poses, intrinsics):
+        outs = oracle(image, poses, intrinsics)
+        for out in outs:  # all weight on one sample at the true depth
+            out["weights"] = torch.ones(*out["z_depth"].shape, 1)
+            out["sample_z"] = out["z_depth"][..., None].double()
+        return outs
+
+    mean_abs = lambda a, b: (a - b).abs().mean(dim=(1, 2, 3))  # noqa: E731 - a stand-in perceptual distance
+    result = evaluate_scene(load_scene(path), render, 2.0, load_rgb, load_rgb, lpips=mean_abs)
+    for view in result["views"]:
+        assert view["lpips"] == pytest.approx(0.0, abs=1e-7)
+        assert view["depth_spread"] == pytest.approx(0.0, abs=1e-6)
+    input_gt = load_rgb(load_scene(path).images[0])
+    for view, image in zip(result["views"][1:], load_scene(path).images[1:]):
+        assert view["still_lpips"] == pytest.approx(float((input_gt - load_rgb(image)).abs().mean()), rel=1e-5)

@@ -122,16 +122,38 @@ def depth_errors(pred: torch.Tensor, gt: torch.Tensor) -> Dict[str, float]:
     return {"abs_rel": float(((p - g).abs() / g).mean()), "delta1": float((ratio < 1.25).double().mean())}
 
 
+def depth_spread(weights: torch.Tensor, sample_z: torch.Tensor, gt: torch.Tensor) -> Optional[float]:
+    """How far the rendering weights lie from the true surface: over pixels with finite, positive
+    ground-truth z-depth, ``sum_i w_i |z_i - z_gt| / (z_gt sum_i w_i)``, averaged. 0 when all weight
+    sits on the surface; a density smeared along the ray scores high even if its mean is right.
+
+    Args:
+        weights: ``[h, w, S]`` rendering weights of the samples.
+        sample_z: ``[h, w, S]`` z-depth of the samples.
+        gt: ``[h, w]`` ground-truth z-depth (same units).
+    """
+    mass = weights.sum(-1)
+    mask = torch.isfinite(gt) & (gt > 0) & (mass > 1e-6)
+    if not bool(mask.any()):
+        return None
+    w, z, g = weights[mask].double(), sample_z[mask].double(), gt[mask].double()[:, None]
+    return float(((w * (z - g).abs()).sum(-1) / (g[:, 0] * w.sum(-1))).mean())
+
+
 Renderer = Callable[[torch.Tensor, List[np.ndarray], Dict[str, float]], List[Dict[str, torch.Tensor]]]
 """``render(input_image [H, W, 3], canonical poses [4, 4] each, intrinsics) -> [{"rgb": [h, w, 3],
-"z_depth": [h, w]}]``: build the NeRF from the input image and render it from each pose."""
+"z_depth": [h, w]}]``: build the NeRF from the input image and render it from each pose. A render may
+add ``"weights"`` and ``"sample_z"`` (``[h, w, S]``) to be scored by :func:`depth_spread`."""
 
 
-def evaluate_scene(scene: EvalScene, render: Renderer, distance: float, load_rgb, load_input) -> Dict:
+def evaluate_scene(
+    scene: EvalScene, render: Renderer, distance: float, load_rgb, load_input, lpips: Optional[Callable] = None
+) -> Dict:
     """Score frame 0 (reconstruction) and every novel view of one scene.
 
     ``load_rgb(path) -> [h, w, 3]`` reads a ground-truth frame; ``load_input(path) -> [S, S, 3]``
-    reads the input image as the model sees it.
+    reads the input image as the model sees it; ``lpips(a, b) -> [B]`` (``[B, 3, h, w]`` in [0, 1]),
+    when given, adds LPIPS to every view and to the 'nothing moves' floor.
     """
     depth0 = np.load(scene.depths[0]) if scene.depths[0] is not None else None
     median = float(np.median(depth0[np.isfinite(depth0) & (depth0 > 0)])) if depth0 is not None else None
@@ -150,11 +172,22 @@ def evaluate_scene(scene: EvalScene, render: Renderer, distance: float, load_rgb
             "psnr": psnr(out["rgb"], gt),
             "ssim": ssim(out["rgb"], gt),
         }
+        still = input_gt.shape == gt.shape
         if i > 0:
-            row["still_psnr"] = psnr(input_gt, gt) if input_gt.shape == gt.shape else float("nan")
+            row["still_psnr"] = psnr(input_gt, gt) if still else float("nan")
+        if lpips is not None:
+            to_batch = lambda x: x.permute(2, 0, 1)[None].float()  # noqa: E731
+            with torch.no_grad():
+                row["lpips"] = float(lpips(to_batch(out["rgb"]), to_batch(gt))[0])
+                if i > 0 and still:
+                    row["still_lpips"] = float(lpips(to_batch(input_gt), to_batch(gt))[0])
         if depth is not None:
             gt_depth = torch.from_numpy(np.load(depth).astype(np.float64) * scale)
             row.update(depth_errors(out["z_depth"], gt_depth))
+            if "weights" in out:
+                spread = depth_spread(out["weights"], out["sample_z"], gt_depth)
+                if spread is not None:
+                    row["depth_spread"] = spread
         views.append(row)
     return {"scene": scene.name, "scale": scale, "views": views}
 

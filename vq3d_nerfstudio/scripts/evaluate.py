@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import tyro
 
@@ -12,9 +13,10 @@ import tyro
 @dataclass
 class Evaluate:
     """Score single-image NeRFs against held-out views: frame 0 of each scene is the input, the
-    other frames are novel views (PSNR, SSIM, depth AbsRel and delta<1.25), grouped by
-    how far each view is from the input, beside the 'nothing moves' floor (the input image scored
-    against each novel frame)."""
+    other frames are novel views (PSNR, SSIM, LPIPS when its weights are here, depth AbsRel and
+    delta<1.25, and how far the rendering weights spread from the true depth), grouped by how far
+    each view is from the input, beside the 'nothing moves' floor (the input image scored against
+    each novel frame)."""
 
     load_config: Path
     """The run's config.yml."""
@@ -22,67 +24,22 @@ class Evaluate:
     """A folder of scenes (`*/transforms.json`), or one scene folder."""
     output: Path = Path("eval_results.json")
     """Where to write per-view and grouped results (JSON)."""
+    load_step: Optional[int] = None
+    """Score the checkpoint of this step (default: the latest)."""
+    lpips_weights: Optional[Path] = None
+    """torchvision's ImageNet AlexNet state dict for LPIPS (default: where torch hub caches it,
+    ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth). Without it LPIPS is skipped, with a note."""
 
     def main(self) -> None:
-        import numpy as np
-        import torch
-        from nerfstudio.utils.eval_utils import eval_setup
-        from PIL import Image
         from rich.console import Console
-        from rich.progress import track
         from rich.table import Table
 
-        from vq3d_nerfstudio.data.dataparser import DatasetError, pinhole_cameras
-        from vq3d_nerfstudio.data.dataset import load_image
-        from vq3d_nerfstudio.evaluation import evaluate_scene, load_scene, summarize
-
-        if (self.scenes / "transforms.json").exists():
-            scene_files = [self.scenes / "transforms.json"]
-        else:
-            scene_files = sorted(self.scenes.glob("*/transforms.json"))
-        if not scene_files:
-            raise SystemExit(f"vq3d eval: error: no transforms.json in {self.scenes} or its subfolders")
-        if not self.load_config.exists():
-            raise SystemExit(f"vq3d eval: error: {self.load_config} does not exist; pass the run's config.yml")
-        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
-        model = pipeline.model
-        distance = pipeline.config.datamanager.dataparser.camera_distance
-
-        def render(image, poses, intrinsics):
-            model.set_scene_images(image)
-            cameras = pinhole_cameras(
-                torch.tensor(np.stack(poses)[:, :3], dtype=torch.float32),
-                *(intrinsics[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")),
-            )
-            count = len(poses)
-            outs = []
-            for i in range(count):
-                camera = cameras[i : i + 1]
-                out = model.get_outputs_for_camera(camera.to(model.device))
-                norm = camera.generate_rays(camera_indices=0, keep_shape=True).metadata["directions_norm"]
-                outs.append({"rgb": out["rgb"].clamp(0, 1).cpu(), "z_depth": (out["depth"].cpu() / norm)[..., 0]})
-            return outs
-
-        def load_rgb(path):
-            with Image.open(path) as pil:
-                return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)
-
-        results = []
-        try:
-            for scene_file in track(scene_files, description="Evaluating scenes"):
-                results.append(
-                    evaluate_scene(
-                        load_scene(scene_file), render, distance, load_rgb,
-                        lambda path: load_image(path, model.config.image_size),
-                    )
-                )
-        except DatasetError as err:
-            raise SystemExit(f"vq3d eval: error: {err}") from None
-        summary = summarize(results)
+        summary, results = evaluate_run(self.load_config, self.scenes, self.load_step, self.lpips_weights)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.output.write_text(json.dumps({"summary_by_offset_deg": summary, "scenes": results}, indent=1))
         table = Table(title=f"{len(results)} scenes: mean by view offset (degrees)")
-        columns = ["psnr", "ssim", "still_psnr", "abs_rel", "delta1", "count"]
+        columns = ["psnr", "ssim", "lpips", "still_psnr", "still_lpips", "abs_rel", "delta1", "depth_spread", "count"]
+        columns = [c for c in columns if any(c in row for row in summary.values())]
         table.add_column("offset")
         for column in columns:
             table.add_column(column)
@@ -90,6 +47,97 @@ class Evaluate:
             table.add_row(offset, *[f"{row[c]:.3f}" if c in row else "-" for c in columns])
         Console().print(table)
         print(f"Wrote {self.output}")
+
+
+def evaluate_run(
+    load_config: Path,
+    scenes: Path,
+    load_step: Optional[int] = None,
+    lpips_weights: Optional[Path] = None,
+    rays_per_chunk: int = 8192,
+) -> Tuple[Dict, List[Dict]]:
+    """Load a trained run and score it on every scene: ``(summary by offset, per-scene results)``."""
+    import numpy as np
+    import torch
+    from nerfstudio.utils.eval_utils import eval_setup
+    from PIL import Image
+    from rich.progress import track
+
+    from vq3d_nerfstudio.data.dataparser import DatasetError, pinhole_cameras
+    from vq3d_nerfstudio.data.dataset import load_image
+    from vq3d_nerfstudio.evaluation import evaluate_scene, load_scene, summarize
+    from vq3d_nerfstudio.perceptual import load_lpips_if_available
+
+    if (scenes / "transforms.json").exists():
+        scene_files = [scenes / "transforms.json"]
+    else:
+        scene_files = sorted(scenes.glob("*/transforms.json"))
+    if not scene_files:
+        raise SystemExit(f"vq3d eval: error: no transforms.json in {scenes} or its subfolders")
+    if not load_config.exists():
+        raise SystemExit(f"vq3d eval: error: {load_config} does not exist; pass the run's config.yml")
+
+    def pick_step(config):
+        config.load_step = load_step
+        return config
+
+    if load_step is not None:
+        checkpoint = load_config.parent / "nerfstudio_models" / f"step-{load_step:09d}.ckpt"
+        if not checkpoint.exists():
+            raise SystemExit(f"vq3d eval: error: {checkpoint} does not exist; pick a step saved in that folder")
+    _, pipeline, _, _ = eval_setup(load_config, test_mode="inference", update_config_callback=pick_step)
+    model = pipeline.model
+    distance = pipeline.config.datamanager.dataparser.camera_distance
+    lpips, why_not = load_lpips_if_available("alex", lpips_weights)
+    if lpips is None:
+        print(f"LPIPS skipped: {why_not}")
+    else:
+        lpips = lpips.to(model.device)
+
+    @torch.no_grad()
+    def render(image, poses, intrinsics):
+        model.set_scene_images(image)
+        planes = model.current_planes()
+        cameras = pinhole_cameras(
+            torch.tensor(np.stack(poses)[:, :3], dtype=torch.float32),
+            *(intrinsics[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")),
+        ).to(model.device)
+        outs = []
+        for i in range(len(poses)):
+            rays = cameras.generate_rays(camera_indices=i, keep_shape=True)
+            height, width = rays.shape
+            rays = rays.flatten()
+            chunks = []
+            for start in range(0, len(rays), rays_per_chunk):
+                chunk = model.collider(rays[start : start + rays_per_chunk])
+                batch_idx = torch.zeros(len(chunk), dtype=torch.long, device=model.device)
+                chunks.append(model.render_rays(chunk, planes, batch_idx, keep_samples=True))
+            cat = lambda key: torch.cat([c[key] for c in chunks]).cpu()  # noqa: E731
+            norm = rays.metadata["directions_norm"].cpu()
+            outs.append({
+                "rgb": cat("rgb").clamp(0, 1).reshape(height, width, 3),
+                "z_depth": (cat("depth") / norm).reshape(height, width),
+                "weights": cat("weights_fine").reshape(height, width, -1),
+                "sample_z": (1.0 / cat("disp_fine").clamp_min(1e-12)).reshape(height, width, -1),
+            })
+        return outs
+
+    def load_rgb(path):
+        with Image.open(path) as pil:
+            return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)
+
+    results = []
+    try:
+        for scene_file in track(scene_files, description="Evaluating scenes"):
+            results.append(
+                evaluate_scene(
+                    load_scene(scene_file), render, distance, load_rgb,
+                    lambda path: load_image(path, model.config.image_size), lpips=lpips,
+                )
+            )
+    except DatasetError as err:
+        raise SystemExit(f"vq3d eval: error: {err}") from None
+    return summarize(results), results
 
 
 if __name__ == "__main__":
