@@ -11,7 +11,6 @@ from typing import Dict
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
@@ -19,6 +18,7 @@ from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.model import Vq3dModelConfig
 from vq3d_nerfstudio.pipeline import Vq3dPipelineConfig
 from vq3d_nerfstudio.schedulers import WarmupCosineSchedulerConfig
+from vq3d_nerfstudio.trainer import AdamWithBetasConfig, Vq3dTrainerConfig
 
 PRESETS: Dict[str, Dict[str, Dict]] = {
     # ViT-VQGAN scale (Yu et al. 2022; VQ3D builds on it): 256 px, 8 px patches -> 32x32 tokens,
@@ -29,9 +29,14 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             image_size=256, patch_size=8, hidden_dim=512, num_encoder_layers=8, num_decoder_layers=8, num_heads=8,
             codebook_size=8192, code_dim=32, triplane_resolution=128, triplane_channels=32, field_hidden_dim=64,
             num_coarse_samples=48, num_fine_samples=48,
+            # 3D-aware GAN: D sees 64 px renders of canonical and novel views (full 256 px renders
+            # of 8 images x 2 views would be 1M rays a step); adversarial loss after the
+            # reconstruction has formed (VQGAN starts its discriminator late too); LPIPS-VGG.
+            adversarial_loss_mult=0.1, adversarial_start_step=20_000, adversarial_ramp_steps=5_000,
+            gan_resolution=64, gan_images_per_batch=8, perceptual_loss_mult=0.1,
         ),
         data=dict(images_per_batch=8, rays_per_image=1024, num_workers=8),
-        train=dict(lr=1e-4, max_steps=500_000, warmup=5_000, device_type="cuda", steps_per_save=2_000, steps_per_eval=1_000),
+        train=dict(lr=1e-4, d_lr=2e-4, max_steps=500_000, warmup=5_000, device_type="cuda", steps_per_save=2_000, steps_per_eval=1_000),
     ),
     # A CPU model that learns something visible in minutes: 64 px, 8 px patches -> 8x8 tokens;
     # 3000 steps take about 15 minutes on 2 cores (BENCHMARKS.md).
@@ -40,14 +45,18 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             image_size=64, patch_size=8, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
             codebook_size=1024, code_dim=32, triplane_resolution=64, triplane_channels=16, field_hidden_dim=64,
             num_coarse_samples=24, num_fine_samples=24,
+            # GAN off by default (turn on with --pipeline.model.adversarial-loss-mult 0.1): on 2
+            # cores it costs steps (BENCHMARKS.md). When on: 32 px views of 4 images, from step 500.
+            adversarial_loss_mult=0.0, adversarial_start_step=500, adversarial_ramp_steps=500,
+            gan_resolution=32, gan_images_per_batch=4, perceptual_loss_mult=0.0,
         ),
         data=dict(images_per_batch=8, rays_per_image=256, num_workers=1),
-        train=dict(lr=1e-3, max_steps=3_000, warmup=200, device_type="cpu", steps_per_save=250, steps_per_eval=250),
+        train=dict(lr=1e-3, d_lr=1e-3, max_steps=3_000, warmup=200, device_type="cpu", steps_per_save=250, steps_per_eval=250),
     ),
 }
 
 
-def build_trainer_config(name: str) -> TrainerConfig:
+def build_trainer_config(name: str) -> Vq3dTrainerConfig:
     """The full ``TrainerConfig`` for preset ``name`` (a key of :data:`PRESETS`)."""
     preset = PRESETS[name]
     p = preset["train"]
@@ -64,7 +73,7 @@ def build_trainer_config(name: str) -> TrainerConfig:
             ),
         }
 
-    config = TrainerConfig(
+    config = Vq3dTrainerConfig(
         method_name=name,
         steps_per_eval_batch=p["steps_per_eval"],
         steps_per_eval_image=p["steps_per_eval"],
@@ -73,7 +82,13 @@ def build_trainer_config(name: str) -> TrainerConfig:
         max_num_iterations=p["max_steps"],
         mixed_precision=False,
         pipeline=Vq3dPipelineConfig(datamanager=datamanager, model=model),
-        optimizers={"autoencoder": schedule(), "field": schedule()},
+        optimizers={
+            "autoencoder": schedule(),
+            "field": schedule(),
+            # StyleGAN2's Adam for the discriminator (beta1 = 0), constant rate; used when
+            # --pipeline.model.adversarial-loss-mult > 0.
+            "discriminator": {"optimizer": AdamWithBetasConfig(lr=p["d_lr"], eps=1e-8, betas=(0.0, 0.99)), "scheduler": None},
+        },
         viewer=ViewerConfig(num_rays_per_chunk=4096, quit_on_train_completion=True),
         vis="viewer",
     )

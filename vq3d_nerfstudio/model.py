@@ -11,12 +11,15 @@ Rays with ``metadata["batch_idx"]`` use the tri-plane of that input image; rays 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.model_components.ray_generators import RayGenerator
 from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.model_components.ray_samplers import PDFSampler, SpacedSampler
@@ -26,7 +29,7 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from torch.nn import Parameter
 
-from vq3d_nerfstudio import losses
+from vq3d_nerfstudio import gan, losses
 from vq3d_nerfstudio.encoder import ViTEncoder
 from vq3d_nerfstudio.field import TriplaneField
 from vq3d_nerfstudio.quantizer import FactorizedQuantizer, code_perplexity
@@ -111,6 +114,50 @@ class Vq3dModelConfig(ModelConfig):
     default_scene_index: int = 0
     """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx)."""
 
+    # ---- 3D-aware adversarial training: novel views have no ground truth, only the discriminator
+    adversarial_loss_mult: float = 0.0
+    """Weight of the generator's adversarial loss; 0 turns the discriminator off entirely."""
+    discriminator: Literal["resnet", "patch"] = "resnet"
+    """'resnet': StyleGAN2's residual discriminator (one logit per image, judges global layout; the
+    default, as in ViT-VQGAN); 'patch': pix2pix's PatchGAN (one logit per patch, local texture)."""
+    discriminator_channels: int = 64
+    """Width of the discriminator's first layer (doubling per level, up to 256)."""
+    gan_loss: Literal["non-saturating", "hinge"] = "non-saturating"
+    """GAN objective for both players."""
+    adversarial_start_step: int = 0
+    """Step at which the adversarial loss (and the discriminator's training) starts."""
+    adversarial_ramp_steps: int = 1000
+    """The adversarial weight ramps linearly from 0 to 1 over this many steps after the start."""
+    adaptive_adversarial_weight: bool = False
+    """VQGAN's adaptive weight: scale the adversarial loss so its gradient at the decoder's last
+    layer matches the reconstruction loss's (costs two extra backward passes per step)."""
+    r1_gamma: float = 1.0
+    """R1 penalty weight on real images (the loss is gamma / 2 * E||grad D(real)||^2)."""
+    r1_interval: int = 4
+    """Apply R1 every this many discriminator steps, scaled up to match (StyleGAN2's lazy R1)."""
+    gan_resolution: int = 32
+    """Side of the images the discriminator sees: renders of the whole view at this resolution,
+    and the input images downsampled to it (a power of two)."""
+    gan_images_per_batch: int = 4
+    """How many of the batch's images get a canonical and a novel-view render for the discriminator."""
+    novel_view_max_yaw_deg: float = 30.0
+    """Novel-view cameras orbit the pivot with yaw uniform in +-this (degrees)."""
+    novel_view_max_elevation_deg: float = 15.0
+    """... and elevation uniform in +-this (degrees)."""
+    novel_view_radius_jitter: float = 0.0
+    """... at the canonical distance times 1 +- this (0: exactly the canonical distance)."""
+    discriminator_sees_disparity: bool = False
+    """Also give the discriminator the disparity channel (render vs pseudo-GT, each normalised per
+    image); needs depth in the data."""
+    perceptual_loss_mult: float = 0.0
+    """Weight of LPIPS (VGG) between the canonical render and the input image, at gan_resolution."""
+    perceptual_weights: Optional[Path] = None
+    """torchvision's ImageNet VGG16 state dict for LPIPS (default: the torch hub cache,
+    ~/.cache/torch/hub/checkpoints/vgg16-397923af.pth, downloaded there when missing and online)."""
+    perceptual_if_missing: Literal["error", "skip"] = "error"
+    """Without the VGG weights: 'error' stops with one line saying where to put them; 'skip' trains
+    without the perceptual loss and warns once."""
+
 
 class Vq3dModel(Model):
     """See the module docstring."""
@@ -139,6 +186,18 @@ class Vq3dModel(Model):
         self.renderer_accumulation = AccumulationRenderer()
         metadata = self.kwargs.get("metadata") or {}
         self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
+        self.camera_distance = float(metadata.get("camera_distance", 2.0))
+        self.fov_deg = float(metadata.get("fov_deg", 50.0))
+        self.discriminator: Optional[torch.nn.Module] = None
+        if cfg.adversarial_loss_mult > 0:
+            in_channels = 4 if cfg.discriminator_sees_disparity else 3
+            self.discriminator = gan.build_discriminator(
+                cfg.discriminator, cfg.gan_resolution, in_channels, cfg.discriminator_channels
+            )
+        self.step = 0
+        self.gan_cache: Optional[Dict[str, torch.Tensor]] = None
+        """Detached discriminator inputs of the last training forward (the trainer's D step reads them)."""
+        self._perceptual: List[torch.nn.Module] = []  # a list: frozen weights stay out of checkpoints
         # Scene shown for rays without batch_idx. Not state to save: a plain attribute, not a buffer.
         self._scene_image: Optional[torch.Tensor] = None
         self._scene_planes: Optional[torch.Tensor] = None
@@ -194,7 +253,91 @@ class Vq3dModel(Model):
     # ---- rendering -----------------------------------------------------------------------------
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         autoencoder = [*self.encoder.parameters(), *self.quantizer.parameters(), *self.decoder.parameters()]
-        return {"autoencoder": autoencoder, "field": list(self.field.parameters())}
+        groups = {"autoencoder": autoencoder, "field": list(self.field.parameters())}
+        if self.discriminator is not None:
+            groups["discriminator"] = list(self.discriminator.parameters())
+        return groups
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        def set_step(step: int) -> None:
+            self.step = step
+
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], set_step)]
+
+    # ---- adversarial and perceptual training ---------------------------------------------------
+    def prepare_training(self) -> None:
+        """Load what only training needs (LPIPS weights); a missing file is one clear error."""
+        from vq3d_nerfstudio.perceptual import LPIPS, LPIPSUnavailable
+
+        if self.config.perceptual_loss_mult > 0 and not self._perceptual:
+            try:
+                self._perceptual.append(LPIPS("vgg", self.config.perceptual_weights, download=True).to(self.device))
+            except LPIPSUnavailable as err:
+                if self.config.perceptual_if_missing == "error":
+                    raise SystemExit(
+                        f"vq3d: error: {err}; or train without it: --pipeline.model.perceptual-loss-mult 0 "
+                        "(or --pipeline.model.perceptual-if-missing skip)"
+                    ) from None
+                from nerfstudio.utils.rich_utils import CONSOLE
+
+                CONSOLE.print(f"[yellow]warning: training without the perceptual loss: {err}")
+                self.config.perceptual_loss_mult = 0.0
+
+    def discriminator_active(self, step: int) -> bool:
+        return self.discriminator is not None and gan.ramp_weight(
+            step, self.config.adversarial_start_step, self.config.adversarial_ramp_steps
+        ) > 0
+
+    def _adversarial_renders(self, planes: torch.Tensor, batch: Dict) -> Dict[str, torch.Tensor]:
+        """Whole-view renders at ``gan_resolution`` of the first images' NeRFs from the canonical
+        camera and from one random novel camera each, plus the matching real images."""
+        from vq3d_nerfstudio.data.dataparser import canonical_camera_to_world, square_pinhole_cameras
+
+        cfg = self.config
+        num, res = min(cfg.gan_images_per_batch, planes.shape[0]), cfg.gan_resolution
+        canonical = canonical_camera_to_world(self.camera_distance)[None].expand(num, 3, 4)
+        novel = gan.sample_novel_poses(
+            num, self.camera_distance, cfg.novel_view_max_yaw_deg, cfg.novel_view_max_elevation_deg,
+            cfg.novel_view_radius_jitter,
+        )
+        cameras = square_pinhole_cameras(torch.cat([canonical, novel]), res, self.fov_deg).to(self.device)
+        cam = torch.arange(2 * num, device=self.device).repeat_interleave(res * res)
+        pix = torch.arange(res * res, device=self.device).repeat(2 * num)
+        rays = RayGenerator(cameras)(torch.stack([cam, pix // res, pix % res], -1))
+        out = self.render_rays(self.collider(rays), planes, cam % num, keep_samples=False)
+        to_images = lambda x: x.reshape(2 * num, res, res, -1).permute(0, 3, 1, 2)  # noqa: E731
+        rgb, disparity = to_images(out["rgb"]), to_images(out["disparity"])
+        real = F.interpolate(batch["input_images"][:num], size=(res, res), mode="area")
+        fake_d, real_d = rgb * 2 - 1, real * 2 - 1
+        if cfg.discriminator_sees_disparity:
+            if "input_disparity" not in batch:
+                raise ValueError("discriminator_sees_disparity needs depth in the data (see --pipeline.datamanager.dataparser.depth-kind)")
+            real_disp = F.interpolate(batch["input_disparity"][:num].float(), size=(res, res), mode="area")
+            fake_d = torch.cat([fake_d, gan.normalize_disparity(disparity)], 1)
+            real_d = torch.cat([real_d, gan.normalize_disparity(real_disp)], 1)
+        return {
+            "gan_fake": fake_d,
+            "gan_real": real_d,
+            "gan_canonical_rgb": rgb[:num],
+            "gan_real_rgb": real,
+            "gan_fake_disparity": disparity.detach(),
+        }
+
+    def get_discriminator_loss_dict(self, step: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """The discriminator's loss on the cached (detached) real and fake images, with R1 on its
+        lazy schedule; and metrics (mean logits)."""
+        cfg, disc = self.config, self.discriminator
+        if disc is None or self.gan_cache is None:
+            return {}, {}
+        real, fake = self.gan_cache["real"], self.gan_cache["fake"]
+        real_logits, fake_logits = disc(real), disc(fake)
+        loss_dict = {"discriminator_loss": gan.discriminator_loss(real_logits, fake_logits, cfg.gan_loss)}
+        metrics = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+        if cfg.r1_gamma > 0 and step % max(1, cfg.r1_interval) == 0:
+            r1 = gan.r1_penalty(disc, real)
+            loss_dict["r1_penalty"] = cfg.r1_gamma / 2 * max(1, cfg.r1_interval) * r1
+            metrics["r1"] = r1.detach()
+        return loss_dict, metrics
 
     def forward(self, ray_bundle: RayBundle, batch: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
         """Render rays. With ``batch["input_images"]`` the images are encoded here (inside the
@@ -213,6 +356,8 @@ class Vq3dModel(Model):
                 "code_indices": indices,
                 "batch_idx": batch_idx,
             }
+            if self.training and (self.discriminator is not None or self.config.perceptual_loss_mult > 0):
+                extra.update(self._adversarial_renders(planes, batch))
         else:
             planes = self.current_planes()
             batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
@@ -315,6 +460,22 @@ class Vq3dModel(Model):
                 outputs["weights_coarse"], outputs["disp_coarse"], target, mask
             )
             loss_dict["depth_loss"] = cfg.depth_loss_mult * depth_loss
+        if "gan_fake" in outputs:
+            self.gan_cache = {k: outputs[k].detach() for k in ("gan_real", "gan_fake", "gan_fake_disparity")}
+            self.gan_cache["real"], self.gan_cache["fake"] = self.gan_cache.pop("gan_real"), self.gan_cache.pop("gan_fake")
+            weight = gan.ramp_weight(self.step, cfg.adversarial_start_step, cfg.adversarial_ramp_steps)
+            if self.discriminator is not None and weight > 0:
+                adversarial = gan.generator_loss(self.discriminator(outputs["gan_fake"]), cfg.gan_loss)
+                if cfg.adaptive_adversarial_weight:
+                    weight = weight * gan.adaptive_weight(loss_dict["rgb_loss"], adversarial, self.decoder.refine.weight)
+                loss_dict["adversarial_loss"] = cfg.adversarial_loss_mult * weight * adversarial
+            if cfg.perceptual_loss_mult > 0:
+                if not self._perceptual:
+                    self.prepare_training()
+                if self._perceptual:
+                    lpips = self._perceptual[0].to(outputs["gan_canonical_rgb"].device)
+                    distance = lpips(outputs["gan_canonical_rgb"], outputs["gan_real_rgb"]).mean()
+                    loss_dict["perceptual_loss"] = cfg.perceptual_loss_mult * distance
         return loss_dict
 
     def get_image_metrics_and_images(

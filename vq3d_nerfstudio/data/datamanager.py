@@ -40,6 +40,14 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     """Seed of the shuffling order (and of DistributedSampler under DDP)."""
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the trainer, which finishes the step and saves a checkpoint
+    (a worker killed by the terminal's SIGINT would crash the step instead)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _forever(loader: DataLoader) -> Iterator[Dict]:
     """Iterate a DataLoader across epochs, telling a DistributedSampler the epoch."""
     epoch = 0
@@ -103,6 +111,7 @@ class Vq3dDataManager(VanillaDataManager):
             num_workers=num_workers,
             drop_last=len(dataset) >= batch_size * self.world_size,
             persistent_workers=num_workers > 0,
+            worker_init_fn=_ignore_sigint,
             pin_memory=torch.device(self.device).type == "cuda",
         )
         return _forever(loader)
@@ -140,6 +149,7 @@ class Vq3dDataManager(VanillaDataManager):
         if "disparity" in images:
             batch["disparity"] = images["disparity"].to(self.device)[batch_idx, rows, cols]
             batch["disparity_mask"] = images["disparity_mask"].to(self.device)[batch_idx, rows, cols]
+            batch["input_disparity"] = images["disparity"].to(self.device).permute(0, 3, 1, 2)  # (B, 1, S, S)
         return ray_bundle, batch
 
     def next_train(self, step: int) -> Tuple[RayBundle, Dict]:

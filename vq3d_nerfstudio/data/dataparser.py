@@ -202,6 +202,8 @@ class Vq3dImagesDataParser(DataParser):
             "class_ids": [r.class_id for r in chosen],
             "class_names": class_names,
             "image_keys": [r.key for r in chosen],
+            "camera_distance": self.config.camera_distance,
+            "fov_deg": self.config.fov_deg,
         }
         return DataparserOutputs(
             image_filenames=[r.image for r in chosen],

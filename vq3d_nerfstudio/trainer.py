@@ -1,0 +1,211 @@
+"""A nerfstudio ``Trainer`` with VQ3D's discriminator step and non-finite-step protection.
+
+nerfstudio's ``Trainer.train_iteration`` sums every loss, runs one backward and steps every param
+group: right for a NeRF, wrong for a GAN. Here each iteration is
+
+1. the generator step: the pipeline's losses (reconstruction, VQ, depth, adversarial, perceptual)
+   with the discriminator frozen (``requires_grad`` off, so not one of its parameters moves), then
+   a step of every param group except ``discriminator``;
+2. the discriminator step, once the adversarial loss has started: its loss on the renders the
+   generator step cached *detached* (so not one generator parameter moves), plus R1 on real images,
+   then a step of the ``discriminator`` group only (gradients averaged across ranks under DDP).
+
+The discriminator is a submodule of the model and has its own param group, so its weights and its
+optimizer state are saved in, and restored from, the usual nerfstudio checkpoint: a resumed run
+continues the same GAN. A step whose loss or gradients are not finite is skipped (no weight or
+optimizer state changes), counted, and logged (``skipped_steps/*``).
+
+Interruption loses nothing: the first Ctrl-C (SIGINT) finishes the current step, saves a checkpoint
+and ends training normally (resume with ``--load-dir``); a second one stops at once. Checkpoints are
+written to a temporary file and renamed, so an interrupted save never leaves a truncated ``.ckpt``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerConfig
+from nerfstudio.utils import colormaps, writer
+from nerfstudio.utils.rich_utils import CONSOLE
+
+DISCRIMINATOR = "discriminator"
+
+
+@dataclass
+class AdamWithBetasConfig(AdamOptimizerConfig):
+    """nerfstudio's Adam config with the betas exposed (GANs want beta1 = 0)."""
+
+    betas: Tuple[float, float] = (0.9, 0.999)
+    """Adam's running-average coefficients (beta1, beta2)."""
+
+
+@dataclass
+class Vq3dTrainerConfig(TrainerConfig):
+    """nerfstudio's TrainerConfig, run by :class:`Vq3dTrainer`."""
+
+    _target: Type = field(default_factory=lambda: Vq3dTrainer)
+
+
+def _finite_grads(params: List[torch.nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+class Vq3dTrainer(Trainer):
+    """See the module docstring."""
+
+    config: Vq3dTrainerConfig
+
+    def setup(self, test_mode="val") -> None:
+        super().setup(test_mode)
+        self.skipped_steps = {"generator": 0, DISCRIMINATOR: 0}
+        model = self.pipeline.model
+        if hasattr(model, "prepare_training") and test_mode == "val":
+            model.prepare_training()
+
+    def train(self) -> None:
+        self._completed_step = None
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        except ValueError:  # not the main thread (e.g. under a test runner's worker thread)
+            pass
+        try:
+            super().train()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self.stop_training:
+            raise KeyboardInterrupt
+        self.stop_training = True
+        CONSOLE.print("[yellow]Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def _after_train(self) -> None:
+        if getattr(self, "_completed_step", None) is not None:
+            self.step = self._completed_step  # the loop had already advanced to a step it did not run
+        super()._after_train()
+
+    def _groups(self, names: List[str], step: int, phase: str) -> List[str]:
+        accumulation = self.gradient_accumulation_steps
+        if phase == "zero":
+            return [g for g in names if step % accumulation[g] == 0]
+        return [g for g in names if step % accumulation[g] == accumulation[g] - 1]
+
+    def train_iteration(self, step: int) -> TRAIN_INTERATION_OUTPUT:
+        model = self.pipeline.model
+        groups = list(self.optimizers.parameters.keys())
+        generator_groups = [g for g in groups if g != DISCRIMINATOR]
+        disc_params = self.optimizers.parameters.get(DISCRIMINATOR, [])
+        gen_params = [p for g in generator_groups for p in self.optimizers.parameters[g]]
+
+        # ---- generator step (discriminator frozen)
+        self.optimizers.zero_grad_some(self._groups(generator_groups, step, "zero"))
+        for p in disc_params:
+            p.requires_grad_(False)
+        device_type = self.device.split(":")[0]
+        device_type = "cpu" if device_type == "mps" else device_type
+        try:
+            with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
+                _, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
+                loss = functools.reduce(torch.add, loss_dict.values())
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                self.grad_scaler.scale(loss).backward()
+                # with mixed precision the grad scaler handles overflow itself (skips and rescales)
+                finite = self.grad_scaler.is_enabled() or _finite_grads(gen_params)
+        finally:
+            for p in disc_params:
+                p.requires_grad_(True)
+        if finite:
+            self.optimizers.optimizer_scaler_step_some(self.grad_scaler, self._groups(generator_groups, step, "step"))
+        else:
+            self._skip("generator", step, loss_dict)
+            self.optimizers.zero_grad_some(generator_groups)
+
+        # ---- discriminator step (on the detached renders of this step)
+        if disc_params and finite and model.discriminator_active(step):
+            self.optimizers.zero_grad_some([DISCRIMINATOR])
+            d_losses, d_metrics = model.get_discriminator_loss_dict(step)
+            if d_losses:
+                d_loss = functools.reduce(torch.add, d_losses.values())
+                d_finite = bool(torch.isfinite(d_loss))
+                if d_finite:
+                    d_loss.backward()
+                    if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+                        for p in disc_params:
+                            if p.grad is not None:
+                                dist.all_reduce(p.grad)
+                                p.grad /= self.world_size
+                    d_finite = _finite_grads(disc_params)
+                if d_finite:
+                    self.optimizers.optimizer_step(DISCRIMINATOR)
+                else:
+                    self._skip(DISCRIMINATOR, step, d_losses)
+                    self.optimizers.zero_grad_some([DISCRIMINATOR])
+                metrics_dict.update({f"gan/{k}": v.detach() for k, v in d_losses.items()})
+                metrics_dict.update({f"gan/{k}": v for k, v in d_metrics.items()})
+        for name, count in self.skipped_steps.items():
+            metrics_dict[f"skipped_steps/{name}"] = torch.tensor(float(count))
+        if step % self.config.steps_per_eval_image == 0 and getattr(model, "gan_cache", None) is not None:
+            self._log_gan_images(model.gan_cache, step)
+
+        scale = self.grad_scaler.get_scale()
+        self.grad_scaler.update()
+        if scale <= self.grad_scaler.get_scale():
+            self.optimizers.scheduler_step_all(step)
+        self._completed_step = step
+        return loss, loss_dict, metrics_dict
+
+    def _skip(self, who: str, step: int, losses: Dict[str, torch.Tensor]) -> None:
+        self.skipped_steps[who] += 1
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        what = f"loss {', '.join(bad)}" if bad else "gradients"
+        CONSOLE.print(f"[yellow]step {step}: non-finite {what} in the {who} step; skipped "
+                      f"({self.skipped_steps[who]} {who} steps skipped so far)")
+
+    @torch.no_grad()
+    def _log_gan_images(self, cache: Dict[str, torch.Tensor], step: int) -> None:
+        """Rows: canonical renders, novel-view renders, their disparities; then the real images."""
+        fake, disparity, real = cache["fake"][:, :3], cache["gan_fake_disparity"], cache["real"][:, :3]
+        num = real.shape[0]
+        to_row = lambda x: torch.cat(list(x.permute(0, 2, 3, 1)), dim=1)  # noqa: E731 [N,H,W,C] -> [H, N*W, C]
+        disp = disparity / disparity.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
+        disp_rgb = colormaps.apply_colormap(disp.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        rows = [
+            to_row((fake[:num] + 1) / 2), to_row((fake[num:] + 1) / 2),
+            to_row(disp_rgb[:num]), to_row(disp_rgb[num:]), to_row((real + 1) / 2),
+        ]
+        image = torch.cat(rows, dim=0).clamp(0, 1)
+        writer.put_image(name="GAN/canonical, novel, their disparity, real", image=image, step=step)
+
+    def save_checkpoint(self, step: int) -> None:
+        """nerfstudio's checkpoint, written atomically (temporary file, then rename)."""
+        if not self.checkpoint_dir.exists():
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        # beside, not inside, the checkpoint folder: nerfstudio parses every file name in it
+        tmp_path = self.checkpoint_dir.parent / f".{ckpt_path.name}.tmp"
+        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        torch.save(
+            {
+                "step": step,
+                "pipeline": pipeline.state_dict(),
+                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+                "scalers": self.grad_scaler.state_dict(),
+            },
+            tmp_path,
+        )
+        os.replace(tmp_path, ckpt_path)
+        if self.config.save_only_latest_checkpoint:
+            for f in self.checkpoint_dir.glob("*.ckpt"):
+                if f != ckpt_path:
+                    f.unlink()
