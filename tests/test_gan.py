@@ -219,7 +219,7 @@ def test_ns_train_with_adversarial_losses(synth_dir, tmp_path, cli_env):
         [cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "g",
          "--max-num-iterations", "4", *FAST, "--pipeline.model.adversarial-loss-mult", "0.1",
          "--pipeline.model.adversarial-start-step", "1", "--pipeline.model.gan-resolution", "16",
-         "--pipeline.model.gan-images-per-batch", "2"],
+         "--pipeline.model.gan-images-per-batch", "2", "--logging.steps-per-log", "1"],
         env=cli_env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -227,6 +227,17 @@ def test_ns_train_with_adversarial_losses(synth_dir, tmp_path, cli_env):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert any(k.startswith("_model.discriminator.") for k in state["pipeline"])
     assert "discriminator" in state["optimizers"] and len(state["optimizers"]["discriminator"]["state"]) > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = tmp_path.glob("g/vq3d-tiny/*/events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert any(t.startswith("GAN/") for t in tags["images"]), tags["images"]
+    logged = set(tags["scalars"])
+    for name in ("Train Loss Dict/adversarial_loss", "Train Metrics Dict/gan/discriminator_loss",
+                 "Train Metrics Dict/gan/d_real", "Train Metrics Dict/gan/d_fake", "Train Metrics Dict/skipped_steps/generator"):
+        assert name in logged, sorted(logged)
 
 
 def test_missing_perceptual_weights_is_one_line_or_a_warning(synth_dir, tmp_path, cli_env):
