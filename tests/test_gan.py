@@ -289,3 +289,11 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(synth_dir, tmp_path, cl
     step = int(ckpt.stem.split("-")[1])
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert 0 < step < 100000 - 1 and state["step"] == step
+
+
+def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
+    trainer = make_trainer(synth_dir, tmp_path, adaptive_adversarial_weight=True, gan_loss="hinge")
+    before = generator_state(trainer.pipeline.model)
+    _, loss_dict, metrics = trainer.train_iteration(0)
+    assert torch.isfinite(loss_dict["adversarial_loss"]) and torch.isfinite(metrics["gan/discriminator_loss"])
+    assert not same(before, generator_state(trainer.pipeline.model))
