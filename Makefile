@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 # override to use another, e.g. make TORCH="torch==2.5.1 torchvision==0.20.1" test
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# apt-get runs as root directly, otherwise through sudo
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 DEMO_DATA ?= data/synth
 DEMO_SCENES ?= 1000
@@ -27,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# ns-render checks for an ffmpeg on PATH: use the one bundled in the imageio-ffmpeg wheel.
 	ln -sf "$$($(BIN)/python -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" $(BIN)/ffmpeg
+	# ns-export imports open3d, which needs the system's libusb: install it when missing (Debian/Ubuntu).
+	$(BIN)/python -c "import ctypes; ctypes.CDLL('libusb-1.0.so.0')" 2>/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libusb-1.0-0; }
 	touch $(STAMP)
 
 demo: install

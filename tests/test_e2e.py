@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,40 @@ def test_render_orbit_of_a_real_photo(trained_run, tmp_path):
     result = subprocess.run([cli("vq3d"), "render-orbit", "--load-config", str(config), "--image", str(bad),
                              "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "notes.jpg: cannot read image" in result.stderr
+
+
+def read_ply_points(path):
+    import open3d as o3d
+
+    cloud = o3d.io.read_point_cloud(str(path))
+    return np.asarray(cloud.points), np.asarray(cloud.normals), np.asarray(cloud.colors)
+
+
+def test_ns_export_pointcloud_of_the_shown_scene(trained_run, tmp_path):
+    config, env = trained_run
+    out = tmp_path / "export"
+    run([cli("ns-export"), "pointcloud", "--load-config", str(config), "--output-dir", str(out),
+         "--num-points", "3000", "--remove-outliers", "False", "--num-rays-per-batch", "4096"], env)
+    points, normals, colors = read_ply_points(out / "point_cloud.ply")
+    assert len(points) > 1000 and np.isfinite(points).all()
+    # every point lies in front of the canonical camera at (0, 0, 2) looking down -z
+    assert (points[:, 2] < 2.0).all()
+    assert len(normals) == len(points) and np.allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-3)
+    assert colors.min() >= 0 and colors.max() <= 1
+
+
+def test_vq3d_scene_env_picks_a_photo_or_fails_in_one_line(trained_run, tmp_path):
+    from skimage import data as skdata
+    from PIL import Image
+
+    config, env = trained_run
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(skdata.coffee()).save(photo)
+    out = tmp_path / "export"
+    run([cli("ns-export"), "pointcloud", "--load-config", str(config), "--output-dir", str(out),
+         "--num-points", "500", "--remove-outliers", "False", "--num-rays-per-batch", "2048"], dict(env, VQ3D_SCENE=str(photo)))
+    assert len(read_ply_points(out / "point_cloud.ply")[0]) > 100
+    bad = subprocess.run([cli("ns-export"), "pointcloud", "--load-config", str(config), "--output-dir", str(out)],
+                         env=dict(env, VQ3D_SCENE=str(tmp_path / "missing.jpg")), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "VQ3D_SCENE=" in bad.stderr and "missing.jpg" in bad.stderr and "Traceback" not in bad.stderr

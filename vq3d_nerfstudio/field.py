@@ -44,6 +44,19 @@ class TriplaneField(nn.Module):
             implementation="torch",
         )
 
+    def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Density ``[N, 1]`` at world points ``[N, 3]``, point ``i`` in tri-plane ``batch_idx[i]``."""
+        feats = sample_triplanes_by_index(planes, contract(positions, self.scene_scale), batch_idx)
+        return trunc_exp(self.density_mlp(feats)[:, :1] - 1.0)
+
+    def normals_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Unit normals ``[N, 3]``: the negated, normalised density gradient (works under no_grad)."""
+        with torch.enable_grad():
+            points = positions.detach().requires_grad_(True)
+            density = self.density_at(points, planes.detach(), batch_idx)
+            (grad,) = torch.autograd.grad(density.sum(), points)
+        return torch.nn.functional.normalize(-grad, dim=-1)
+
     def forward(
         self, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor
     ) -> Dict[FieldHeadNames, torch.Tensor]:

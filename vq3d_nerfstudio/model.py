@@ -10,6 +10,7 @@ Rays with ``metadata["batch_idx"]`` use the tri-plane of that input image; rays 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
@@ -112,7 +113,11 @@ class Vq3dModelConfig(ModelConfig):
     """'pointwise': VQ3D's loss on per-sample rendering weights; 'accumulated': the ablation,
     a loss on the rendered (expected) disparity only."""
     default_scene_index: int = 0
-    """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx)."""
+    """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx); the
+    VQ3D_SCENE environment variable overrides it for any command: 'eval:N', 'train:N' or a photo's path."""
+    output_normals: bool = True
+    """Outside training, also output 'normals' in [0, 1] (density gradient at the expected depth;
+    for ns-export's point clouds and meshes, and a viewer output)."""
 
     # ---- 3D-aware adversarial training: novel views have no ground truth, only the discriminator
     adversarial_loss_mult: float = 0.0
@@ -240,11 +245,27 @@ class Vq3dModel(Model):
             raise RuntimeError("no image loader: the pipeline sets one; or call set_scene_images(image)")
         self.set_scene_images(self.image_loader(split, index), key=(split, index))
 
+    def _show_default_scene(self) -> None:
+        """Held-out image ``default_scene_index``, unless ``VQ3D_SCENE`` names another scene."""
+        choice = os.environ.get("VQ3D_SCENE", "").strip()
+        split, _, index = choice.partition(":")
+        if not choice:
+            self.show_image("eval", self.config.default_scene_index)
+        elif split in ("train", "eval") and index.isdigit():
+            self.show_image(split, int(index))
+        else:
+            from vq3d_nerfstudio.data.dataparser import DatasetError
+            from vq3d_nerfstudio.data.dataset import load_image
+
+            if not Path(choice).is_file():
+                raise DatasetError(f"VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
+            self.set_scene_images(load_image(Path(choice), self.config.image_size), key=("file", 0))
+
     @torch.no_grad()
     def current_planes(self) -> torch.Tensor:
         """Tri-planes of the shown image, encoded with the current weights (cached until they change)."""
         if self._scene_image is None:
-            self.show_image("eval", self.config.default_scene_index)
+            self._show_default_scene()
         if self._scene_planes is None:
             quantized, _ = self.quantizer.quantize(self.encoder(self._scene_image))
             self._scene_planes = self.decoder(quantized)
@@ -394,6 +415,9 @@ class Vq3dModel(Model):
             "expected_depth": self.renderer_depth(fine_w, fine),
             "disparity": losses.expected_disparity(fine_w, fine_disp),
         }
+        if self.config.output_normals and not self.training:
+            points = ray_bundle.origins + ray_bundle.directions * outputs["expected_depth"]
+            outputs["normals"] = (self.field.normals_at(points, planes, batch_idx) + 1) / 2
         if keep_samples:
             coarse_disp = losses.sample_disparity((coarse.frustums.starts + coarse.frustums.ends) / 2, directions_norm)
             outputs.update(weights_fine=fine_w, disp_fine=fine_disp, weights_coarse=coarse_w, disp_coarse=coarse_disp)

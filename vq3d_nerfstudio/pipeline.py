@@ -6,6 +6,7 @@ cameras without their image; VQ3D needs the image to build the NeRF, so this sub
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
@@ -32,6 +33,16 @@ class Vq3dPipelineConfig(VanillaPipelineConfig):
     """Stage-1 model."""
 
 
+def check_scene_choice(choice: str) -> None:
+    """Stop with one line if ``VQ3D_SCENE`` (which scene ns-render / ns-export / the viewer show
+    first) is neither ``eval:N``, ``train:N`` nor an existing image file."""
+    choice = choice.strip()
+    split, _, index = choice.partition(":")
+    if not choice or (split in ("train", "eval") and index.isdigit()) or Path(choice).is_file():
+        return
+    raise SystemExit(f"vq3d: error: VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
+
+
 class Vq3dPipeline(VanillaPipeline):
     """Passes input images to the model in training, eval and image metrics."""
 
@@ -53,6 +64,7 @@ class Vq3dPipeline(VanillaPipeline):
                 f"dataparser image size {data_size} != model image size {config.model.image_size}; "
                 "set both (--pipeline.datamanager.dataparser.image-size / --pipeline.model.image-size)"
             )
+        check_scene_choice(os.environ.get("VQ3D_SCENE", ""))
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self.model.image_loader = self.load_image
 

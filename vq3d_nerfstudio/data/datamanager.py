@@ -3,6 +3,10 @@ pixels of each, every ray tagged with ``metadata["batch_idx"]`` (which image's t
 
 It subclasses ``VanillaDataManager`` because ``ns-render`` / ``ns-export`` check for it, but it never
 caches images: the built-in datamanagers hold every image in memory, which fails at ImageNet scale.
+
+Outside training (``eval_setup`` puts the pipeline in eval mode), ``next_train`` is what
+``ns-export pointcloud`` / ``poisson`` draw rays from: it returns rays of random cameras orbiting the
+pivot, without ``batch_idx``, so the model renders its shown scene from all around the input view.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import DataManager, VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.pixel_samplers import PixelSamplerConfig
 from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader, RandIndicesEvalDataloader
 from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
@@ -38,6 +43,10 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     """DataLoader worker processes reading and resizing images."""
     seed: int = 0
     """Seed of the shuffling order (and of DistributedSampler under DDP)."""
+    export_max_yaw_deg: float = 30.0
+    """ns-export samples rays from cameras orbiting the pivot with yaw within +-this (degrees) ..."""
+    export_max_elevation_deg: float = 15.0
+    """... and elevation within +-this: the range the NeRF is trained to hold up in."""
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -93,6 +102,10 @@ class Vq3dDataManager(VanillaDataManager):
         self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
         self.train_dataset = Vq3dImageDataset(self.train_dataparser_outputs)
         self.eval_dataset = Vq3dImageDataset(self.dataparser.get_dataparser_outputs(split=self.test_split))
+        # Read by ns-export (it sets num_rays_per_batch); training samples pixels itself.
+        self.train_pixel_sampler = PixelSamplerConfig(
+            num_rays_per_batch=config.images_per_batch * max(1, config.rays_per_image)
+        ).setup()
         self.exclude_batch_keys_from_device = []
         DataManager.__init__(self)
 
@@ -154,7 +167,27 @@ class Vq3dDataManager(VanillaDataManager):
 
     def next_train(self, step: int) -> Tuple[RayBundle, Dict]:
         self.train_count += 1
+        if not self.training:
+            return self.orbit_rays(self.train_pixel_sampler.num_rays_per_batch), {}
         return self._rays_for_images(next(self.iter_train_image_dataloader), self.train_ray_generator)
+
+    def orbit_rays(self, num_rays: int, num_cameras: int = 64) -> RayBundle:
+        """``num_rays`` rays at random pixels of ``num_cameras`` random cameras orbiting the pivot
+        (at the canonical distance, within the export yaw/elevation range), no ``batch_idx``."""
+        from vq3d_nerfstudio.data.dataparser import square_pinhole_cameras
+        from vq3d_nerfstudio.gan import sample_novel_poses
+
+        parser = self.config.dataparser
+        size = parser.image_size
+        poses = sample_novel_poses(
+            num_cameras, parser.camera_distance, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg
+        )
+        cameras = square_pinhole_cameras(poses, size, parser.fov_deg).to(self.device)
+        index = torch.stack(
+            [torch.randint(0, num_cameras, (num_rays,)), torch.randint(0, size, (num_rays,)), torch.randint(0, size, (num_rays,))],
+            dim=-1,
+        ).to(self.device)
+        return RayGenerator(cameras)(index)
 
     def next_eval(self, step: int) -> Tuple[RayBundle, Dict]:
         self.eval_count += 1
