@@ -18,7 +18,7 @@ DEMO_OUT ?= demo_out
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test clean
+.PHONY: install demo readme-picture test clean
 
 install: $(STAMP)
 
@@ -39,6 +39,16 @@ demo: install
 	$(BIN)/ns-train vq3d-tiny --data $(DEMO_DATA) --output-dir outputs --experiment-name demo \
 		--timestamp demo --vis tensorboard
 	$(BIN)/vq3d render-orbit --load-config $(DEMO_RUN)/config.yml --output-dir $(DEMO_OUT)
+
+# The README's reconstruction picture: held-out scenes (a seed training never saw) and a real
+# photo, reconstructed by the demo run (run `make demo` first).
+readme-picture: install
+	$(BIN)/vq3d synth data/synth_eval --seed 1 --num-scenes 20 --resolution 64
+	$(BIN)/python -c "from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save('data/astronaut.jpg')"
+	$(BIN)/vq3d reconstruct --load-config $(DEMO_RUN)/config.yml --output-dir $(DEMO_OUT)/reconstruct \
+		--image data/synth_eval/scene_00000/images/frame_00000.png data/synth_eval/scene_00001/images/frame_00000.png \
+		data/synth_eval/scene_00002/images/frame_00000.png data/synth_eval/scene_00003/images/frame_00000.png \
+		data/astronaut.jpg --contact-sheet docs/reconstruct.png
 
 test: install
 	$(BIN)/python -m pytest -q

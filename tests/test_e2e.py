@@ -86,9 +86,10 @@ def trained_run(synth_dir, tmp_path_factory):
     return configs[0], env
 
 
-def test_ns_render_camera_path_with_the_shipped_orbit(trained_run, tmp_path):
+@pytest.mark.parametrize("path_name", ["orbit.json", "dolly_in.json"])
+def test_ns_render_camera_path_with_the_shipped_paths(trained_run, tmp_path, path_name):
     config, env = trained_run
-    path_file = REPO / "configs" / "camera_paths" / "orbit.json"
+    path_file = REPO / "configs" / "camera_paths" / path_name
     video = tmp_path / "orbit.mp4"
     run([cli("ns-render"), "camera-path", "--load-config", str(config),
          "--camera-path-filename", str(path_file), "--output-path", str(video)], env)
@@ -232,3 +233,64 @@ def test_vq3d_scene_env_picks_a_photo_or_fails_in_one_line(trained_run, tmp_path
                          env=dict(env, VQ3D_SCENE=str(tmp_path / "missing.jpg")), capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert "VQ3D_SCENE=" in bad.stderr and "missing.jpg" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def read_binary_ply(path):
+    raw = path.read_bytes()
+    header, body = raw.split(b"end_header\n", 1)
+    count = int(header.split(b"element vertex ")[1].split(b"\n")[0])
+    dtype = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("nx", "<f4"), ("ny", "<f4"), ("nz", "<f4"),
+                      ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    assert len(body) == count * dtype.itemsize
+    return np.frombuffer(body, dtype=dtype)
+
+
+def test_vq3d_reconstruct_real_photos(trained_run, tmp_path):
+    from PIL import Image
+    from skimage import data as skdata
+
+    config, env = trained_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skdata.astronaut()).save(photos / "astronaut.jpg")
+    Image.fromarray(skdata.chelsea()).save(photos / "chelsea.png")
+    out = tmp_path / "rec"
+    result = run([cli("vq3d"), "reconstruct", "--load-config", str(config), "--image", str(photos),
+                  "--output-dir", str(out), "--num-frames", "6", "--num-points", "2000",
+                  "--contact-sheet", str(out / "sheet.png"), "--contact-sheet-scale", "1"], env)
+    assert "Wrote 2 reconstruction(s)" in result.stdout
+    assert iio.imread(out / "sheet.png").shape == (2 * 64, 5 * 64, 3)
+    for name in ("astronaut", "chelsea"):
+        assert iio.imread(out / f"{name}_orbit.mp4", plugin="pyav").shape == (6, 64, 64, 3)
+        assert iio.imread(out / f"{name}_disparity.mp4", plugin="pyav").shape == (6, 64, 64, 3)
+        assert iio.imread(out / f"{name}_canonical.png").shape == (64, 64, 3)
+        assert iio.imread(out / f"{name}_views.png").shape == (64, 5 * 64, 3)
+        cloud = read_binary_ply(out / f"{name}.ply")
+        assert 0 < len(cloud) <= 2000
+        xyz = np.stack([cloud["x"], cloud["y"], cloud["z"]], 1)
+        assert np.isfinite(xyz).all() and (np.linalg.norm(xyz, axis=1) <= 4.0 + 1e-4).all()
+        normals = np.stack([cloud["nx"], cloud["ny"], cloud["nz"]], 1)
+        assert np.allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-3)
+    # the canonical render matches rendering the same photo's NeRF in-process
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from vq3d_nerfstudio.data.dataset import load_image
+
+    _, pipeline, _, _ = eval_setup(config, test_mode="inference")
+    pipeline.model.set_scene_images(load_image(photos / "chelsea.png", 64))
+    expected = pipeline.model.get_outputs_for_camera(orbit_cameras([(0.0, 0.0)], 64, 2.0, 50.0))["rgb"]
+    got = iio.imread(out / "chelsea_canonical.png").astype(np.float32) / 255
+    assert np.abs(got - expected.clamp(0, 1).numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_vq3d_reconstruct_bad_inputs_are_one_line(trained_run, tmp_path):
+    config, env = trained_run
+    missing = subprocess.run([cli("vq3d"), "reconstruct", "--load-config", str(config), "--image", str(tmp_path / "nope.jpg")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "nope.jpg does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    bad = subprocess.run([cli("vq3d"), "reconstruct", "--load-config", str(config), "--image", str(broken),
+                          "--output-dir", str(tmp_path / "o"), "--num-frames", "2", "--num-points", "0"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "broken.jpg" in bad.stderr and "Traceback" not in bad.stderr

@@ -33,15 +33,26 @@ def orbit_cameras(poses: List[Tuple[float, float]], image_size: int, distance: f
     return square_pinhole_cameras(c2w, image_size, fov_deg)
 
 
+def dolly_path(num_frames: int, start: float, end: float) -> List[Tuple[float, float, float]]:
+    """(yaw, elevation, distance) poses moving straight in from ``start`` to ``end`` along the
+    canonical axis and back out (a smooth cosine in-and-out)."""
+    return [
+        (0.0, 0.0, end + (start - end) * (0.5 + 0.5 * math.cos(2 * math.pi * i / num_frames)))
+        for i in range(num_frames)
+    ]
+
+
 def camera_path_dict(
-    poses: List[Tuple[float, float]], image_size: int, distance: float, fov_deg: float, seconds: float
+    poses: List[Tuple[float, ...]], image_size: int, distance: float, fov_deg: float, seconds: float
 ) -> dict:
     """A camera path in the JSON layout nerfstudio's viewer writes and ``ns-render camera-path``
-    reads (square images, so the vertical FOV it stores equals the horizontal one)."""
+    reads (square images, so the vertical FOV it stores equals the horizontal one). Poses are
+    (yaw, elevation) at ``distance``, or (yaw, elevation, distance)."""
     frames = []
-    for yaw, el in poses:
+    for pose in poses:
+        yaw, el = pose[:2]
         c2w = torch.eye(4)
-        c2w[:3] = orbit_camera_to_world(yaw, el, distance)
+        c2w[:3] = orbit_camera_to_world(yaw, el, pose[2] if len(pose) > 2 else distance)
         frames.append({"camera_to_world": [round(v, 7) for v in c2w.reshape(-1).tolist()], "fov": fov_deg, "aspect": 1.0})
     return {
         "camera_type": "perspective",
@@ -61,4 +72,6 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     path = camera_path_dict(orbit_path(48, 20.0, 8.0), 64, 2.0, 50.0, seconds=2.0)
     (out / "orbit.json").write_text(json.dumps(path, indent=1) + "\n")
-    print(f"wrote {out / 'orbit.json'}")
+    dolly = camera_path_dict(dolly_path(48, 2.0, 1.4), 64, 2.0, 50.0, seconds=2.0)
+    (out / "dolly_in.json").write_text(json.dumps(dolly, indent=1) + "\n")
+    print(f"wrote {out / 'orbit.json'} and {out / 'dolly_in.json'}")

@@ -8,11 +8,13 @@ import tyro
 from typing_extensions import Annotated
 
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
+from vq3d_nerfstudio.scripts.reconstruct import Reconstruct
 from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
 from vq3d_nerfstudio.scripts.synth import Synth
 
 Commands = Union[
     Annotated[Synth, tyro.conf.subcommand("synth")],
+    Annotated[Reconstruct, tyro.conf.subcommand("reconstruct")],
     Annotated[RenderOrbit, tyro.conf.subcommand("render-orbit")],
     Annotated[Evaluate, tyro.conf.subcommand("eval")],
 ]
@@ -20,7 +22,7 @@ Commands = Union[
 
 def entrypoint() -> None:
     """Parse ``vq3d <subcommand> ...`` and run it."""
-    tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, rendering and evaluation tools.").main()
+    tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, reconstruction of photos, rendering and evaluation tools.").main()
 
 
 if __name__ == "__main__":
