@@ -20,6 +20,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
+from vq3d_nerfstudio.viewer_controls import SceneControls
 
 
 @dataclass
@@ -67,6 +68,13 @@ class Vq3dPipeline(VanillaPipeline):
         check_scene_choice(os.environ.get("VQ3D_SCENE", ""))
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self.model.image_loader = self.load_image
+        # Viewer controls: the viewer installs the pipeline's ViewerElement attributes (in name order).
+        self._scene_controls = SceneControls(self)
+        self.scene_1_split = self._scene_controls.split
+        self.scene_2_index = self._scene_controls.index
+        self.scene_3_random = self._scene_controls.random
+        self.scene_4_upload = self._scene_controls.upload
+        self.scene_5_shown = self._scene_controls.shown
 
     @property
     def model(self) -> Vq3dModel:

@@ -1,0 +1,131 @@
+"""VQ3D's controls in nerfstudio's web viewer: which image's NeRF is shown.
+
+nerfstudio's viewer installs every ``ViewerElement`` it finds on the pipeline under "Custom
+Elements" and re-renders after each callback. These pick the shown scene: a split and an image index
+(held-out "eval" or "train" images), a random-image button, an upload button that takes any photo
+and shows its NeRF at once, and a read-only line naming the shown image and its class when known.
+Clicking a training camera frustum also picks that image (the model handles ``cam_idx``).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Callable, Optional
+
+from nerfstudio.viewer.viewer_elements import (
+    ViewerButton,
+    ViewerDropdown,
+    ViewerElement,
+    ViewerNumber,
+    ViewerText,
+)
+
+MAX_UPLOAD_BYTES = 25 * 2**20
+"""Uploads larger than this are refused (a photo for a 256 px model needs far less)."""
+MAX_UPLOAD_PIXELS = 50_000_000
+"""... and so are images with more pixels than this (decompression bombs)."""
+
+
+class ViewerUploadButton(ViewerElement[object]):
+    """viser's file-upload button as a nerfstudio ``ViewerElement``; ``cb_hook(element)`` runs after
+    each upload with the file in ``element.uploaded`` (``.name``, ``.content`` bytes)."""
+
+    def __init__(self, name: str, cb_hook: Callable, mime_type: str = "image/*", hint: Optional[str] = None) -> None:
+        super().__init__(name, cb_hook=cb_hook)
+        self.mime_type = mime_type
+        self.hint = hint
+        self.uploaded = None
+
+    def _create_gui_handle(self, viser_server) -> None:
+        self.gui_handle = viser_server.gui.add_upload_button(
+            self.name, disabled=self.disabled, visible=self.visible, hint=self.hint, mime_type=self.mime_type
+        )
+
+    def install(self, viser_server) -> None:
+        self._create_gui_handle(viser_server)
+
+        def on_upload(event) -> None:
+            self.uploaded = event.target.value
+            self.cb_hook(self)
+
+        self.gui_handle.on_upload(on_upload)
+
+
+def decode_upload(name: str, content: bytes, size: int):
+    """``[size, size, 3]`` image from uploaded bytes, or ``ValueError`` with a message for the user."""
+    from PIL import Image
+
+    from vq3d_nerfstudio.data.dataset import load_image
+
+    if len(content) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"{name}: {len(content) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB upload limit")
+    try:
+        with Image.open(io.BytesIO(content)) as probe:
+            width, height = probe.size
+    except Exception as err:  # noqa: BLE001 - anything PIL cannot open is "not an image"
+        raise ValueError(f"{name}: not an image this viewer can read ({type(err).__name__})") from None
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise ValueError(f"{name}: {width}x{height} is over the {MAX_UPLOAD_PIXELS // 10**6} megapixel limit")
+    try:
+        return load_image(io.BytesIO(content), size)
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt data
+        raise ValueError(f"{name}: the image data is damaged ({type(err).__name__})") from None
+
+
+class SceneControls:
+    """The controls, bound to a pipeline (``pipeline.model`` shows scenes, ``pipeline.load_image``
+    reads dataset images). Instances are attributes of the pipeline, where the viewer finds them."""
+
+    def __init__(self, pipeline) -> None:
+        self._pipeline = pipeline
+        self.split = ViewerDropdown("Image split", "eval", ["eval", "train"], cb_hook=self._on_pick,
+                                    hint="held-out (eval) or training images")
+        self.index = ViewerNumber("Image index", 0, cb_hook=self._on_pick, hint="which image of the split to show")
+        self.random = ViewerButton("Random image", cb_hook=self._on_random)
+        self.upload = ViewerUploadButton("Upload a photo", cb_hook=self._on_upload,
+                                         hint="any photo: encoded at once, its NeRF is shown")
+        self.shown = ViewerText("Shown", "held-out image 0", disabled=True, hint="the image whose NeRF is shown")
+
+    # ---- callbacks (run in viser's thread; the viewer re-renders afterwards) --------------------
+    def _split_size(self, split: str) -> int:
+        datamanager = self._pipeline.datamanager
+        dataset = datamanager.train_dataset if split == "train" else datamanager.eval_dataset
+        return len(dataset) if dataset is not None else 0
+
+    def _label(self, split: str, index: int) -> str:
+        datamanager = self._pipeline.datamanager
+        dataset = datamanager.train_dataset if split == "train" else datamanager.eval_dataset
+        meta = dataset.metadata if dataset is not None else {}
+        names, ids = meta.get("class_names") or [], meta.get("class_ids") or []
+        text = f"{'held-out' if split == 'eval' else 'training'} image {index}"
+        if index < len(ids) and 0 <= ids[index] < len(names):
+            text += f", class {names[ids[index]]}"
+        return text
+
+    def _on_pick(self, _element=None) -> None:
+        split, index = self.split.value, int(self.index.value)
+        count = self._split_size(split)
+        if not 0 <= index < count:
+            self.shown.value = f"no {split} image {index}: the {split} split has {count} images (0-{count - 1})"
+            return
+        self._pipeline.model.show_image(split, index)
+        self.shown.value = self._label(split, index)
+
+    def _on_random(self, _element=None) -> None:
+        count = self._split_size(self.split.value)
+        if count:
+            self.index.value = random.randrange(count)  # its update callback shows the image
+            self._on_pick()
+
+    def _on_upload(self, element) -> None:
+        file = element.uploaded if isinstance(element, ViewerUploadButton) else None
+        if file is None:
+            return
+        try:
+            image = decode_upload(file.name, file.content, self._pipeline.model.config.image_size)
+        except ValueError as err:
+            self.shown.value = f"upload refused: {err}; still showing the previous image"
+            return
+        self._pipeline.model.set_scene_images(image, key=("upload", 0))
+        self.shown.value = f"uploaded photo {file.name}"
