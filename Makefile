@@ -51,6 +51,8 @@ readme-picture: install
 		data/astronaut.jpg --contact-sheet docs/reconstruct.png
 
 test: install
+	# the browser tests drive Debian's chromium through Playwright (no browser download)
+	test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 	$(BIN)/python -m pytest -q
 
 clean:
