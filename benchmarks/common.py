@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+# VQ3D_BENCHMARKS_MD redirects the tables (e.g. for a quick dry run that must not touch the real file)
+BENCHMARKS_MD = Path(os.environ.get("VQ3D_BENCHMARKS_MD", REPO / "BENCHMARKS.md"))
 BIN = Path(sys.executable).parent
 
 

@@ -85,7 +85,7 @@ class PerScene:
         groups = {k: v for k, v in self.model.get_param_groups().items() if len(v)}
         self.optimizers = Optimizers({k: config.optimizers[k] for k in groups}, groups)
         self.callbacks = self.model.get_training_callbacks(
-            TrainingCallbackAttributes(optimizers=self.optimizers, grad_scaler=None, pipeline=None)
+            TrainingCallbackAttributes(optimizers=self.optimizers, grad_scaler=None, pipeline=None, trainer=None)
         )
         self.camera = pinhole_cameras(
             torch.tensor(c2w[None, :3], dtype=torch.float32), *(intrinsics[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h"))
@@ -120,7 +120,8 @@ class PerScene:
         self.model.eval()
         out = self.model.get_outputs_for_camera(camera)
         norm = camera.generate_rays(camera_indices=0, keep_shape=True).metadata["directions_norm"]
-        return {"rgb": out["rgb"].clamp(0, 1), "z_depth": (out["depth"] / norm)[..., 0]}
+        rgb, depth = (out["rgb"], out["depth"]) if "rgb" in out else (out["rgb_fine"], out["depth_fine"])  # vanilla-nerf
+        return {"rgb": rgb.clamp(0, 1), "z_depth": (depth / norm)[..., 0]}
 
     def canonical_psnr(self) -> float:
         return psnr_of(self.render(self.camera)["rgb"], self.gt_image)

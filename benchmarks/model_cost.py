@@ -100,7 +100,9 @@ def measure(name: str) -> dict:
         "size": size,
         "tokens": model.grid_size,
         "rays_per_image": preset["data"]["rays_per_image"],
-        "samples": model.config.num_coarse_samples + model.config.num_fine_samples,
+        "coarse": model.config.num_coarse_samples,
+        # the fine pass evaluates the coarse samples again with the PDF ones (include_original)
+        "fine": model.config.num_coarse_samples + model.config.num_fine_samples,
     }
 
 
@@ -118,7 +120,8 @@ def main() -> None:
         ("FLOPs: one image -> NeRF (encode + decode)", lambda r: g(r["encode_decode"])),
         ("FLOPs: render one input-size frame", lambda r: g(r["render_frame"])),
         ("FLOPs: one training image (forward + backward)", lambda r: g(r["train_image"])),
-        ("rays x samples per training image", lambda r: f"{r['rays_per_image']} x {r['samples']}"),
+        ("rays x field evaluations per ray (coarse + fine)",
+         lambda r: f"{r['rays_per_image']} x ({r['coarse']} + {r['fine']})"),
         ("CPU time: one image -> NeRF (median of 5)", lambda r: f"{r['cpu_to_nerf_ms']:.1f} ms"),
         ("GPU images/s and memory (training)", lambda r: "not measured: no GPU in this run"),
     ]
@@ -129,7 +132,8 @@ def main() -> None:
         "## Model cost: parameters and FLOPs per image\n\n"
         f"{table}\n\n"
         "FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; "
-        "grid sampling and elementwise ops not included) on randomly initialised models, batch of one. "
+        "grid sampling and elementwise ops not included) on randomly initialised models, batch of one; "
+        "rendering includes the coarse and fine passes and the normals output (a density gradient per ray). "
         "A training step processes `images-per-batch` (8) such images.\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
         "Command: `.venv/bin/python benchmarks/model_cost.py`\n"
