@@ -97,7 +97,9 @@ def test_nerfstudio_viewer_installs_the_controls_on_a_real_server(pipeline, tmp_
     try:
         controls = pipeline._scene_controls
         assert controls.upload.gui_handle is not None and controls.index.gui_handle is not None
-        controls.index.gui_handle.value = 2  # as if typed in the browser: the update callback runs
-        assert pipeline.model._scene_key == ("eval", 2) or "no eval image 2" in controls.shown.value
+        controls.split.gui_handle.value, controls.index.gui_handle.value = "train", 2
+        controls.index.cb_hook(controls.index)  # the hook as the viewer rewired it (pick + re-render)
+        assert pipeline.model._scene_key == ("train", 2) and controls.shown.value == "training image 2"
+        assert viewer.control_panel.max_res == 2 * pipeline.model.config.image_size  # CPU default, not 512
     finally:
         viewer.viser_server.stop()

@@ -20,7 +20,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
-from vq3d_nerfstudio.viewer_controls import SceneControls
+from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, SceneControls
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Vq3dPipeline(VanillaPipeline):
         self.scene_3_random = self._scene_controls.random
         self.scene_4_upload = self._scene_controls.upload
         self.scene_5_shown = self._scene_controls.shown
+        self.scene_viewer_defaults = CpuViewerDefaults(self)
 
     @property
     def model(self) -> Vq3dModel:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from nerfstudio.viewer.viewer_elements import (
     ViewerButton,
+    ViewerControl,
     ViewerDropdown,
     ViewerElement,
     ViewerNumber,
@@ -71,6 +72,23 @@ def decode_upload(name: str, content: bytes, size: int):
         return load_image(io.BytesIO(content), size)
     except Exception as err:  # noqa: BLE001 - truncated or corrupt data
         raise ValueError(f"{name}: the image data is damaged ({type(err).__name__})") from None
+
+
+class CpuViewerDefaults(ViewerControl):
+    """On a CPU, start the viewer's "Max res" at twice the model's input size instead of 512 px: a
+    512 px still of `vq3d-tiny` takes ~14 s on 2 cores, 128 px ~0.8 s (BENCHMARKS.md). Raise it in
+    Render Options when you want more pixels."""
+
+    def __init__(self, pipeline) -> None:
+        super().__init__()
+        self._pipeline = pipeline
+
+    def _setup(self, viewer) -> None:
+        super()._setup(viewer)
+        model = self._pipeline.model
+        panel = getattr(viewer, "control_panel", None)
+        if panel is not None and getattr(model.device, "type", str(model.device)) == "cpu":
+            panel._max_res.value = min(panel._max_res.value, 2 * model.config.image_size)
 
 
 class SceneControls:
