@@ -76,8 +76,8 @@ def decode_upload(name: str, content: bytes, size: int):
 
 class CpuViewerDefaults(ViewerControl):
     """On a CPU, start the viewer's "Max res" at twice the model's input size instead of 512 px: a
-    512 px still of `vq3d-tiny` takes ~14 s on 2 cores, 128 px ~0.8 s (BENCHMARKS.md). Raise it in
-    Render Options when you want more pixels."""
+    512 px still of `vq3d-tiny` would take ~14 s on 2 cores, 128 px ~0.8 s (scaled from the 64 and
+    256 px frame times in BENCHMARKS.md). Raise it in Render Options when you want more pixels."""
 
     def __init__(self, pipeline) -> None:
         super().__init__()
