@@ -294,3 +294,27 @@ def test_vq3d_reconstruct_bad_inputs_are_one_line(trained_run, tmp_path):
                           "--output-dir", str(tmp_path / "o"), "--num-frames", "2", "--num-points", "0"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "broken.jpg" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ns_render_spiral_and_interpolate(trained_run, tmp_path):
+    config, env = trained_run
+    spiral = tmp_path / "spiral.mp4"
+    run([cli("ns-render"), "spiral", "--load-config", str(config), "--output-path", str(spiral),
+         "--seconds", "1", "--frame-rate", "4", "--radius", "0.3"], env)
+    frames = iio.imread(spiral, plugin="pyav").astype(float)
+    assert frames.shape[0] == 4 and frames.shape[1:] == (64, 64, 3)
+    assert np.abs(frames[0] - frames[2]).mean() > 0.5  # the camera moves around the canonical view
+    interp = tmp_path / "interp.mp4"
+    run([cli("ns-render"), "interpolate", "--load-config", str(config), "--output-path", str(interp),
+         "--interpolation-steps", "3", "--frame-rate", "4"], env)
+    assert iio.imread(interp, plugin="pyav").shape[1:] == (64, 64, 3)
+
+
+def test_ns_export_tsdf_and_poisson(trained_run, tmp_path):
+    config, env = trained_run
+    run([cli("ns-export"), "poisson", "--load-config", str(config), "--output-dir", str(tmp_path / "poisson"),
+         "--num-points", "3000", "--remove-outliers", "False", "--num-rays-per-batch", "4096", "--texture-method", "point_cloud"], env)
+    assert (tmp_path / "poisson" / "poisson_mesh.ply").stat().st_size > 1000
+    run([cli("ns-export"), "tsdf", "--load-config", str(config), "--output-dir", str(tmp_path / "tsdf"),
+         "--resolution", "32", "--batch-size", "4", "--texture-method", "tsdf"], env, timeout=600)
+    assert list((tmp_path / "tsdf").glob("*.ply"))
