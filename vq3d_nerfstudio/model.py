@@ -485,8 +485,11 @@ class Vq3dModel(Model):
             )
             loss_dict["depth_loss"] = cfg.depth_loss_mult * depth_loss
         if "gan_fake" in outputs:
-            self.gan_cache = {k: outputs[k].detach() for k in ("gan_real", "gan_fake", "gan_fake_disparity")}
-            self.gan_cache["real"], self.gan_cache["fake"] = self.gan_cache.pop("gan_real"), self.gan_cache.pop("gan_fake")
+            self.gan_cache = {
+                "real": outputs["gan_real"].detach(),
+                "fake": outputs["gan_fake"].detach(),
+                "gan_fake_disparity": outputs["gan_fake_disparity"],  # already detached
+            }
             weight = gan.ramp_weight(self.step, cfg.adversarial_start_step, cfg.adversarial_ramp_steps)
             if self.discriminator is not None and weight > 0:
                 adversarial = gan.generator_loss(self.discriminator(outputs["gan_fake"]), cfg.gan_loss)
