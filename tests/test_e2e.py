@@ -9,25 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import FAST, cli, run
 from vq3d_nerfstudio.method_configs import build_trainer_config
 from vq3d_nerfstudio.orbit import orbit_cameras
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = [
-    "--vis", "tensorboard",
-    "--pipeline.datamanager.images-per-batch", "2",
-    "--pipeline.datamanager.rays-per-image", "32",
-    "--pipeline.datamanager.num-workers", "0",
-    "--steps-per-eval-batch", "3",
-    "--steps-per-eval-image", "3",
-]
-
-
-def run(args, env, timeout=300):
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def test_reloaded_checkpoint_renders_the_same_image(synth_dir, tmp_path):
@@ -68,22 +54,6 @@ def test_reloaded_checkpoint_renders_the_same_image(synth_dir, tmp_path):
     untrained = fresh.pipeline.setup(device="cpu", test_mode="inference").model.eval()
     untrained.show_image("eval", 0)
     assert not torch.allclose(untrained.get_outputs_for_camera(camera)["rgb"], after["rgb"], atol=1e-3)
-
-
-@pytest.fixture(scope="module")
-def trained_run(synth_dir, tmp_path_factory):
-    """A 6-step `ns-train vq3d-tiny` run through the real CLI."""
-    import os
-    import sys
-
-    out = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHONWARNINGS="ignore")
-    run([cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(out),
-         "--experiment-name", "cli", "--max-num-iterations", "6", *FAST], env)
-    configs = list(out.glob("cli/vq3d-tiny/*/config.yml"))
-    assert len(configs) == 1
-    assert list(configs[0].parent.glob("nerfstudio_models/step-000000005.ckpt"))
-    return configs[0], env
 
 
 @pytest.mark.parametrize("path_name", ["orbit.json", "dolly_in.json"])

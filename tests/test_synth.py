@@ -548,3 +548,25 @@ def test_synth_module_imports_without_torch():
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_scene_class_is_the_kind_of_the_object_nearest_the_camera():
+    from vq3d_nerfstudio.data.synth import Cylinder, scene_class
+
+    sphere_front = Sphere((0.0, -0.3, 0.6), 0.2, Material(RED))  # 1.4 from the camera at (0, 0, 2)
+    box_back = Box((0.0, -0.3, -0.6), (0.2, 0.2, 0.2), 0.0, Material(RED))  # 2.6 away
+    cylinder_side = Cylinder((0.8, -0.2, 0.2), 0.2, 0.6, Material(RED))  # sqrt(0.64 + 0.04 + 3.24) = 1.98
+    assert scene_class(empty_scene(objects=[box_back, sphere_front, cylinder_side])) == "sphere"
+    assert scene_class(empty_scene(objects=[box_back, cylinder_side])) == "cylinder"
+    assert scene_class(empty_scene(objects=[box_back])) == "box"
+
+
+def test_dataparser_reads_synth_classes(tmp_path):
+    from vq3d_nerfstudio.data.dataparser import scan_image_folder
+    from vq3d_nerfstudio.data.synth import sample_scene, scene_class, scene_rng
+
+    write_scenes(tmp_path, num_scenes=6, resolution=8, num_views=1, seed=0, num_workers=1, progress=False)
+    records, names, _ = scan_image_folder(tmp_path)
+    expected = [scene_class(sample_scene(scene_rng(0, i))) for i in range(6)]
+    assert names == sorted(set(expected))
+    assert [names[r.class_id] for r in records] == expected

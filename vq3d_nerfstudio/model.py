@@ -206,6 +206,7 @@ class Vq3dModel(Model):
         # Scene shown for rays without batch_idx. Not state to save: a plain attribute, not a buffer.
         self._scene_image: Optional[torch.Tensor] = None
         self._scene_planes: Optional[torch.Tensor] = None
+        self._scene_indices: Optional[torch.Tensor] = None
         self._scene_key: Optional[Tuple[str, int]] = None
         self._last_cam_idx: Optional[int] = None
         self.image_loader: Optional[Callable[[str, int], torch.Tensor]] = None
@@ -234,6 +235,18 @@ class Vq3dModel(Model):
         if image.dim() == 3:
             image = image.permute(2, 0, 1)[None]
         self._scene_image = image.to(self.device, torch.float32)
+        self._scene_indices = None
+        self._scene_key = key
+        self._scene_planes = None
+
+    @torch.no_grad()
+    def set_scene_indices(self, indices: torch.Tensor, key: Optional[Tuple[str, int]] = None) -> None:
+        """Show the NeRF decoded from a code grid (a stage-2 sample). ``indices``: ``[h, w]`` or ``[1, h, w]``."""
+        indices = indices.reshape(1, self.grid_size, self.grid_size).to(self.device, torch.long)
+        if int(indices.max()) >= self.config.codebook_size or int(indices.min()) < 0:
+            raise ValueError(f"code indices must lie in [0, {self.config.codebook_size})")
+        self._scene_indices = indices
+        self._scene_image = None
         self._scene_key = key
         self._scene_planes = None
 
@@ -264,7 +277,9 @@ class Vq3dModel(Model):
     @torch.no_grad()
     def current_planes(self) -> torch.Tensor:
         """Tri-planes of the shown image, encoded with the current weights (cached until they change)."""
-        if self._scene_image is None:
+        if self._scene_planes is None and self._scene_indices is not None:
+            self._scene_planes = self.decode_from_indices(self._scene_indices)
+        if self._scene_image is None and self._scene_planes is None:
             self._show_default_scene()
         if self._scene_planes is None:
             quantized, _ = self.quantizer.quantize(self.encoder(self._scene_image))

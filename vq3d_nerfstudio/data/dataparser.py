@@ -96,8 +96,10 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord], Optional[str]]:
-    records, kinds = [], set()
+def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
+    """Frame 0 of each scene folder. Scenes whose ``transforms.json`` all carry a ``class_name``
+    (``vq3d synth`` writes one) get class ids in sorted-name order; otherwise none have a class."""
+    records, kinds, scene_classes = [], set(), []
     for transforms_path in scene_files:
         try:
             meta = json.loads(transforms_path.read_text())
@@ -108,10 +110,16 @@ def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord]
         depth = transforms_path.parent / frame["depth_file_path"] if "depth_file_path" in frame else None
         if "depth_kind" in meta:
             kinds.add(meta["depth_kind"])
+        scene_classes.append(meta.get("class_name"))
         records.append(ImageRecord(image, depth, -1, image.relative_to(root).as_posix()))
     if len(kinds) > 1:
         raise DatasetError(f"{root}: scenes disagree on depth_kind {sorted(kinds)}; make them agree")
-    return records, (kinds.pop() if kinds else None)
+    names: List[str] = []
+    if all(isinstance(name, str) for name in scene_classes):
+        names = sorted(set(scene_classes))
+        for record, name in zip(records, scene_classes):
+            record.class_id = names.index(name)
+    return records, names, (kinds.pop() if kinds else None)
 
 
 def scan_image_folder(root: Path) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
@@ -129,8 +137,8 @@ def scan_image_folder(root: Path) -> Tuple[List[ImageRecord], List[str], Optiona
     if meta_file.exists():
         meta_kind = json.loads(meta_file.read_text()).get("depth_kind")
     if scene_files:
-        records, scene_kind = _scan_scenes(root, scene_files)
-        return records, [], meta_kind or scene_kind
+        records, names, scene_kind = _scan_scenes(root, scene_files)
+        return records, names, meta_kind or scene_kind
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     class_dirs = [d for d in class_dirs if any(_is_image(p) for p in d.rglob("*"))]
     records: List[ImageRecord] = []

@@ -507,6 +507,18 @@ def scene_dir_name(index: int) -> str:
     return f"scene_{index:05d}"
 
 
+#: Scene classes for class-conditional stage 2: the kind of the object nearest the canonical camera.
+SCENE_CLASSES = ("box", "cylinder", "sphere")
+
+
+def scene_class(scene: SynthScene) -> str:
+    """``'sphere'``, ``'box'`` or ``'cylinder'``: the kind of the object whose centre is nearest the
+    canonical camera at ``(0, 0, CANONICAL_DISTANCE)`` (the most visible one)."""
+    camera = np.array([0.0, 0.0, CANONICAL_DISTANCE])
+    nearest = min(scene.objects, key=lambda obj: float(np.linalg.norm(np.asarray(obj.center) - camera)))
+    return {Sphere: "sphere", Box: "box", Cylinder: "cylinder"}[type(nearest)]
+
+
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -548,6 +560,7 @@ def write_scene(scene_dir: Union[str, Path], index: int, seed: int, resolution: 
         "synth_version": SYNTH_VERSION,
         "seed": int(seed),
         "scene_index": int(index),
+        "class_name": scene_class(scene),
         "frames": frames,
     }
     # transforms.json is written last: its presence marks a complete scene.

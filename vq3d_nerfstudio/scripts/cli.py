@@ -10,6 +10,7 @@ from typing_extensions import Annotated
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.reconstruct import Reconstruct
 from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
+from vq3d_nerfstudio.scripts.sample import Sample
 from vq3d_nerfstudio.scripts.synth import Synth
 
 Commands = Union[
@@ -17,6 +18,7 @@ Commands = Union[
     Annotated[Reconstruct, tyro.conf.subcommand("reconstruct")],
     Annotated[RenderOrbit, tyro.conf.subcommand("render-orbit")],
     Annotated[Evaluate, tyro.conf.subcommand("eval")],
+    Annotated[Sample, tyro.conf.subcommand("sample")],
 ]
 
 

@@ -1,0 +1,308 @@
+"""Stage 2: the token transformer, its sampler, the token cache, training (DDP, resume) and the CLI."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, run
+from vq3d_nerfstudio.stage2 import checkpoint as ckpt
+from vq3d_nerfstudio.stage2.data import (
+    TokenCacheError,
+    global_batch,
+    load_token_cache,
+    rank_share,
+    write_token_cache,
+)
+from vq3d_nerfstudio.stage2.sample import SampleError, resolve_class
+from vq3d_nerfstudio.stage2.train import drop_labels, lr_at
+from vq3d_nerfstudio.stage2.transformer import (
+    TokenTransformer,
+    TokenTransformerConfig,
+    filter_logits,
+    guided_logits,
+    sample_tokens,
+)
+
+
+def tiny_transformer(seed=0, vocab=16, classes=3, block=12, dtype=torch.float64):
+    torch.manual_seed(seed)
+    config = TokenTransformerConfig(vocab_size=vocab, num_classes=classes, block_size=block, num_layers=2, num_heads=2, embed_dim=32)
+    return TokenTransformer(config).to(dtype).eval()
+
+
+# ---- the network ------------------------------------------------------------------------------------
+def test_changing_a_token_leaves_earlier_logits_unchanged():
+    model = tiny_transformer()
+    codes = torch.randint(0, 16, (2, 11), generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([0, 2])
+    before = model(codes, classes)  # (2, 12, 16): position i predicts code i from codes < i
+    for t in range(0, 10):
+        changed = codes.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 5) % 16
+        after = model(changed, classes)
+        # code t+1 is seen from position t+2 on; positions <= t+1 (in particular <= t) do not see it
+        assert torch.equal(after[:, : t + 2], before[:, : t + 2])
+        assert not torch.allclose(after[:, t + 2 :], before[:, t + 2 :])
+
+
+def test_the_class_changes_every_position():
+    model = tiny_transformer()
+    codes = torch.randint(0, 16, (1, 11))
+    a, b = model(codes, torch.tensor([0])), model(codes, torch.tensor([1]))
+    assert (a - b).abs().amax(dim=-1).min() > 0
+
+
+def test_kv_cache_logits_equal_full_recomputation():
+    model = tiny_transformer()
+    codes = torch.randint(0, 16, (3, 11))
+    classes = torch.tensor([0, 1, 3])
+    full = model(codes, classes)
+    cache = model.new_cache(3)
+    pieces = [model(codes[:, :4], classes, cache)]  # class token + 4 codes at once
+    for t in range(4, 11):
+        pieces.append(model(codes[:, t : t + 1], classes, cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(temperature=0.7, top_k=5),
+    dict(top_p=0.8, cfg_scale=2.5),
+    dict(temperature=0.0),
+])
+def test_kv_cache_sampler_draws_the_same_tokens_as_full_recomputation(settings):
+    model = tiny_transformer(seed=3)
+    classes = torch.tensor([0, 1, 2, 3])
+    cached = sample_tokens(model, classes, generator=torch.Generator().manual_seed(7), use_kv_cache=True, **settings)
+    full = sample_tokens(model, classes, generator=torch.Generator().manual_seed(7), use_kv_cache=False, **settings)
+    assert cached.shape == (4, 12)
+    assert torch.equal(cached, full)
+    assert cached.min() >= 0 and cached.max() < 16
+
+
+def test_sampling_follows_the_model_distribution():
+    """Make the logits ignore the context (final norm outputs a constant one-hot vector e_0, the head
+    maps it to log p): the sampled code frequencies must match p."""
+    model = tiny_transformer(block=2, dtype=torch.float32)
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1] + [0.0] * 12)
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.zero_()
+        model.ln_f.bias[0] = 1.0
+        model.head.weight.zero_()
+        model.head.weight[:, 0] = torch.log(p.clamp_min(1e-30))
+    tokens = sample_tokens(model, torch.zeros(5000, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens.flatten(), minlength=16).float() / tokens.numel()
+    assert torch.allclose(freq, p, atol=0.015)
+    assert freq[4:].sum() == 0  # zero-probability codes are never drawn
+
+
+def test_filter_logits_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[True, True, False, False]]
+    # mass before each token (sorted): 0, 0.5, 0.8, 0.95 -> p=0.7 keeps the first two, p=0.85 three
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).tolist() == [[True, False, False, False]]
+    shuffled = logits[:, [2, 0, 3, 1]]
+    assert torch.isfinite(filter_logits(shuffled, top_p=0.7)).tolist() == [[False, True, False, True]]
+    torch.testing.assert_close(guided_logits(torch.tensor([2.0]), torch.tensor([1.0]), 3.0), torch.tensor([4.0]))
+
+
+def test_a_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    # one class per scene, so even the first code is determined (with shared classes, the first code
+    # of scenes in a class could only be guessed: a floor of ln(scenes per class) / 16 nats)
+    config = TokenTransformerConfig(vocab_size=32, num_classes=8, block_size=16, num_layers=2, num_heads=2, embed_dim=64)
+    model = TokenTransformer(config)
+    codes = torch.randint(0, 32, (8, 16))
+    classes = torch.arange(8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(300):
+        loss = model.loss(codes, classes)
+        first = float(loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > math.log(32) - 0.5  # starts near chance: ln 32 = 3.47 nats
+    assert float(loss) < 0.05
+
+
+# ---- schedule, batches, labels --------------------------------------------------------------------
+def test_learning_rate_schedule_by_hand():
+    assert lr_at(0, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110, 0.1) == pytest.approx(0.55)  # half-way: 0.1 + 0.9 * 0.5
+    assert lr_at(110, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_batches_cover_each_epoch_and_ranks_split_them():
+    num, batch = 23, 4
+    seen = np.concatenate([global_batch(num, batch, step, seed=0) for step in range(5)])  # one epoch: 5 batches
+    assert len(set(seen.tolist())) == 20  # no repeats within the epoch; 3 dropped
+    assert not np.array_equal(global_batch(num, batch, 0, 0), global_batch(num, batch, 5, 0))  # next epoch reshuffles
+    glob = global_batch(num, batch, 2, seed=0)
+    shares = [rank_share(glob, r, 2) for r in range(2)]
+    assert set(shares[0]).isdisjoint(shares[1]) and sorted(np.concatenate(shares)) == sorted(glob)
+    classes = np.arange(8)
+    full = drop_labels(classes, 8, 3, 0, 0.5, 99, 0, 1)
+    split = [drop_labels(classes[r::2], 8, 3, 0, 0.5, 99, r, 2) for r in range(2)]
+    assert np.array_equal(full[0::2], split[0]) and np.array_equal(full[1::2], split[1])
+    assert 0 < (full == 99).sum() < 8
+
+
+def test_class_labels_resolve_or_fail_in_one_line():
+    names = ["box", "cylinder", "sphere"]
+    assert resolve_class("2", names, 3) == 2
+    assert resolve_class("cylinder", names, 3) == 1
+    assert resolve_class("none", names, 3) == 3
+    with pytest.raises(SampleError, match="out of range.*3 class"):
+        resolve_class("3", names, 3)
+    with pytest.raises(SampleError, match="neither a class id"):
+        resolve_class("cat", names, 3)
+
+
+# ---- the token cache and training through the CLI --------------------------------------------------
+def structured_cache(path, num_train=64, num_eval=16, vocab=16, grid=4, classes=("a", "b")):
+    """Codes that a transformer can learn: scene = class pattern + a random shift along the raster."""
+    rng = np.random.default_rng(0)
+
+    def make(num):
+        cls = rng.integers(0, len(classes), num)
+        shift = rng.integers(0, vocab, num)
+        ramp = np.arange(grid * grid)
+        codes = (ramp[None] * (cls[:, None] + 1) + shift[:, None]) % vocab
+        return codes.reshape(num, grid, grid), cls
+
+    return write_token_cache(path, {"train": make(num_train), "eval": make(num_eval)}, vocab, list(classes))
+
+
+def test_token_cache_round_trip_and_corruption(tmp_path):
+    cache = structured_cache(tmp_path / "cache")
+    assert len(cache.train) == 64 and cache.num_tokens == 16 and cache.class_names == ["a", "b"]
+    assert cache.train.codes.dtype == np.uint16
+    codes = np.load(tmp_path / "cache" / "train.codes.npy")
+    codes[0, 0, 0] = 16  # outside the codebook
+    np.save(tmp_path / "cache" / "train.codes.npy", codes)
+    with pytest.raises(TokenCacheError, match="outside"):
+        load_token_cache(tmp_path / "cache")
+    data = (tmp_path / "cache" / "eval.codes.npy").read_bytes()
+    (tmp_path / "cache" / "eval.codes.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenCacheError, match="eval.codes.npy"):
+        load_token_cache(tmp_path / "cache", validate=False)
+
+
+def train_args(cache, out, *extra):
+    return ["--token-cache", str(cache), "--output-dir", str(out), "--model", "nano", "--batch-size", "8",
+            "--warmup-steps", "2", "--eval-every", "3", "--log-every", "1", "--device", "cpu", *extra]
+
+
+def read_log(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def test_resumed_run_continues_with_the_same_losses_and_weights(tmp_path, cli_env):
+    cache = structured_cache(tmp_path / "cache").path
+    full = tmp_path / "full"
+    run([cli("vq3d-train-stage2"), *train_args(cache, full, "--max-steps", "6", "--save-every", "3", "--keep-checkpoints", "5")], cli_env)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "step-000000006")  # as if killed after step 3's checkpoint
+    (interrupted / "log.jsonl").write_text("")
+    result = run([cli("vq3d-train-stage2"), *train_args(cache, interrupted, "--max-steps", "6", "--save-every", "3")], cli_env)
+    assert "Resuming from" in result.stdout and "(step 3)" in result.stdout
+    resumed, original = read_log(interrupted), read_log(full)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(original[step], rel=1e-6)
+    a, _, _ = ckpt.load_model(full)
+    b, _, _ = ckpt.load_model(interrupted)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_ddp_on_two_processes_equals_one_process_on_the_combined_batch(tmp_path, cli_env):
+    cache = structured_cache(tmp_path / "cache").path
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    args = ["--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "5", "--class-dropout", "0.3"]
+    run([cli("vq3d-train-stage2"), *train_args(cache, single, *args)], cli_env)
+    env = dict(cli_env, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         cli("vq3d-train-stage2"), *train_args(cache, ddp, *args)], env, timeout=600)
+    for step in ("step-000000001", "step-000000002"):
+        a, _, _ = ckpt.load_model(single / "checkpoints" / step)
+        b, _, _ = ckpt.load_model(ddp / "checkpoints" / step)
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=f"{step} {name}")
+    assert read_log(single)[1] == pytest.approx(read_log(ddp)[1], rel=1e-5)
+    # and the step did move the weights away from the (seeded) initial ones
+    info = json.loads((single / "checkpoints" / "step-000000001" / "config.json").read_text())
+    torch.manual_seed(0)
+    initial = TokenTransformer(TokenTransformerConfig(**info["model"]))
+    trained = ckpt.load_model(single / "checkpoints" / "step-000000001")[0]
+    assert not torch.allclose(initial.head.weight, trained.head.weight)
+
+
+def test_checkpoints_are_safetensors_and_tampering_is_one_clear_error(tmp_path, cli_env):
+    cache = structured_cache(tmp_path / "cache").path
+    out = tmp_path / "run"
+    run([cli("vq3d-train-stage2"), *train_args(cache, out, "--max-steps", "2")], cli_env)
+    folder = ckpt.resolve_checkpoint(out)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors", "state.json"]
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.ckpt")) and not list(out.rglob("*.pkl"))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors.*truncated or corrupt"):
+        ckpt.load_model(out)
+    # resuming from it is one line too, not a traceback
+    result = subprocess.run([cli("vq3d-train-stage2"), *train_args(cache, out, "--max-steps", "4")], env=cli_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "vq3d-train-stage2: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
+    """tiny stage 1 -> token cache -> stage 2 -> `vq3d sample` videos; the cache is reused."""
+    import imageio.v3 as iio
+
+    config, env = trained_run
+    out = tmp_path / "stage2"
+    args = [cli("vq3d-train-stage2"), "--stage1-config", str(config), "--output-dir", str(out), "--model", "nano",
+            "--batch-size", "4", "--max-steps", "3", "--eval-every", "3", "--num-workers", "0", "--device", "cpu"]
+    first = run(args, env)
+    assert "Wrote the token cache" in first.stdout
+    caches = list(config.parent.glob("token_cache-*"))
+    assert len(caches) == 1
+    cache = load_token_cache(caches[0])
+    assert cache.class_names == ["box", "cylinder", "sphere"]  # synth scenes carry a class
+    assert len(cache.train) + len(cache.eval) == 24
+    assert cache.meta["grid"] == [8, 8]  # vq3d-tiny: 64 px input (the 32 px scenes are resized), 8 px patches
+    second = run([*args, "--max-steps", "4"], env)
+    assert "Reusing the token cache" in second.stdout and "Resuming from" in second.stdout
+
+    samples = tmp_path / "samples"
+    run([cli("vq3d"), "sample", "--stage2-checkpoint", str(out), "--class-label", "sphere", "--num-samples", "2",
+         "--output-dir", str(samples), "--num-frames", "4", "--top-k", "50", "--cfg-scale", "2"], env)
+    for i in range(2):
+        assert iio.imread(samples / f"sphere_{i:03d}_orbit.mp4", plugin="pyav").shape == (4, 64, 64, 3)
+        assert iio.imread(samples / f"sphere_{i:03d}_disparity.mp4", plugin="pyav").shape == (4, 64, 64, 3)
+        assert iio.imread(samples / f"sphere_{i:03d}_canonical.png").shape == (64, 64, 3)
+        codes = np.load(samples / f"sphere_{i:03d}_codes.npy")
+        assert codes.shape == (8, 8) and 0 <= codes.min() and codes.max() < cache.codebook_size
+    assert iio.imread(samples / "samples.png").shape == (64, 128, 3)
+
+    bad = subprocess.run([cli("vq3d"), "sample", "--stage2-checkpoint", str(out), "--class-label", "7",
+                          "--output-dir", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "out of range" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,114 @@
+"""``vq3d sample``: new 3D scenes of a class, from a stage-2 checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import tyro
+
+
+@dataclass
+class Sample:
+    """Sample token grids from a trained stage-2 transformer, decode each with its stage-1 model into
+    a NeRF, and write per sample into the output folder: <name>_canonical.png, <name>_orbit.mp4,
+    <name>_disparity.mp4 and <name>_disparity.png (turbo colours, near = warm), <name>_codes.npy (the
+    code grid), plus samples.png (all canonical views in a row)."""
+
+    stage2_checkpoint: Path
+    """A vq3d-train-stage2 run folder (its latest checkpoint) or one of its checkpoints/step-* folders."""
+    class_label: str = "0"
+    """Class id, class name (a folder name of the training data), or 'none' for unconditional samples."""
+    num_samples: int = 4
+    """How many scenes."""
+    output_dir: Path = Path("samples")
+    """Where the outputs go (created if missing)."""
+    temperature: float = 1.0
+    """Divides the logits: below 1 is more conservative, 0 always takes the most likely code."""
+    top_k: Optional[int] = None
+    """Sample only among the k most likely codes at each position."""
+    top_p: Optional[float] = None
+    """Nucleus sampling: only among the most likely codes whose probabilities sum to p."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance weight: 1 is plain conditioning, larger follows the class more closely
+    (each step then also runs the unconditional model)."""
+    seed: int = 0
+    """Random seed: the same seed and settings give the same scenes."""
+    use_kv_cache: bool = True
+    """Keep attention keys/values between steps (much faster; --no-use-kv-cache recomputes the prefix)."""
+    stage1_config: Optional[Path] = None
+    """The stage-1 run's config.yml; default: the one recorded in the stage-2 checkpoint."""
+    num_frames: int = 48
+    """Frames in the orbit loop."""
+    fps: int = 24
+    """Video frame rate."""
+    max_yaw_deg: float = 20.0
+    """Largest yaw of the orbit (degrees)."""
+    max_elevation_deg: float = 8.0
+    """Largest elevation of the orbit (degrees)."""
+    resolution: int = 0
+    """Render size in pixels; 0 uses the stage-1 model's image size."""
+
+    def main(self) -> None:
+        import imageio.v2 as imageio
+        import numpy as np
+        import torch
+        from nerfstudio.utils.eval_utils import eval_setup
+        from rich.progress import Progress
+
+        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
+        from vq3d_nerfstudio.stage2.sample import (
+            SampleError,
+            SamplingSettings,
+            SceneSampler,
+            class_label_name,
+            stage1_config_of,
+        )
+
+        if self.num_samples <= 0:
+            raise SystemExit("vq3d sample: error: --num-samples must be positive")
+        try:
+            transformer, info, folder = load_model(self.stage2_checkpoint)
+            stage1_config = stage1_config_of(info, self.stage1_config)
+        except CheckpointError as err:
+            raise SystemExit(f"vq3d sample: error: {err}") from None
+        _, pipeline, _, _ = eval_setup(stage1_config, test_mode="inference")
+        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        try:
+            sampler = SceneSampler(transformer, info, model)
+            class_id = sampler.resolve(self.class_label)
+        except SampleError as err:
+            raise SystemExit(f"vq3d sample: error: {err}") from None
+        label = class_label_name(class_id, sampler.class_names, sampler.num_classes)
+        settings = SamplingSettings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.use_kv_cache)
+        generator = torch.Generator().manual_seed(self.seed)
+        size = self.resolution or model.config.image_size
+        poses = [(0.0, 0.0)] + orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
+        cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        print(f"Sampling {self.num_samples} scene(s) of {label} from {folder}")
+        with Progress() as progress:
+            task = progress.add_task("Sampling tokens", total=None)
+            codes = sampler.sample(class_id, self.num_samples, settings, generator)
+            progress.update(task, total=1, completed=1)
+            task = progress.add_task("Rendering scenes", total=self.num_samples * len(poses))
+            canonical = []
+            for i in range(self.num_samples):
+                stem = self.output_dir / f"{label}_{i:03d}"
+                model.set_scene_indices(codes[i], key=("sample", i))
+                rgb, disp = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
+                disp_rgb = colorize_disparity(disp)
+                np.save(f"{stem}_codes.npy", codes[i].numpy().astype(np.int32), allow_pickle=False)
+                imageio.imwrite(f"{stem}_canonical.png", to_uint8(rgb[0]))
+                imageio.imwrite(f"{stem}_disparity.png", to_uint8(disp_rgb[0]))
+                write_video(f"{stem}_orbit.mp4", rgb[1:], self.fps)
+                write_video(f"{stem}_disparity.mp4", disp_rgb[1:], self.fps)
+                canonical.append(to_uint8(rgb[0]))
+        imageio.imwrite(self.output_dir / "samples.png", np.concatenate(canonical, axis=1))
+        print(f"Wrote {self.num_samples} sample(s) of {label} to {self.output_dir} (samples.png shows them side by side)")
+
+
+if __name__ == "__main__":
+    tyro.cli(Sample).main()

@@ -1,0 +1,20 @@
+"""``vq3d-train-stage2``: train VQ3D's class-conditional token transformer (stage 2)."""
+
+from __future__ import annotations
+
+import tyro
+
+from vq3d_nerfstudio.stage2.train import Stage2TrainConfig, train
+
+
+def entrypoint() -> None:
+    """Parse the options and train; ``torchrun --nproc-per-node N $(which vq3d-train-stage2) ...``
+    trains data-parallel."""
+    config = tyro.cli(Stage2TrainConfig)
+    path = train(config)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"Stage 2 checkpoint: {path}\nSample with: vq3d sample --stage2-checkpoint {config.output_dir} --class-label 0")
+
+
+if __name__ == "__main__":
+    entrypoint()

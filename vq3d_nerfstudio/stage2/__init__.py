@@ -1,0 +1,1 @@
+"""Stage 2: a class-conditional autoregressive transformer over stage-1 token grids."""

@@ -1,0 +1,272 @@
+"""The token cache: a dataset encoded once to stage-1 code grids, and the batches stage 2 reads.
+
+Layout of a cache folder (plain ``.npy`` and JSON: loading never executes code)::
+
+    meta.json              codebook size, grid, classes, split sizes, fingerprint, stage-1 paths
+    train.codes.npy        (N, h, w) uint16 (int32 when the codebook exceeds 65536 codes)
+    train.classes.npy      (N,) int64, class ids in [0, num_classes) (0 for unlabelled data)
+    eval.codes.npy / eval.classes.npy   the held-out split (bits per token)
+
+While encoding, finished chunks sit in ``parts/<split>-<chunk>.npz`` (each written to a temporary
+name and renamed), so an interrupted run resumes at the first missing chunk; ``meta.json`` is
+written last and marks the cache complete. The fingerprint covers the stage-1 checkpoint's bytes and
+the image list (paths, sizes, modification times): a cache is reused only when both are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+CACHE_VERSION = 1
+SPLITS = ("train", "eval")
+
+
+class TokenCacheError(ValueError):
+    """A token cache that is missing, incomplete, tampered with or does not fit the model."""
+
+
+@dataclass
+class TokenSplit:
+    codes: np.ndarray  # (N, h, w) memory-mapped
+    classes: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+
+@dataclass
+class TokenCache:
+    path: Path
+    meta: Dict
+    train: TokenSplit
+    eval: TokenSplit
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.meta["codebook_size"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.meta["grid"]
+        return int(h * w)
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _atomic_write_bytes(path, write)
+
+
+def write_json_atomic(path: Path, value: Dict) -> None:
+    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+
+
+def codes_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+
+
+def write_token_cache(
+    path: Path,
+    splits: Dict[str, Tuple[np.ndarray, np.ndarray]],
+    codebook_size: int,
+    class_names: Sequence[str],
+    extra_meta: Optional[Dict] = None,
+) -> TokenCache:
+    """Write a complete cache from in-memory ``{split: (codes (N, h, w), classes (N,))}``."""
+    path.mkdir(parents=True, exist_ok=True)
+    grid = None
+    sizes = {}
+    for split in SPLITS:
+        codes, classes = splits[split]
+        grid = list(codes.shape[1:])
+        _save_npy(path / f"{split}.codes.npy", np.asarray(codes).astype(codes_dtype(codebook_size)))
+        _save_npy(path / f"{split}.classes.npy", np.asarray(classes).astype(np.int64))
+        sizes[split] = int(codes.shape[0])
+    meta = {
+        "version": CACHE_VERSION,
+        "codebook_size": int(codebook_size),
+        "grid": grid,
+        "class_names": list(class_names),
+        "num_classes": max(1, len(class_names)),
+        "sizes": sizes,
+        **(extra_meta or {}),
+    }
+    write_json_atomic(path / "meta.json", meta)
+    return load_token_cache(path)
+
+
+def load_token_cache(path: Path, validate: bool = True) -> TokenCache:
+    """Open a finished cache (codes memory-mapped). Anything missing, truncated or out of range is one
+    :class:`TokenCacheError` naming the file."""
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        raise TokenCacheError(f"{path}: not a finished token cache (no meta.json); rerun vq3d-train-stage2 to build it")
+    try:
+        meta = json.loads(meta_file.read_text())
+        codebook_size, grid, sizes = int(meta["codebook_size"]), tuple(meta["grid"]), meta["sizes"]
+        num_classes = int(meta["num_classes"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise TokenCacheError(f"{meta_file}: unreadable ({err!r}); delete the cache folder to rebuild it") from err
+    loaded = {}
+    for split in SPLITS:
+        arrays = []
+        for name in ("codes", "classes"):
+            file = path / f"{split}.{name}.npy"
+            try:
+                arrays.append(np.load(file, mmap_mode="r" if name == "codes" else None, allow_pickle=False))
+            except (OSError, ValueError) as err:
+                raise TokenCacheError(f"{file}: unreadable ({err}); delete the cache folder to rebuild it") from err
+        codes, classes = arrays
+        expected = (int(sizes[split]), *grid)
+        if codes.shape != expected or classes.shape != expected[:1]:
+            raise TokenCacheError(
+                f"{path / split}.*.npy: shapes {codes.shape} / {classes.shape} do not match meta.json {expected}; "
+                "delete the cache folder to rebuild it"
+            )
+        if validate and len(codes):
+            if int(codes.max()) >= codebook_size or (codes.dtype.kind == "i" and int(codes.min()) < 0):
+                raise TokenCacheError(f"{path / split}.codes.npy: codes outside [0, {codebook_size}); the cache is corrupt")
+            if int(classes.min()) < 0 or int(classes.max()) >= num_classes:
+                raise TokenCacheError(f"{path / split}.classes.npy: class ids outside [0, {num_classes}); the cache is corrupt")
+        loaded[split] = TokenSplit(codes, classes)
+    return TokenCache(path, meta, loaded["train"], loaded["eval"])
+
+
+# ---- building a cache from a stage-1 run ---------------------------------------------------------
+def file_digest(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listing_digest(files: Sequence[Path]) -> str:
+    """Hash of every image's path, size and modification time (cheap; catches added, removed and
+    rewritten files)."""
+    digest = hashlib.sha256()
+    for file in files:
+        stat = Path(file).stat()
+        digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def chunk_ranges(num: int, chunk_size: int) -> List[Tuple[int, int]]:
+    return [(start, min(start + chunk_size, num)) for start in range(0, num, chunk_size)]
+
+
+def encode_split(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    dataset: torch.utils.data.Dataset,
+    parts_dir: Path,
+    split: str,
+    chunk_size: int,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    on_images: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Encode this rank's chunks of ``dataset`` (chunk ``c`` belongs to rank ``c % world_size``) into
+    ``parts_dir/<split>-<c>.npz`` (codes and classes), skipping chunks already there."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for chunk, (start, stop) in enumerate(chunk_ranges(len(dataset), chunk_size)):
+        part = parts_dir / f"{split}-{chunk:06d}.npz"
+        if chunk % world_size != rank:
+            continue
+        if part.exists():
+            if on_images:
+                on_images(stop - start)
+            continue
+        subset = torch.utils.data.Subset(dataset, range(start, stop))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+        codes, classes = [], []
+        for batch in loader:
+            images = batch["image"].permute(0, 3, 1, 2)  # (B, 3, S, S)
+            codes.append(encode(images).cpu().numpy())
+            classes.append(batch["class_id"].numpy())
+            if on_images:
+                on_images(images.shape[0])
+
+        def write(tmp: Path, codes=codes, classes=classes) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, codes=np.concatenate(codes), classes=np.concatenate(classes))
+
+        _atomic_write_bytes(part, write)
+
+
+def assemble_cache(path: Path, sizes: Dict[str, int], chunk_size: int, codebook_size: int, meta: Dict) -> TokenCache:
+    """Concatenate the finished chunks into the split arrays, write ``meta.json``, drop the chunks."""
+    parts_dir = path / "parts"
+    for split in SPLITS:
+        ranges = chunk_ranges(sizes[split], chunk_size)
+        codes_out = classes_out = None
+        for chunk, (start, stop) in enumerate(ranges):
+            with np.load(parts_dir / f"{split}-{chunk:06d}.npz", allow_pickle=False) as part:
+                codes, classes = part["codes"], part["classes"]
+            if codes_out is None:
+                tmp_codes = path / f".{split}.codes.npy.tmp-{os.getpid()}"
+                codes_out = np.lib.format.open_memmap(
+                    tmp_codes, mode="w+", dtype=codes_dtype(codebook_size), shape=(sizes[split], *codes.shape[1:])
+                )
+                classes_out = np.zeros(sizes[split], dtype=np.int64)
+            codes_out[start:stop] = codes
+            classes_out[start:stop] = np.maximum(classes, 0)  # unlabelled (-1) -> class 0
+        if codes_out is None:
+            grid = tuple(meta["grid"])
+            _save_npy(path / f"{split}.codes.npy", np.zeros((0, *grid), codes_dtype(codebook_size)))
+            _save_npy(path / f"{split}.classes.npy", np.zeros(0, np.int64))
+            continue
+        codes_out.flush()
+        del codes_out
+        os.replace(tmp_codes, path / f"{split}.codes.npy")
+        _save_npy(path / f"{split}.classes.npy", classes_out)
+    write_json_atomic(path / "meta.json", {**meta, "sizes": sizes})
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return load_token_cache(path)
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+def global_batch(num: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Dataset indices of the global batch at ``step``: epochs walk a fresh permutation (seeded by
+    ``seed`` and the epoch), dropping the remainder, so the order depends only on the step (resume
+    and any number of ranks see the same global batches)."""
+    if num < batch_size:
+        raise TokenCacheError(f"the token cache holds {num} training scenes, fewer than the batch size {batch_size}; lower --batch-size")
+    per_epoch = num // batch_size
+    epoch, within = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num)
+    return perm[within * batch_size : (within + 1) * batch_size]
+
+
+def rank_share(global_indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``r`` takes positions ``r, r + W, r + 2W, ...`` of the global batch; over an epoch that is
+    rank ``r``'s shard of the permuted dataset, as with ``DistributedSampler``."""
+    return global_indices[rank::world_size]

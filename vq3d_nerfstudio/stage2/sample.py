@@ -1,0 +1,116 @@
+"""Sampling 3D scenes: stage-2 code grids for a class label, decoded by stage 1 into NeRFs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
+from vq3d_nerfstudio.stage2.transformer import TokenTransformer, sample_tokens
+
+UNCONDITIONAL = ("none", "null", "uncond", "unconditional")
+
+
+class SampleError(ValueError):
+    """Bad sampling settings (class label, stage-1 / stage-2 mismatch): one line for the user."""
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    cfg_scale: float = 1.0
+    use_kv_cache: bool = True
+
+
+def resolve_class(label: str, class_names: Sequence[str], num_classes: int) -> int:
+    """A class id from ``'3'``, a class name, or ``'none'`` (the null class: unconditional)."""
+    text = str(label).strip()
+    if text.lower() in UNCONDITIONAL:
+        return num_classes
+    if text in class_names:
+        return list(class_names).index(text)
+    try:
+        value = int(text)
+    except ValueError:
+        known = ", ".join(list(class_names)[:20]) + (" ..." if len(class_names) > 20 else "")
+        raise SampleError(
+            f"class label {text!r} is neither a class id in [0, {num_classes}) nor a class name"
+            + (f" ({known})" if known else "") + "; or pass 'none' for unconditional samples"
+        ) from None
+    if not 0 <= value < num_classes:
+        raise SampleError(f"class label {value} is out of range: this model has {num_classes} class(es), 0-{num_classes - 1}; or 'none'")
+    return value
+
+
+def class_label_name(class_id: int, class_names: Sequence[str], num_classes: int) -> str:
+    if class_id == num_classes:
+        return "unconditional"
+    if not class_names and num_classes == 1:
+        return "sample"  # data without classes
+    return class_names[class_id] if class_id < len(class_names) else f"class{class_id}"
+
+
+def check_compatible(info: Dict, stage1_model) -> None:
+    """Stop before any work when the stage-2 model was trained on another codebook or token grid."""
+    vocab, grid = int(info["model"]["vocab_size"]), list(info["grid"])
+    if vocab != int(stage1_model.config.codebook_size):
+        raise SampleError(
+            f"the stage-2 model predicts {vocab} codes but the stage-1 model has a codebook of "
+            f"{stage1_model.config.codebook_size}; pass the stage-1 run it was trained on (--stage1-config)"
+        )
+    if grid != [stage1_model.grid_size, stage1_model.grid_size]:
+        raise SampleError(
+            f"the stage-2 model writes {grid[0]}x{grid[1]} token grids but the stage-1 model reads "
+            f"{stage1_model.grid_size}x{stage1_model.grid_size}; pass the matching stage-1 run (--stage1-config)"
+        )
+
+
+class SceneSampler:
+    """A stage-2 transformer bound to a stage-1 model: ``sample(class_id, n)`` -> code grids."""
+
+    def __init__(self, transformer: TokenTransformer, info: Dict, stage1_model) -> None:
+        check_compatible(info, stage1_model)
+        self.transformer = transformer.to(stage1_model.device)
+        self.info = info
+        self.stage1_model = stage1_model
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.info.get("class_names") or [])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.transformer.config.num_classes)
+
+    @classmethod
+    def from_checkpoint(cls, stage2_checkpoint: Path, stage1_model) -> "SceneSampler":
+        transformer, info, _ = load_model(stage2_checkpoint)
+        return cls(transformer, info, stage1_model)
+
+    def resolve(self, label: str) -> int:
+        return resolve_class(label, self.class_names, self.num_classes)
+
+    @torch.no_grad()
+    def sample(self, class_id: int, num: int, settings: SamplingSettings, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``(num, h, w)`` code grids of class ``class_id`` (``num_classes`` = unconditional)."""
+        classes = torch.full((num,), int(class_id), dtype=torch.long)
+        codes = sample_tokens(
+            self.transformer, classes, settings.temperature, settings.top_k, settings.top_p,
+            settings.cfg_scale, generator, settings.use_kv_cache,
+        )
+        grid = self.stage1_model.grid_size
+        return codes.reshape(num, grid, grid)
+
+
+def stage1_config_of(info: Dict, override: Optional[Path]) -> Path:
+    path = override or (Path(info["stage1_config"]) if info.get("stage1_config") else None)
+    if path is None or not path.is_file():
+        raise CheckpointError(
+            f"the stage-1 run {path} this stage-2 model was trained on is not there; pass --stage1-config <run>/config.yml"
+        )
+    return path
