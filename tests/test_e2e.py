@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, cli, run
+from conftest import cli, run
 from vq3d_nerfstudio.method_configs import build_trainer_config
 from vq3d_nerfstudio.orbit import orbit_cameras
 

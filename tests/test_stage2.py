@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -301,6 +300,31 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
         codes = np.load(samples / f"sphere_{i:03d}_codes.npy")
         assert codes.shape == (8, 8) and 0 <= codes.min() and codes.max() < cache.codebook_size
     assert iio.imread(samples / "samples.png").shape == (64, 128, 3)
+
+    # FID of sampled scenes at the canonical and a novel view (random Inception weights: the plumbing,
+    # not the score; the score's maths is tested in test_fid.py)
+    from vq3d_nerfstudio.stage2.fid import FIDInceptionV3
+
+    torch.manual_seed(1)
+    weights = tmp_path / "inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    real = synth_dir.glob("*/images/frame_00000.png")
+    (tmp_path / "real").mkdir()
+    for i, image in enumerate(sorted(real)[:8]):
+        shutil.copy(image, tmp_path / "real" / f"{i}.png")
+    fid_json = tmp_path / "fid.json"
+    run([cli("vq3d"), "fid", "--real", str(tmp_path / "real"), "--stage2-checkpoint", str(out), "--num-samples", "6",
+         "--inception-weights", str(weights), "--feature-dim", "64", "--samples-dir", str(tmp_path / "rendered"),
+         "--output", str(fid_json), "--device", "cpu"], env)
+    scores = json.loads(fid_json.read_text())
+    assert set(scores["views"]) == {"canonical", "novel"}
+    for view in ("canonical", "novel"):
+        assert scores["views"][view]["num_fake"] == 6 and scores["views"][view]["num_real"] == 8
+        assert np.isfinite(scores["views"][view]["fid"]) and scores["views"][view]["fid"] > 0
+        assert len(list((tmp_path / "rendered" / view).glob("*.png"))) == 6
+    canonical = iio.imread(sorted((tmp_path / "rendered" / "canonical").glob("*.png"))[0])
+    novel = iio.imread(sorted((tmp_path / "rendered" / "novel").glob("*.png"))[0])
+    assert canonical.shape == (64, 64, 3) and not np.array_equal(canonical, novel)
 
     bad = subprocess.run([cli("vq3d"), "sample", "--stage2-checkpoint", str(out), "--class-label", "7",
                           "--output-dir", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)

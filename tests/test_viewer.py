@@ -56,7 +56,10 @@ def test_controls_are_found_and_pick_scenes(pipeline):
     controls, model = pipeline._scene_controls, pipeline.model
     controls.split.value, controls.index.value = "train", 3
     controls._on_pick()
-    assert model._scene_key == ("train", 3) and controls.shown.value == "training image 3"
+    names = pipeline.datamanager.train_dataset.metadata["class_names"]
+    class_id = pipeline.datamanager.train_dataset.class_ids[3]
+    assert names == ["box", "cylinder", "sphere"]
+    assert model._scene_key == ("train", 3) and controls.shown.value == f"training image 3, class {names[class_id]}"
     assert torch.equal(model._scene_image[0].permute(1, 2, 0), pipeline.load_image("train", 3))
     controls.index.value = 10_000
     controls._on_pick()
@@ -99,7 +102,62 @@ def test_nerfstudio_viewer_installs_the_controls_on_a_real_server(pipeline, tmp_
         assert controls.upload.gui_handle is not None and controls.index.gui_handle is not None
         controls.split.gui_handle.value, controls.index.gui_handle.value = "train", 2
         controls.index.cb_hook(controls.index)  # the hook as the viewer rewired it (pick + re-render)
-        assert pipeline.model._scene_key == ("train", 2) and controls.shown.value == "training image 2"
+        assert pipeline.model._scene_key == ("train", 2) and controls.shown.value.startswith("training image 2, class ")
         assert viewer.control_panel.max_res == 2 * pipeline.model.config.image_size  # CPU default, not 512
     finally:
         viewer.viser_server.stop()
+
+
+def write_stage2_checkpoint(run_dir, vocab, grid, class_names):
+    """An untrained stage-2 checkpoint, saved the way vq3d-train-stage2 saves one."""
+    from vq3d_nerfstudio.stage2.checkpoint import save_checkpoint
+    from vq3d_nerfstudio.stage2.transformer import TokenTransformer, TokenTransformerConfig
+
+    torch.manual_seed(0)
+    config = TokenTransformerConfig(vocab_size=vocab, num_classes=len(class_names), block_size=grid * grid,
+                                    num_layers=1, num_heads=2, embed_dim=32)
+    model = TokenTransformer(config)
+    info = {"model": config.to_dict(), "class_names": class_names, "grid": [grid, grid]}
+    save_checkpoint(run_dir, 1, model, torch.optim.AdamW(model.parameters()), {}, info)
+    return model
+
+
+def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
+    import dataclasses
+
+    from nerfstudio.viewer.utils import parse_object
+    from nerfstudio.viewer.viewer_elements import ViewerElement
+
+    from vq3d_nerfstudio.stage2.sample import SamplingSettings, SceneSampler
+    from vq3d_nerfstudio.viewer_controls import SampleControls
+
+    names = ["box", "cylinder", "sphere"]
+    tiny = pipeline.model
+    write_stage2_checkpoint(tmp_path / "s2", tiny.config.codebook_size, tiny.grid_size, names)
+    # given in the config, the controls appear among the viewer's custom elements
+    torch.manual_seed(0)
+    sampling = dataclasses.replace(pipeline.config, stage2_checkpoint=tmp_path / "s2").setup(device="cpu", test_mode="val").eval()
+    found = [path for path, _ in parse_object(sampling, ViewerElement, "Custom Elements")]
+    assert found[-4:] == [f"Custom Elements/scene_{i}" for i in
+                          ("6_sample_class", "7_sample_guidance", "8_sample_temperature", "9_sample")]
+    controls, model, shown = sampling._sample_controls, sampling.model, sampling._scene_controls.shown
+    model.show_image("eval", 0)
+    before = model.current_planes().clone()
+    controls.class_label.value = "cylinder"
+    controls._on_sample()
+    assert model._scene_key == ("sample", 1)
+    assert shown.value == "stage-2 sample of cylinder (seed 1)"
+    expected = SceneSampler.from_checkpoint(tmp_path / "s2", model).sample(1, 1, SamplingSettings(), torch.Generator().manual_seed(1))
+    assert torch.equal(model._scene_indices[0].cpu(), expected[0])
+    torch.testing.assert_close(model.current_planes(), model.decode_from_indices(expected.to(model.device)))
+    assert not torch.allclose(model.current_planes(), before)
+    controls.class_label.value = "7"
+    controls._on_sample()
+    assert "cannot sample" in shown.value and "out of range" in shown.value
+    assert model._scene_key == ("sample", 1)
+
+    # a checkpoint for another codebook is refused in the viewer, not with a traceback
+    write_stage2_checkpoint(tmp_path / "other", tiny.config.codebook_size * 2, tiny.grid_size, names)
+    other = SampleControls(sampling, tmp_path / "other", shown)
+    other._on_sample()
+    assert "cannot sample" in shown.value and "codebook" in shown.value

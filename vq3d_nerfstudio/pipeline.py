@@ -20,7 +20,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
-from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, SceneControls
+from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, SampleControls, SceneControls
 
 
 @dataclass
@@ -32,6 +32,10 @@ class Vq3dPipelineConfig(VanillaPipelineConfig):
     """Image-collection datamanager."""
     model: Vq3dModelConfig = field(default_factory=Vq3dModelConfig)
     """Stage-1 model."""
+    stage2_checkpoint: Optional[Path] = None
+    """A vq3d-train-stage2 run (or checkpoint) trained on this stage-1 model: the viewer then gets a
+    class box and a "Sample a scene" button. The environment variable VQ3D_STAGE2 sets it for
+    ns-viewer on an existing run."""
 
 
 def check_scene_choice(choice: str) -> None:
@@ -76,6 +80,15 @@ class Vq3dPipeline(VanillaPipeline):
         self.scene_4_upload = self._scene_controls.upload
         self.scene_5_shown = self._scene_controls.shown
         self.scene_viewer_defaults = CpuViewerDefaults(self)
+        stage2 = os.environ.get("VQ3D_STAGE2", "").strip() or config.stage2_checkpoint
+        if stage2:
+            if not Path(stage2).exists():
+                raise SystemExit(f"vq3d: error: stage-2 checkpoint {stage2} does not exist; pass a vq3d-train-stage2 run folder")
+            self._sample_controls = SampleControls(self, Path(stage2), self._scene_controls.shown)
+            self.scene_6_sample_class = self._sample_controls.class_label
+            self.scene_7_sample_guidance = self._sample_controls.guidance
+            self.scene_8_sample_temperature = self._sample_controls.temperature
+            self.scene_9_sample = self._sample_controls.button
 
     @property
     def model(self) -> Vq3dModel:

@@ -147,3 +147,47 @@ class SceneControls:
             return
         self._pipeline.model.set_scene_images(image, key=("upload", 0))
         self.shown.value = f"uploaded photo {file.name}"
+
+
+class SampleControls:
+    """Stage-2 controls, present when the pipeline is given a stage-2 checkpoint: a class box (id,
+    class name or 'none'), guidance and temperature, and a "Sample a scene" button that draws a new
+    code grid and shows the NeRF it decodes to. Each click draws with the next seed (1, 2, ...), shown
+    in the "Shown" line, so a scene can be reproduced with ``vq3d sample --seed``."""
+
+    def __init__(self, pipeline, stage2_checkpoint, shown: ViewerText) -> None:
+        self._pipeline = pipeline
+        self._checkpoint = stage2_checkpoint
+        self._shown = shown
+        self._sampler = None
+        self.draws = 0
+        self.class_label = ViewerText("Sample class", "0", hint="class id, class name, or 'none' (unconditional)")
+        self.guidance = ViewerNumber("Guidance scale", 1.0, hint="classifier-free guidance: 1 = none, higher follows the class more")
+        self.temperature = ViewerNumber("Temperature", 1.0, hint="below 1: safer samples; 0: always the most likely code")
+        self.button = ViewerButton("Sample a scene", cb_hook=self._on_sample)
+
+    def sampler(self):
+        if self._sampler is None:
+            from vq3d_nerfstudio.stage2.sample import SceneSampler
+
+            self._sampler = SceneSampler.from_checkpoint(self._checkpoint, self._pipeline.model)
+        return self._sampler
+
+    def _on_sample(self, _element=None) -> None:
+        import torch
+
+        from vq3d_nerfstudio.stage2.checkpoint import CheckpointError
+        from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, class_label_name
+
+        try:
+            sampler = self.sampler()
+            class_id = sampler.resolve(self.class_label.value)
+        except (CheckpointError, SampleError) as err:
+            self._shown.value = f"cannot sample: {err}"
+            return
+        self.draws += 1
+        settings = SamplingSettings(temperature=float(self.temperature.value), cfg_scale=float(self.guidance.value))
+        codes = sampler.sample(class_id, 1, settings, torch.Generator().manual_seed(self.draws))
+        self._pipeline.model.set_scene_indices(codes[0], key=("sample", self.draws))
+        name = class_label_name(class_id, sampler.class_names, sampler.num_classes)
+        self._shown.value = f"stage-2 sample of {name} (seed {self.draws})"

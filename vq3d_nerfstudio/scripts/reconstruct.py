@@ -121,13 +121,12 @@ class Reconstruct:
 
     def main(self) -> None:
         import imageio.v2 as imageio
-        from nerfstudio.utils import colormaps
         from nerfstudio.utils.eval_utils import eval_setup
         from rich.progress import Progress
 
         from vq3d_nerfstudio.data.dataparser import DatasetError
         from vq3d_nerfstudio.data.dataset import load_image
-        from vq3d_nerfstudio.orbit import orbit_cameras, orbit_path
+        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, render_frames, to_uint8, write_video
 
         images = expand_images(self.image)
         if not self.load_config.exists():
@@ -138,7 +137,7 @@ class Reconstruct:
         poses = [(0.0, 0.0), (-self.max_yaw_deg, 0.0), (self.max_yaw_deg, 0.0)]
         poses += orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
         cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
-        to_u8 = lambda x: (x.numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
+        to_u8 = to_uint8
         self.output_dir.mkdir(parents=True, exist_ok=True)
         failed, strips = [], []
         with Progress() as progress:
@@ -151,22 +150,16 @@ class Reconstruct:
                     progress.advance(task, len(poses))
                     continue
                 model.set_scene_images(image)
-                rgb, disp = [], []
-                for i in range(len(poses)):
-                    out = model.get_outputs_for_camera(cameras[i : i + 1])
-                    rgb.append(out["rgb"].clamp(0, 1).cpu())
-                    disp.append(out["disparity"].cpu())
-                    progress.advance(task)
-                disp_max = float(torch.stack(disp).max().clamp_min(1e-6))
-                disp_rgb = [colormaps.apply_colormap(d / disp_max) for d in disp]
+                rgb, disp = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
+                disp_rgb = colorize_disparity(disp)
                 stem = self.output_dir / name
                 imageio.imwrite(f"{stem}_canonical.png", to_u8(rgb[0]))
                 shown = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(size, size), mode="area")[0]
                 strip = torch.cat([shown.permute(1, 2, 0), rgb[0], rgb[1], rgb[2], disp_rgb[0]], dim=1)
                 imageio.imwrite(f"{stem}_views.png", to_u8(strip))
                 strips.append(to_u8(strip))
-                imageio.mimwrite(f"{stem}_orbit.mp4", [to_u8(f) for f in rgb[3:]], fps=self.fps, macro_block_size=1)
-                imageio.mimwrite(f"{stem}_disparity.mp4", [to_u8(f) for f in disp_rgb[3:]], fps=self.fps, macro_block_size=1)
+                write_video(f"{stem}_orbit.mp4", rgb[3:], self.fps)
+                write_video(f"{stem}_disparity.mp4", disp_rgb[3:], self.fps)
                 if self.num_points > 0:
                     points, colors, normals = point_cloud(pipeline, self.num_points, self.max_point_radius)
                     write_ply(Path(f"{stem}.ply"), points, colors, normals)

@@ -38,12 +38,10 @@ class RenderOrbit:
 
     def main(self) -> None:
         import imageio.v2 as imageio
-        import numpy as np
-        import torch
         from nerfstudio.utils.eval_utils import eval_setup
-        from rich.progress import track
+        from rich.progress import Progress
 
-        from vq3d_nerfstudio.orbit import orbit_cameras, orbit_path
+        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, render_frames, to_uint8, write_video
 
         if not self.load_config.exists():
             raise SystemExit(f"vq3d render-orbit: error: {self.load_config} does not exist; pass the run's config.yml")
@@ -66,22 +64,15 @@ class RenderOrbit:
         size = self.resolution or model.config.image_size
         poses = [(0.0, 0.0)] + orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
         cameras = orbit_cameras(poses, size, dataparser.camera_distance, dataparser.fov_deg).to(model.device)
-        rgb_frames, disp_frames = [], []
-        for i in track(range(len(poses)), description="Rendering orbit"):
-            outputs = model.get_outputs_for_camera(cameras[i : i + 1])
-            rgb_frames.append(outputs["rgb"].clamp(0, 1).cpu())
-            disp_frames.append(outputs["disparity"][..., 0].cpu())
-        disp_max = float(torch.stack(disp_frames).max().clamp_min(1e-6))
-        to_u8 = lambda x: (x.numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
+        with Progress() as progress:
+            task = progress.add_task("Rendering orbit", total=len(poses))
+            rgb, disparity = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         stem = self.output_dir / stem_name
-        imageio.imwrite(f"{stem}_input.png", to_u8(image))
-        imageio.imwrite(f"{stem}_canonical.png", to_u8(rgb_frames[0]))
-        from nerfstudio.utils import colormaps
-
-        disp_rgb = [colormaps.apply_colormap((d / disp_max)[..., None]) for d in disp_frames[1:]]
-        for name, frames in (("orbit", rgb_frames[1:]), ("disparity", disp_rgb)):
-            imageio.mimwrite(f"{stem}_{name}.mp4", [to_u8(f) for f in frames], fps=self.fps, macro_block_size=1)
+        imageio.imwrite(f"{stem}_input.png", to_uint8(image))
+        imageio.imwrite(f"{stem}_canonical.png", to_uint8(rgb[0]))
+        write_video(f"{stem}_orbit.mp4", rgb[1:], self.fps)
+        write_video(f"{stem}_disparity.mp4", colorize_disparity(disparity[1:]), self.fps)
         print(f"Wrote {stem}_orbit.mp4, {stem}_disparity.mp4, {stem}_canonical.png and {stem}_input.png")
 
 

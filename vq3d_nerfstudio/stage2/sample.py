@@ -114,3 +114,51 @@ def stage1_config_of(info: Dict, override: Optional[Path]) -> Path:
             f"the stage-1 run {path} this stage-2 model was trained on is not there; pass --stage1-config <run>/config.yml"
         )
     return path
+
+
+def balanced_classes(num: int, label: str, class_names: Sequence[str], num_classes: int) -> List[int]:
+    """``num`` labels: ``'all'`` cycles through every class (class-balanced, as FID protocols on
+    ImageNet draw 50 per class), otherwise one label for all."""
+    if str(label).strip().lower() == "all":
+        return [i % num_classes for i in range(num)]
+    return [resolve_class(label, class_names, num_classes)] * num
+
+
+@torch.no_grad()
+def render_sample_views(
+    sampler: SceneSampler,
+    cameras,
+    view_names: Sequence[str],
+    out_dirs: Dict[str, Path],
+    classes: Sequence[int],
+    settings: SamplingSettings,
+    seed: int,
+    batch_size: int = 16,
+    prefix: str = "sample",
+    on_sample=None,
+) -> None:
+    """Sample a scene per class label (batches of ``batch_size``, seeded), render it from each camera
+    and write ``out_dirs[view_names[i]]/<prefix>_<n>.png``."""
+    import imageio.v2 as imageio
+
+    from vq3d_nerfstudio.orbit import to_uint8
+
+    model = sampler.stage1_model
+    generator = torch.Generator().manual_seed(seed)
+    for folder in out_dirs.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(classes), batch_size):
+        chunk = list(classes[start : start + batch_size])
+        codes = []
+        for class_id in sorted(set(chunk)):  # one sampling batch per class in the chunk
+            codes.append((class_id, sampler.sample(class_id, chunk.count(class_id), settings, generator)))
+        number = start
+        for class_id, grids in codes:
+            for grid in grids:
+                model.set_scene_indices(grid, key=("sample", number))
+                for i, name in enumerate(view_names):
+                    rgb = model.get_outputs_for_camera(cameras[i : i + 1])["rgb"].clamp(0, 1).cpu()
+                    imageio.imwrite(out_dirs[name] / f"{prefix}_{number:06d}.png", to_uint8(rgb))
+                number += 1
+                if on_sample is not None:
+                    on_sample()

@@ -420,7 +420,6 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
-    per_rank = cfg.batch_size // dist.world_size
     amp = cfg.use_amp and dist.device.type == "cuda"
     elapsed_before = 0.0
     if latest is not None:
