@@ -9,6 +9,7 @@ from typing_extensions import Annotated
 
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.fid import Fid
+from vq3d_nerfstudio.scripts.prepare import Prepare
 from vq3d_nerfstudio.scripts.reconstruct import Reconstruct
 from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
 from vq3d_nerfstudio.scripts.sample import Sample
@@ -19,6 +20,7 @@ Commands = Union[
     Annotated[Reconstruct, tyro.conf.subcommand("reconstruct")],
     Annotated[RenderOrbit, tyro.conf.subcommand("render-orbit")],
     Annotated[Evaluate, tyro.conf.subcommand("eval")],
+    Annotated[Prepare, tyro.conf.subcommand("prepare")],
     Annotated[Sample, tyro.conf.subcommand("sample")],
     Annotated[Fid, tyro.conf.subcommand("fid")],
 ]
