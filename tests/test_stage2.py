@@ -330,3 +330,28 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
                           "--output-dir", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "out of range" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, cli_env):
+    import signal
+    import time
+
+    cache = structured_cache(tmp_path / "cache").path
+    out = tmp_path / "run"
+    args = [cli("vq3d-train-stage2"), *train_args(cache, out, "--max-steps", "100000", "--save-every", "100000")]
+    process = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Stopped at step" in stdout
+    saved = ckpt.list_checkpoints(out)
+    assert len(saved) == 1
+    step = int(saved[0].name.split("-")[1])
+    assert 3 <= step < 100000
+    result = run([cli("vq3d-train-stage2"), *train_args(cache, out, "--max-steps", str(step + 2))], cli_env)
+    assert f"(step {step})" in result.stdout
+    assert ckpt.list_checkpoints(out)[-1].name == f"step-{step + 2:09d}"

@@ -10,7 +10,7 @@ Layout of a cache folder (plain ``.npy`` and JSON: loading never executes code):
 While encoding, finished chunks sit in ``parts/<split>-<chunk>.npz`` (each written to a temporary
 name and renamed), so an interrupted run resumes at the first missing chunk; ``meta.json`` is
 written last and marks the cache complete. The fingerprint covers the stage-1 checkpoint's bytes and
-the image list (paths, sizes, modification times): a cache is reused only when both are unchanged.
+the image list (paths, sizes, modification times, class labels): a cache is reused only when all are unchanged.
 """
 
 from __future__ import annotations

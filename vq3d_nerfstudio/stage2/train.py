@@ -222,6 +222,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
                 "version": CACHE_VERSION,
                 "checkpoint": file_digest(Path(checkpoint_path)),
                 "images": {s: listing_digest(outputs[s].image_filenames) for s in SPLITS},
+                "classes": {s: [outputs[s].metadata.get("class_names"), outputs[s].metadata.get("class_ids")] for s in SPLITS},
                 "image_size": parser_config.image_size,
             }
         ).encode()
