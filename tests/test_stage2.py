@@ -355,3 +355,33 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, cli_env):
     result = run([cli("vq3d-train-stage2"), *train_args(cache, out, "--max-steps", str(step + 2))], cli_env)
     assert f"(step {step})" in result.stdout
     assert ckpt.list_checkpoints(out)[-1].name == f"step-{step + 2:09d}"
+
+
+def test_encoding_resumes_at_the_first_unfinished_chunk_and_ranks_split_chunks(tmp_path):
+    from vq3d_nerfstudio.stage2.data import assemble_cache, encode_split
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"image": torch.full((4, 4, 3), i / 10.0), "class_id": torch.tensor(i % 2)}
+
+    calls = []
+
+    def encode(images):  # "code" = 10 x the image value, as a 2x2 grid
+        calls.append(images.shape[0])
+        return (images[:, 0, :2, :2] * 10).round().long()
+
+    parts = tmp_path / "cache" / "parts"
+    encode_split(encode, Images(), parts, "train", chunk_size=4, batch_size=2, num_workers=0, rank=1, world_size=2)
+    assert sorted(p.name for p in parts.iterdir()) == ["train-000001.npz"]  # rank 1 of 2: chunk 1 of 0, 1, 2
+    calls.clear()
+    encode_split(encode, Images(), parts, "train", chunk_size=4, batch_size=2, num_workers=0)
+    assert sum(calls) == 6  # chunks 0 (4 images) and 2 (2 images); chunk 1 was already there
+    encode_split(encode, torch.utils.data.Subset(Images(), []), parts, "eval", 4, 2, 0)
+    meta = {"codebook_size": 16, "grid": [2, 2], "class_names": ["even", "odd"], "num_classes": 2}
+    cache = assemble_cache(tmp_path / "cache", {"train": 10, "eval": 0}, 4, 16, meta)
+    assert np.array_equal(cache.train.codes[:, 0, 0], np.arange(10))
+    assert np.array_equal(cache.train.classes, np.arange(10) % 2)
+    assert len(cache.eval) == 0 and not parts.exists()
