@@ -286,3 +286,18 @@ def test_ns_export_tsdf_and_poisson(trained_run, tmp_path):
     run([cli("ns-export"), "tsdf", "--load-config", str(config), "--output-dir", str(tmp_path / "tsdf"),
          "--resolution", "32", "--batch-size", "4", "--texture-method", "tsdf"], env, timeout=600)
     assert list((tmp_path / "tsdf").glob("*.ply"))
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_run, tmp_path):
+    import yaml
+
+    config, env = trained_run
+    loaded = yaml.load(config.read_text(), Loader=yaml.Loader)
+    loaded.pipeline.model.codebook_size *= 2  # trained with another codebook size
+    wrong = tmp_path / "config.yml"
+    wrong.write_text(yaml.dump(loaded))
+    result = subprocess.run([cli("vq3d"), "render-orbit", "--load-config", str(wrong), "--output-dir", str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "does not fit this config.yml" in result.stderr and "[1024] in the checkpoint but [2048]" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -48,6 +48,32 @@ def check_scene_choice(choice: str) -> None:
     raise SystemExit(f"vq3d: error: VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
 
 
+def check_checkpoint_fits(model: torch.nn.Module, loaded_state: Dict) -> None:
+    """Stop with one line when a checkpoint's model tensors are missing, extra or shaped
+    differently from ``model``'s (a config.yml that is not the one the checkpoint was trained with)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {}
+    for key, value in loaded_state.items():
+        key = key[len("module.") :] if key.startswith("module.") else key
+        if key.startswith("_model."):
+            key = key[len("_model.") :]
+            found[key[len("module.") :] if key.startswith("module.") else key] = tuple(getattr(value, "shape", ()))
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    resized = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if not (missing or extra or resized):
+        return
+    if resized:
+        key = resized[0]
+        example = f"{key} is {list(found[key])} in the checkpoint but {list(expected[key])} in this config"
+    else:
+        example = f"{(missing or extra)[0]} is {'missing from' if missing else 'extra in'} the checkpoint"
+    raise SystemExit(
+        f"vq3d: error: the checkpoint does not fit this config.yml ({len(resized)} tensors differ in shape, "
+        f"{len(missing)} missing, {len(extra)} extra; e.g. {example}); load it with the config.yml saved beside it"
+    )
+
+
 class Vq3dPipeline(VanillaPipeline):
     """Passes input images to the model in training, eval and image metrics."""
 
@@ -93,6 +119,12 @@ class Vq3dPipeline(VanillaPipeline):
     @property
     def model(self) -> Vq3dModel:
         return super().model  # type: ignore[return-value]
+
+    def load_pipeline(self, loaded_state: Dict, step: int) -> None:
+        """Load a checkpoint, refusing one that does not fit this config. (nerfstudio's own loader
+        falls back to loading whatever matches, which would render noise from a mismatched config.)"""
+        check_checkpoint_fits(self.model, loaded_state)
+        super().load_pipeline(loaded_state, step)
 
     def load_image(self, split: str, index: int) -> torch.Tensor:
         """``[S, S, 3]`` image ``index`` of the 'train' or 'eval' split."""
