@@ -33,6 +33,7 @@ import torch.distributed as dist
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerConfig
 from nerfstudio.utils import colormaps, writer
+from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 DISCRIMINATOR = "discriminator"
@@ -186,8 +187,10 @@ class Vq3dTrainer(Trainer):
         image = torch.cat(rows, dim=0).clamp(0, 1)
         writer.put_image(name="GAN/canonical, novel, their disparity, real", image=image, step=step)
 
+    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
-        """nerfstudio's checkpoint, written atomically (temporary file, then rename)."""
+        """nerfstudio's checkpoint, written atomically (temporary file, then rename); on the main
+        process only under DDP (as nerfstudio's own: every rank writing one file would race)."""
         if not self.checkpoint_dir.exists():
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"

@@ -4,6 +4,18 @@ pixels of each, every ray tagged with ``metadata["batch_idx"]`` (which image's t
 It subclasses ``VanillaDataManager`` because ``ns-render`` / ``ns-export`` check for it, but it never
 caches images: the built-in datamanagers hold every image in memory, which fails at ImageNet scale.
 
+Two sources, picked by the dataparser from ``--data``:
+
+- a folder of images: a ``DataLoader`` over the per-file dataset, shuffled by ``RandomSampler`` (one
+  process) or ``DistributedSampler`` (DDP: each rank a disjoint share), epoch after epoch;
+- a ``vq3d prepare`` output: a ``DataLoader`` over :class:`~vq3d_nerfstudio.data.shard_dataset.TrainingStream`,
+  which streams the training split from the tar shards without end (a shuffle buffer of raw samples,
+  the shard order reshuffled and ``set_epoch`` called at each pass, each DDP rank reading its own
+  shards). ``train_dataset`` / ``eval_dataset`` are then the bounded preview and eval sets.
+
+Under DDP the rank is ``torch.distributed``'s global rank (nerfstudio passes the *local* rank, which
+repeats across machines).
+
 Outside training (``eval_setup`` puts the pipeline in eval mode), ``next_train`` is what
 ``ns-export pointcloud`` / ``poisson`` draw rays from: it returns rays of random cameras orbiting the
 pivot, without ``batch_idx``, so the model renders its shown scene from all around the input view.
@@ -13,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Literal, Tuple, Type, Union
+from typing import Dict, Iterator, Literal, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -24,7 +36,7 @@ from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader, RandIn
 from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
 
 
@@ -43,6 +55,11 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     """DataLoader worker processes reading and resizing images."""
     seed: int = 0
     """Seed of the shuffling order (and of DistributedSampler under DDP)."""
+    shuffle_buffer: int = 256
+    """Prepared shards only: samples each DataLoader worker holds to shuffle the stream (0: read in
+    shard order, the same every epoch). The shard order is reshuffled every epoch as well, and
+    `vq3d prepare` already mixes classes across shards. A buffered sample is its stored bytes
+    (~0.11 MB at 256 px, ~0.37 MB with depth), so memory is about buffer x workers x that."""
     export_max_yaw_deg: float = 30.0
     """ns-export samples rays from cameras orbiting the pivot with yaw within +-this (degrees) ..."""
     export_max_elevation_deg: float = 15.0
@@ -55,6 +72,13 @@ def _ignore_sigint(worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def global_rank(fallback: int) -> int:
+    """This process's rank among all processes under ``torch.distributed``, else ``fallback``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return fallback
 
 
 def _forever(loader: DataLoader) -> Iterator[Dict]:
@@ -70,11 +94,12 @@ def _forever(loader: DataLoader) -> Iterator[Dict]:
 class Vq3dDataManager(VanillaDataManager):
     """Train batches: ``(RayBundle [B * n], batch)`` with ``batch["input_images"]`` ``[B, 3, S, S]``,
     per-ray ``image`` ``[B*n, 3]`` targets, optional per-ray ``disparity`` / ``disparity_mask``,
-    and ``image_idx`` / ``class_id`` ``[B]``."""
+    and ``image_idx`` / ``class_id`` ``[B]`` (``image_idx``: the dataset index, or for prepared
+    shards the sample's key, its position in the prepared input list)."""
 
     config: Vq3dDataManagerConfig
-    train_dataset: Vq3dImageDataset
-    eval_dataset: Vq3dImageDataset
+    train_dataset: Vq3dImageDataset  # or ShardImageDataset (prepared shards: the bounded preview)
+    eval_dataset: Vq3dImageDataset  # or ShardImageDataset (prepared shards: the bounded eval set)
 
     def __init__(
         self,
@@ -100,8 +125,15 @@ class Vq3dDataManager(VanillaDataManager):
         self.dataparser = self.dataparser_config.setup()
         self.includes_time = False
         self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
-        self.train_dataset = Vq3dImageDataset(self.train_dataparser_outputs)
-        self.eval_dataset = Vq3dImageDataset(self.dataparser.get_dataparser_outputs(split=self.test_split))
+        self.shard_root: Optional[Path] = self.train_dataparser_outputs.metadata.get("shard_root")
+        dataset_class = Vq3dImageDataset
+        if self.shard_root is not None:
+            from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset
+
+            dataset_class = ShardImageDataset
+        self.train_dataset = dataset_class(self.train_dataparser_outputs)
+        self.eval_dataset = dataset_class(self.dataparser.get_dataparser_outputs(split=self.test_split))
+        self.iter_train_image_dataloader: Optional[Iterator[Dict]] = None
         # Read by ns-export (it sets num_rays_per_batch); training samples pixels itself.
         self.train_pixel_sampler = PixelSamplerConfig(
             num_rays_per_batch=config.images_per_batch * max(1, config.rays_per_image)
@@ -113,7 +145,8 @@ class Vq3dDataManager(VanillaDataManager):
         batch_size = self.config.images_per_batch
         if self.world_size > 1:
             sampler = DistributedSampler(
-                dataset, num_replicas=self.world_size, rank=self.local_rank, shuffle=True, seed=self.config.seed
+                dataset, num_replicas=self.world_size, rank=global_rank(self.local_rank), shuffle=True,
+                seed=self.config.seed,
             )
         else:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.config.seed))
@@ -129,8 +162,38 @@ class Vq3dDataManager(VanillaDataManager):
         )
         return _forever(loader)
 
+    def _shard_loader(self, start_epoch: int) -> Iterator[Dict]:
+        """Batches of ``images_per_batch`` training images streamed from the prepared shards."""
+        from vq3d_nerfstudio.data.shard_dataset import TrainingStream
+        from vq3d_nerfstudio.data.shards import ShardReader
+
+        metadata = self.train_dataset.metadata
+        rank = global_rank(self.local_rank)
+        reader = ShardReader(
+            self.shard_root, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
+            rank=rank, world_size=self.world_size, exclude=metadata["shard_held_out"],
+        )
+        stream = TrainingStream(reader, use_depth=metadata["depth_kind"] != "none", start_epoch=start_epoch)
+        num_workers = self.config.num_workers
+        loader = DataLoader(
+            stream,
+            batch_size=self.config.images_per_batch,
+            num_workers=num_workers,
+            drop_last=True,
+            worker_init_fn=_ignore_sigint,
+            pin_memory=torch.device(self.device).type == "cuda",
+        )
+        yield from loader
+        raise DatasetError(
+            f"{self.shard_root}: rank {rank} of {self.world_size} has no training images to stream"
+            f"{f' in any of its {num_workers} loader workers' if num_workers > 1 else ''}; prepare more "
+            "images, lower --pipeline.datamanager.dataparser.eval-fraction, or use fewer ranks or workers"
+        )
+
     def setup_train(self):
-        self.iter_train_image_dataloader = self._loader(self.train_dataset, self.config.num_workers)
+        if self.shard_root is None:
+            self.iter_train_image_dataloader = self._loader(self.train_dataset, self.config.num_workers)
+        # Prepared shards: the stream starts at the first next_train, at the epoch that step implies.
         self.train_ray_generator = RayGenerator(self.train_dataset.cameras.to(self.device))
 
     def setup_eval(self):
@@ -150,7 +213,7 @@ class Vq3dDataManager(VanillaDataManager):
         per_image = pixels.shape[1]
         batch_idx = torch.arange(num_images, device=self.device).repeat_interleave(per_image)
         rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
-        camera_idx = images["image_idx"].to(self.device)[batch_idx]
+        camera_idx = images.get("camera_idx", images["image_idx"]).to(self.device)[batch_idx]
         ray_bundle = ray_generator(torch.stack([camera_idx, rows, cols], dim=-1))
         ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
         batch = {
@@ -169,7 +232,18 @@ class Vq3dDataManager(VanillaDataManager):
         self.train_count += 1
         if not self.training:
             return self.orbit_rays(self.train_pixel_sampler.num_rays_per_batch), {}
+        if self.iter_train_image_dataloader is None and self.shard_root is not None:
+            self.iter_train_image_dataloader = self._shard_loader(self._epoch_at(step))
         return self._rays_for_images(next(self.iter_train_image_dataloader), self.train_ray_generator)
+
+    def _epoch_at(self, step: int) -> int:
+        """The shard epoch a run (resumed) at ``step`` has reached, estimated from the index, so a
+        resumed run goes on with new shuffles instead of replaying epoch 0's order."""
+        from vq3d_nerfstudio.data.shard_dataset import num_training_samples
+
+        metadata = self.train_dataset.metadata
+        per_epoch = num_training_samples(metadata["shard_index"], metadata["shard_held_out"])
+        return step * self.config.images_per_batch * self.world_size // per_epoch
 
     def orbit_rays(self, num_rays: int, num_cameras: int = 64) -> RayBundle:
         """``num_rays`` rays at random pixels of ``num_cameras`` random cameras orbiting the pivot

@@ -1,12 +1,15 @@
 """`vq3d-images` dataparser: collections of single, unposed images (+ optional depth).
 
 Every image gets the same canonical camera (nerfstudio/OpenGL convention: at ``(0, 0, d)`` looking
-at the origin, pinhole, square, ``fov_deg`` horizontal field of view). Three layouts are read:
+at the origin, pinhole, square, ``fov_deg`` horizontal field of view). Four layouts are read:
 
 - a folder of ``vq3d synth`` scenes (``*/transforms.json``): frame 0 of each scene, with its depth;
 - an ImageNet-style folder of class subfolders: class name = folder name, class id = its index in the
   sorted folder names (stable while the set of classes stays the same);
-- a flat folder of images.
+- a flat folder of images;
+- a ``vq3d prepare`` output (``index.json`` + tar shards): training streams from the shards; the
+  outputs list only a bounded eval set and a training preview (see
+  :mod:`vq3d_nerfstudio.data.shard_dataset`).
 
 Depth is an ``.npy`` beside each image with the same stem (z-depth in world units, or relative
 disparity, larger = nearer); its kind comes from ``--depth-kind``, ``vq3d_meta.json`` in the data
@@ -181,6 +184,13 @@ class Vq3dImagesDataParserConfig(DataParserConfig):
     """Horizontal field of view of the canonical camera, degrees."""
     scene_extent: float = 3.0
     """Half-width of the scene box reported to nerfstudio (world units); the field itself is unbounded."""
+    shard_eval_images: int = 256
+    """Prepared shards only: held-out images that ns-eval, eval batches, the viewer and ns-render can
+    show (the first ones in shard order; read from disk when used, never all of the held-out split)."""
+    shard_preview_images: int = 64
+    """Prepared shards only: training images that the viewer's 'train' split, its camera frustums and
+    `ns-render --camera-idx` can show (the last ones in shard order). Training itself streams every
+    training image from the shards."""
 
 
 @dataclass
@@ -190,6 +200,10 @@ class Vq3dImagesDataParser(DataParser):
     config: Vq3dImagesDataParserConfig
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
+        from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
+
+        if is_prepared_folder(Path(self.config.data)):
+            return self._shard_outputs(split)
         records, class_names, meta_kind = scan_image_folder(Path(self.config.data))
         depth_kind = self._resolve_depth_kind(records, meta_kind)
         is_eval = [split_fraction(r.key) < self.config.eval_fraction for r in records]
@@ -216,6 +230,48 @@ class Vq3dImagesDataParser(DataParser):
         return DataparserOutputs(
             image_filenames=[r.image for r in chosen],
             cameras=cameras,
+            scene_box=SceneBox(aabb=torch.tensor([[-extent] * 3, [extent] * 3], dtype=torch.float32)),
+            metadata=metadata,
+        )
+
+    def _shard_outputs(self, split: str) -> DataparserOutputs:
+        """A ``vq3d prepare`` output: the bounded eval set ('val'/'test') or training preview
+        ('train'), plus what the datamanager needs to stream the training split
+        (``metadata["shard_root"]``, ``["shard_index"]``, ``["shard_held_out"]``)."""
+        from vq3d_nerfstudio.data import shard_dataset as sd
+        from vq3d_nerfstudio.data.shards import read_index
+
+        cfg, root = self.config, Path(self.config.data)
+        if cfg.shard_eval_images < 1 or cfg.shard_preview_images < 1:
+            raise DatasetError("--shard-eval-images and --shard-preview-images must be >= 1")
+        index = read_index(root)
+        sd.check_resolution(root, index, cfg.image_size)
+        depth_kind = sd.shard_depth_kind(index, cfg.depth_kind, root)
+        rule = sd.held_out_rule(root, index, cfg.eval_fraction)
+        preview = sd.preview_locations(root, index, rule, cfg.shard_preview_images)
+        if not preview:
+            raise DatasetError(f"{root}: every image fell in the eval split; lower --eval-fraction")
+        chosen = preview
+        if split != "train":
+            # No held-out images (eval_fraction 0): evaluate on the preview, as a folder evaluates on all.
+            chosen = sd.eval_locations(root, index, rule, cfg.shard_eval_images) or preview
+        extent = cfg.scene_extent
+        metadata: Dict = {
+            "depth_filenames": None,
+            "depth_kind": depth_kind,
+            "class_ids": [loc.class_id for loc in chosen],
+            "class_names": list(index["class_names"]),
+            "image_keys": [loc.source for loc in chosen],
+            "camera_distance": cfg.camera_distance,
+            "fov_deg": cfg.fov_deg,
+            "shard_root": root,
+            "shard_index": {k: v for k, v in index.items() if k not in ("shards", "ignored")},
+            "shard_held_out": rule,
+            "shard_samples": chosen,
+        }
+        return DataparserOutputs(
+            image_filenames=[root / loc.shard / f"{loc.key}.png" for loc in chosen],
+            cameras=canonical_cameras(len(chosen), cfg.image_size, cfg.camera_distance, cfg.fov_deg),
             scene_box=SceneBox(aabb=torch.tensor([[-extent] * 3, [extent] * 3], dtype=torch.float32)),
             metadata=metadata,
         )

@@ -100,6 +100,11 @@ class Vq3dImageDataset(InputDataset):
     exclude_batch_keys_from_device = []
 
     def __init__(self, dataparser_outputs: DataparserOutputs, scale_factor: float = 1.0):
+        if "shard_root" in dataparser_outputs.metadata:
+            raise DatasetError(
+                f"{dataparser_outputs.metadata['shard_root']}: prepared shards are streamed by the datamanager "
+                "(or read with ShardReader / ShardImageDataset), not per file; point --data at the image folder"
+            )
         super().__init__(dataparser_outputs, scale_factor)
         self.image_size = int(self.cameras.width[0, 0])
         self.depth_kind: str = self.metadata.get("depth_kind", "none")

@@ -372,6 +372,10 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     ``verify=True`` checks every shard's size and sha256 against the index when the reader is built
     (reads the whole dataset once; one :class:`ShardError` naming the first bad shard).
+
+    ``exclude(key, source) -> bool`` drops samples before they are decoded or shuffled (the training
+    stream leaves out the held-out split this way); it must be picklable for DataLoader workers
+    started by spawn. :meth:`__len__` counts samples before ``exclude``.
     """
 
     def __init__(
@@ -383,6 +387,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         verify: bool = False,
+        exclude: Optional[Callable[[str, str], bool]] = None,
     ):
         super().__init__()
         self.root = Path(root)
@@ -400,6 +405,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.exclude = exclude
         self.counts = [int(entry["num_samples"]) for entry in self.index["shards"]]
         self.has_depth = self.index["depth_kind"] == "disparity"
 
@@ -439,8 +445,12 @@ class ShardReader(torch.utils.data.IterableDataset):
             total = 0
             for position, raw in iter_shard_raw(path, keep=lambda p, o=offset, s=step: p % s == o):
                 total = position + 1
-                if raw is not None:
-                    yield entry["name"], raw
+                if raw is None:
+                    continue
+                if self.exclude is not None:
+                    if self.exclude(raw["__key__"], raw.get("source.txt", b"").decode("utf-8")):
+                        continue
+                yield entry["name"], raw
             if total != entry["num_samples"]:
                 raise ShardError(
                     f"{path}: holds {total} samples but the index says {entry['num_samples']}; delete it and "
@@ -466,27 +476,102 @@ class ShardReader(torch.utils.data.IterableDataset):
             yield self._decode(name, raw)
 
     def _decode(self, shard: str, raw: Dict[str, bytes]) -> Dict[str, Any]:
-        key = raw["__key__"]
-        where = f"{self.root / shard}: sample {key}"
-        image_ext = next((ext for ext in _IMAGE_EXTS if ext in raw), None)
-        if image_ext is None or "cls" not in raw:
-            raise ShardError(
-                f"{where} lacks its image or .cls member (the shard is truncated or corrupt); delete the shard "
-                "and rerun `vq3d prepare` with the same options"
-            )
-        if self.has_depth and "depth.npy" not in raw:
-            raise ShardError(f"{where} has no .depth.npy although the index says depth_kind=disparity; rerun `vq3d prepare`")
-        try:
-            image = decode_image(raw[image_ext])
-            disparity = decode_disparity(raw["depth.npy"]) if self.has_depth else None
-            class_id = int(raw["cls"].decode("ascii").strip())
-            source = raw.get("source.txt", b"").decode("utf-8")
-        except (OSError, ValueError) as err:
-            raise ShardError(f"{where} cannot be decoded ({err}); delete the shard and rerun `vq3d prepare`") from err
-        size = self.resolution
-        if image.shape != (size, size, 3) or (disparity is not None and disparity.shape != (size, size)):
-            raise ShardError(f"{where} is not {size}x{size} as the index says; prepare the data again")
-        return {"key": key, "source": source, "image": image, "disparity": disparity, "class_id": class_id}
+        return decode_sample(raw, self.root / shard, self.resolution, self.has_depth)
+
+
+def decode_sample(raw: Dict[str, bytes], shard_path: Path, resolution: int, has_depth: bool) -> Dict[str, Any]:
+    """One sample's members (``{ext: bytes, "__key__": key}``) -> the item :class:`ShardReader`
+    yields. Errors are :class:`ShardError` naming the shard and the sample."""
+    key = raw["__key__"]
+    where = f"{shard_path}: sample {key}"
+    image_ext = next((ext for ext in _IMAGE_EXTS if ext in raw), None)
+    if image_ext is None or "cls" not in raw:
+        raise ShardError(
+            f"{where} lacks its image or .cls member (the shard is truncated or corrupt); delete the shard "
+            "and rerun `vq3d prepare` with the same options"
+        )
+    if has_depth and "depth.npy" not in raw:
+        raise ShardError(f"{where} has no .depth.npy although the index says depth_kind=disparity; rerun `vq3d prepare`")
+    try:
+        image = decode_image(raw[image_ext])
+        disparity = decode_disparity(raw["depth.npy"]) if has_depth else None
+        class_id = int(raw["cls"].decode("ascii").strip())
+        source = raw.get("source.txt", b"").decode("utf-8")
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{where} cannot be decoded ({err}); delete the shard and rerun `vq3d prepare`") from err
+    size = resolution
+    if image.shape != (size, size, 3) or (disparity is not None and disparity.shape != (size, size)):
+        raise ShardError(f"{where} is not {size}x{size} as the index says; prepare the data again")
+    return {"key": key, "source": source, "image": image, "disparity": disparity, "class_id": class_id}
+
+
+@dataclass(frozen=True)
+class SampleLocation:
+    """Where one sample's members lie inside its shard, for random access without a scan."""
+
+    shard: str  # file name, e.g. shard-000000.tar
+    position: int  # index of the sample inside the shard
+    key: str
+    source: str
+    class_id: int
+    members: Tuple[Tuple[str, int, int], ...]  # (ext, byte offset of the data, size)
+
+
+def scan_shard(path: Path) -> Iterator[SampleLocation]:
+    """Yield the location of every sample of one shard, in order, reading tar headers and the small
+    ``.source.txt`` and ``.cls`` members only (image and depth bytes are skipped, not read)."""
+    position, key = -1, None
+    members: List[Tuple[str, int, int]] = []
+    small: Dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+
+            def location() -> SampleLocation:
+                assert key is not None
+                class_id = int(small["cls"].decode("ascii").strip()) if "cls" in small else -1
+                return SampleLocation(path.name, position, key, small.get("source.txt", b"").decode("utf-8"),
+                                      class_id, tuple(members))
+
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_name(member.name)
+                if member_key != key:
+                    if key is not None:
+                        yield location()
+                    position, key, members, small = position + 1, member_key, [], {}
+                members.append((ext, member.offset_data, member.size))
+                if ext in ("source.txt", "cls"):
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    small[ext] = handle.read()
+            if key is not None:
+                yield location()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        raise ShardError(
+            f"{path}: unreadable shard ({err}); it is truncated or corrupt: delete it and rerun "
+            "`vq3d prepare` with the same options"
+        ) from err
+
+
+def read_sample(root: Path, location: SampleLocation) -> Dict[str, bytes]:
+    """The members of one sample (``{ext: bytes, "__key__": key}``), read by offset."""
+    path = Path(root) / location.shard
+    raw: Dict[str, Any] = {"__key__": location.key}
+    try:
+        with open(path, "rb") as f:
+            for ext, offset, size in location.members:
+                f.seek(offset)
+                data = f.read(size)
+                if len(data) != size:
+                    raise EOFError(f"member {location.key}.{ext} is cut short")
+                raw[ext] = data
+    except (OSError, EOFError) as err:
+        raise ShardError(
+            f"{path}: cannot read sample {location.key} ({err}); the shard changed since it was indexed or is "
+            "truncated: rerun `vq3d prepare` with the same options"
+        ) from err
+    return raw
 
 
 def num_shards_for(num_inputs: int, shard_size: int) -> int:

@@ -1,0 +1,204 @@
+"""Prepared shards (``vq3d prepare``) as nerfstudio data: the held-out split, small eval and preview
+datasets read by byte offset, and the endless per-rank training stream.
+
+**Split.** An image is held out when ``split_fraction(source) < eval_fraction``. This is the rule a
+plain folder uses, applied to the same relative path, so an image is held out whether you train on
+its folder or on its shards. ``vq3d prepare`` orders inputs by the same sha1, so the held-out images
+are the *first* samples (the leading shards) and training images come after them. A collection too
+small to have any image under the fraction holds out its first sample, as a folder does.
+
+**What is read when.** Training streams every training image through :class:`TrainingStream` (a
+:class:`ShardReader` under the hood: shuffle buffer, per-rank shard split, epoch after epoch), so
+the collection never sits in memory. Everything else nerfstudio reads by index (``ns-eval``, eval
+batches, the viewer's image controls and camera frustums, ``ns-render``, ``pipeline.load_image``)
+sees two small sets that the dataparser finds by reading tar headers: the first
+``shard_eval_images`` held-out samples (scanning forward from shard 0 up to the first training
+sample) and a preview of the last ``shard_preview_images`` training samples (scanning the last
+shards backwards). Each item is read by its byte offset when asked for; nothing is cached.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, Iterator, List
+
+import torch
+from nerfstudio.data.datasets.base_dataset import InputDataset
+
+from vq3d_nerfstudio.data.dataparser import split_fraction
+from vq3d_nerfstudio.data.shards import (
+    FORMAT_NAME,
+    INDEX_NAME,
+    SampleLocation,
+    ShardError,
+    ShardReader,
+    decode_sample,
+    read_sample,
+    scan_shard,
+)
+
+
+def is_prepared_folder(root: Path) -> bool:
+    """Whether ``root`` holds a ``vq3d prepare`` output (an ``index.json`` of the shard format)."""
+    path = Path(root) / INDEX_NAME
+    if not path.is_file():
+        return False
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT_NAME
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """``(key, source) -> True`` for held-out samples. Picklable (DataLoader workers)."""
+
+    eval_fraction: float
+    keys: FrozenSet[str] = frozenset()
+    """Held out besides the fraction: the first sample, when nothing falls under the fraction."""
+
+    def __call__(self, key: str, source: str) -> bool:
+        return key in self.keys or split_fraction(source) < self.eval_fraction
+
+
+def held_out_rule(root: Path, index: Dict[str, Any], eval_fraction: float) -> HeldOut:
+    """The held-out rule for this collection (reads the first sample's source, nothing more)."""
+    if eval_fraction <= 0:
+        return HeldOut(0.0)
+    for entry in index["shards"]:
+        for first in scan_shard(Path(root) / entry["name"]):
+            if split_fraction(first.source) < eval_fraction:
+                return HeldOut(eval_fraction)
+            return HeldOut(eval_fraction, frozenset({first.key}))  # tiny collection: as a folder does
+    return HeldOut(eval_fraction)
+
+
+def eval_locations(root: Path, index: Dict[str, Any], rule: HeldOut, max_images: int) -> List[SampleLocation]:
+    """The first ``max_images`` held-out samples in key order. Held-out samples come first (see the
+    module docstring), so the scan stops at the first training sample."""
+    found: List[SampleLocation] = []
+    for entry in index["shards"]:
+        for location in scan_shard(Path(root) / entry["name"]):
+            if not rule(location.key, location.source):
+                return found
+            found.append(location)
+            if len(found) >= max_images:
+                return found
+    return found
+
+
+def preview_locations(root: Path, index: Dict[str, Any], rule: HeldOut, max_images: int) -> List[SampleLocation]:
+    """The last ``max_images`` training samples in key order, read from the last shards backwards."""
+    found: List[SampleLocation] = []
+    for entry in reversed(index["shards"]):
+        shard = [loc for loc in scan_shard(Path(root) / entry["name"]) if not rule(loc.key, loc.source)]
+        found = shard + found
+        if len(found) >= max_images:
+            break
+    return found[len(found) - max_images :] if len(found) > max_images else found
+
+
+def to_item(sample: Dict[str, Any], use_depth: bool) -> Dict[str, Any]:
+    """A decoded shard sample -> the item format of :class:`~vq3d_nerfstudio.data.dataset.Vq3dImageDataset`
+    (without ``image_idx``): ``image`` ``[S, S, 3]``, ``class_id`` long, and with depth ``disparity``
+    ``[S, S, 1]`` (0 where unknown) plus ``disparity_mask`` ``[S, S, 1]`` bool (finite in the shard)."""
+    item: Dict[str, Any] = {"image": sample["image"], "class_id": torch.tensor(sample["class_id"], dtype=torch.long)}
+    if use_depth:
+        disparity = sample["disparity"]
+        valid = torch.isfinite(disparity)
+        item["disparity"] = torch.where(valid, disparity, torch.zeros_like(disparity))[..., None]
+        item["disparity_mask"] = valid[..., None]
+    return item
+
+
+class ShardImageDataset(InputDataset):
+    """The eval set or the training preview of a prepared folder (the samples the dataparser listed
+    in ``metadata["shard_samples"]``), read by byte offset on each access. Items as
+    :class:`~vq3d_nerfstudio.data.dataset.Vq3dImageDataset`'s: ``image`` ``[S, S, 3]``, ``image_idx``,
+    ``class_id``, and with depth ``disparity`` / ``disparity_mask`` ``[S, S, 1]``."""
+
+    exclude_batch_keys_from_device: List[str] = []
+
+    def __init__(self, dataparser_outputs, scale_factor: float = 1.0):
+        super().__init__(dataparser_outputs, scale_factor)
+        self.image_size = int(self.cameras.width[0, 0])
+        self.root = Path(self.metadata["shard_root"])
+        self.locations: List[SampleLocation] = self.metadata["shard_samples"]
+        self.use_depth = self.metadata.get("depth_kind", "none") != "none"
+
+    def get_data(self, image_idx: int, image_type: str = "float32") -> Dict:
+        location = self.locations[image_idx]
+        raw = read_sample(self.root, location)
+        sample = decode_sample(raw, self.root / location.shard, self.image_size, self.use_depth)
+        return {"image_idx": image_idx, **to_item(sample, self.use_depth)}
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """One rank's training images, epoch after epoch, without end: a DataLoader over it never runs
+    dry, and a batch may span an epoch boundary. Each epoch calls ``reader.set_epoch`` (new shard
+    order and shuffle, the same split between ranks) inside the DataLoader worker that iterates it.
+
+    Items as :func:`to_item`, plus ``image_idx`` (the sample's key: its position in the prepared
+    input list, unique and stable) and ``camera_idx`` 0 (every image has the canonical camera).
+    A worker whose epoch holds no sample (more workers than a tiny rank's images) stops; when all
+    stop, the DataLoader ends and the datamanager reports it.
+    """
+
+    def __init__(self, reader: ShardReader, use_depth: bool, start_epoch: int = 0):
+        super().__init__()
+        self.reader = reader
+        self.use_depth = use_depth
+        self.start_epoch = start_epoch
+        if not use_depth:
+            reader.has_depth = False  # depth in the shards but not wanted: do not decode it
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        epoch = self.start_epoch
+        while True:
+            self.reader.set_epoch(epoch)
+            count = 0
+            for sample in self.reader:
+                count += 1
+                yield {"image_idx": int(sample["key"]), "camera_idx": 0, **to_item(sample, self.use_depth)}
+            if count == 0:
+                return
+            epoch += 1
+
+
+def check_resolution(root: Path, index: Dict[str, Any], image_size: int) -> None:
+    """One clear error when the shards were prepared at another size than the model's."""
+    resolution = int(index["resolution"])
+    if resolution != image_size:
+        raise ShardError(
+            f"{Path(root) / INDEX_NAME}: the shards hold {resolution} px images but the model's image size is "
+            f"{image_size} px; prepare them again at the model's size (`vq3d prepare --input ... --output ... "
+            f"--resolution {image_size}`), or train at {resolution} px (--pipeline.model.image-size {resolution} "
+            f"--pipeline.datamanager.dataparser.image-size {resolution})"
+        )
+
+
+def shard_depth_kind(index: Dict[str, Any], requested: str, root: Path) -> str:
+    """``depth_kind`` metadata for prepared data: 'none' (no depth used), 'z-depth' (stored disparity
+    is 1 / world z-depth from files, compared as is) or 'disparity' (relative, aligned per image)."""
+    if requested == "none":
+        return "none"
+    if index["depth_kind"] == "none":
+        if requested != "auto":
+            raise ShardError(
+                f"{Path(root) / INDEX_NAME}: prepared without depth, but --depth-kind {requested} asks for it; "
+                "prepare again with --depth-model (or depth files beside the images), or pass --depth-kind none"
+            )
+        return "none"
+    if index.get("depth_source") == "files" and index.get("sibling_depth_kind") == "z-depth":
+        return "z-depth"
+    return "disparity"
+
+
+def num_training_samples(index: Dict[str, Any], rule: HeldOut) -> int:
+    """Training samples, estimated from the index (the held-out count is known only by reading)."""
+    total = int(index["num_samples"])
+    return max(1, round(total * (1 - rule.eval_fraction)) - len(rule.keys))
+
