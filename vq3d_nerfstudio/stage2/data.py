@@ -270,3 +270,42 @@ def rank_share(global_indices: np.ndarray, rank: int, world_size: int) -> np.nda
     """Rank ``r`` takes positions ``r, r + W, r + 2W, ...`` of the global batch; over an epoch that is
     rank ``r``'s shard of the permuted dataset, as with ``DistributedSampler``."""
     return global_indices[rank::world_size]
+
+
+class ShardSplit(torch.utils.data.Dataset):
+    """The training or held-out samples of a ``vq3d prepare`` output as a map-style dataset (each
+    item read by byte offset), items ``{"image" [S, S, 3], "class_id"}`` like ``Vq3dImageDataset``'s.
+    The held-out rule is the dataparser's, so stage 2 holds out what stage 1 held out."""
+
+    def __init__(self, root: Path, split: str, eval_fraction: float, image_size: int) -> None:
+        from vq3d_nerfstudio.data.shard_dataset import held_out_rule
+        from vq3d_nerfstudio.data.shards import read_index, scan_shard
+
+        self.root, self.image_size = Path(root), image_size
+        self.index = read_index(self.root)
+        rule = held_out_rule(self.root, self.index, eval_fraction)
+        want_eval = split != "train"
+        self.locations = [
+            loc for entry in self.index["shards"] for loc in scan_shard(self.root / entry["name"])
+            if rule(loc.key, loc.source) == want_eval
+        ]
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.index.get("class_names") or [])
+
+    def fingerprint(self) -> str:
+        """The shards' checksums from the index and which samples this split holds."""
+        digest = hashlib.sha256(json.dumps([e.get("sha256") for e in self.index["shards"]]).encode())
+        digest.update("\n".join(loc.key for loc in self.locations).encode())
+        return digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> Dict:
+        from vq3d_nerfstudio.data.shards import decode_sample, read_sample
+
+        location = self.locations[i]
+        sample = decode_sample(read_sample(self.root, location), self.root / location.shard, self.image_size, False)
+        return {"image": sample["image"], "class_id": torch.tensor(sample["class_id"], dtype=torch.long)}

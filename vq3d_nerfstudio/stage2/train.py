@@ -27,6 +27,7 @@ from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import (
     CACHE_VERSION,
     SPLITS,
+    ShardSplit,
     TokenCache,
     TokenCacheError,
     assemble_cache,
@@ -209,20 +210,31 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
     model = pipeline.model.to(dist.device)
     data = Path(cfg.data or stage1.pipeline.datamanager.dataparser.data)
     parser_config = dataclasses.replace(stage1.pipeline.datamanager.dataparser, data=data, depth_kind="none")
+    from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
+
     try:
-        parser = parser_config.setup()
-        outputs = {split: parser.get_dataparser_outputs(split) for split in SPLITS}
+        if is_prepared_folder(data):  # `vq3d prepare` shards: every sample, read by offset
+            datasets = {s: ShardSplit(data, s, parser_config.eval_fraction, parser_config.image_size) for s in SPLITS}
+            listings = {s: datasets[s].fingerprint() for s in SPLITS}
+            class_names = datasets["train"].class_names
+        else:
+            parser = parser_config.setup()
+            outputs = {split: parser.get_dataparser_outputs(split) for split in SPLITS}
+            datasets = {split: Vq3dImageDataset(outputs[split]) for split in SPLITS}
+            listings = {
+                s: [listing_digest(outputs[s].image_filenames), outputs[s].metadata.get("class_ids")] for s in SPLITS
+            }
+            class_names = list(outputs["train"].metadata.get("class_names") or [])
     except DatasetError as err:
         raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    datasets = {split: Vq3dImageDataset(outputs[split]) for split in SPLITS}
     cache_dir = cfg.token_cache or default_cache_dir(cfg.stage1_config, data)
     fingerprint = hashlib.sha256(
         json.dumps(
             {
                 "version": CACHE_VERSION,
                 "checkpoint": file_digest(Path(checkpoint_path)),
-                "images": {s: listing_digest(outputs[s].image_filenames) for s in SPLITS},
-                "classes": {s: [outputs[s].metadata.get("class_names"), outputs[s].metadata.get("class_ids")] for s in SPLITS},
+                "images": listings,
+                "classes": class_names,
                 "image_size": parser_config.image_size,
             }
         ).encode()
@@ -239,7 +251,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
     parts = cache_dir / "parts"
     if dist.is_main:
         if meta_file.exists():
-            print(f"The stage-1 checkpoint or the images changed: rebuilding the token cache {cache_dir}")
+            print(f"The stage-1 checkpoint, the images or their classes changed: rebuilding the token cache {cache_dir}")
             meta_file.unlink()
         stamp = parts / "fingerprint"
         if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
@@ -267,7 +279,6 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
                 raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
     dist.barrier()
     if dist.is_main:
-        class_names = list(outputs["train"].metadata.get("class_names") or [])
         meta = {
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
