@@ -326,6 +326,18 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
     novel = iio.imread(sorted((tmp_path / "rendered" / "novel").glob("*.png"))[0])
     assert canonical.shape == (64, 64, 3) and not np.array_equal(canonical, novel)
 
+    # a stage-2 model of another codebook size, pointed at this stage-1 run
+    from vq3d_nerfstudio.stage2.transformer import TokenTransformer as Net, TokenTransformerConfig as NetConfig
+
+    wrong = NetConfig(vocab_size=2 * cache.codebook_size, num_classes=3, block_size=64, num_layers=1, num_heads=2, embed_dim=32)
+    net = Net(wrong)
+    ckpt.save_checkpoint(tmp_path / "wrong", 1, net, torch.optim.AdamW(net.parameters()), {},
+                         {"model": wrong.to_dict(), "class_names": cache.class_names, "grid": [8, 8], "stage1_config": str(config)})
+    mismatch = subprocess.run([cli("vq3d"), "sample", "--stage2-checkpoint", str(tmp_path / "wrong"), "--output-dir",
+                               str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
+    assert mismatch.returncode != 0 and "Traceback" not in mismatch.stderr
+    assert f"predicts {2 * cache.codebook_size} codes but the stage-1 model has a codebook of {cache.codebook_size}" in mismatch.stderr
+
     bad = subprocess.run([cli("vq3d"), "sample", "--stage2-checkpoint", str(out), "--class-label", "7",
                           "--output-dir", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "out of range" in bad.stderr and "Traceback" not in bad.stderr
@@ -385,3 +397,19 @@ def test_encoding_resumes_at_the_first_unfinished_chunk_and_ranks_split_chunks(t
     assert np.array_equal(cache.train.codes[:, 0, 0], np.arange(10))
     assert np.array_equal(cache.train.classes, np.arange(10) % 2)
     assert len(cache.eval) == 0 and not parts.exists()
+
+
+def test_config_mistakes_are_one_line_before_any_work(tmp_path, cli_env):
+    small = structured_cache(tmp_path / "cache16", vocab=16).path
+    other = structured_cache(tmp_path / "cache32", vocab=32).path
+    out = tmp_path / "run"
+    run([cli("vq3d-train-stage2"), *train_args(small, out, "--max-steps", "2")], cli_env)
+    # resuming a run with tokens of another codebook
+    result = subprocess.run([cli("vq3d-train-stage2"), *train_args(other, out, "--max-steps", "4")], env=cli_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "another codebook" in result.stderr and "16 codes" in result.stderr
+    # a missing cache
+    result = subprocess.run([cli("vq3d-train-stage2"), "--token-cache", str(tmp_path / "nowhere"), "--output-dir",
+                             str(tmp_path / "x")], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "not a finished token cache" in result.stderr and "Traceback" not in result.stderr
