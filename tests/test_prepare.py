@@ -350,3 +350,19 @@ def test_missing_transformers_is_one_line_naming_pip_install(mixed, tmp_path, mo
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(PrepareError, match="pip install transformers"):
         prepare_shards(mixed, tmp_path / "out", resolution=RES, depth_model="Intel/dpt-hybrid-midas")
+
+
+def test_tampered_or_truncated_index_is_one_clear_error(prepared, tmp_path):
+    import shutil
+
+    from vq3d_nerfstudio.data.shards import read_index
+
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    text = (out / "index.json").read_text()
+    (out / "index.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ShardError, match=r"index.json: not readable JSON.*rerun `vq3d prepare`"):
+        read_index(out)
+    (out / "index.json").write_text(json.dumps(["not", "an", "index"]))
+    with pytest.raises(ShardError, match="not a vq3d shard index"):
+        read_index(out)
