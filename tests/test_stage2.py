@@ -413,3 +413,18 @@ def test_config_mistakes_are_one_line_before_any_work(tmp_path, cli_env):
     result = subprocess.run([cli("vq3d-train-stage2"), "--token-cache", str(tmp_path / "nowhere"), "--output-dir",
                              str(tmp_path / "x")], env=cli_env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "not a finished token cache" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_save_killed_midway_leaves_the_last_checkpoint_in_use(tmp_path):
+    """A kill during a save leaves only the temporary folder (the rename never happened): it is ignored."""
+    model = tiny_transformer(dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters())
+    info = {"model": model.config.to_dict(), "class_names": [], "grid": [3, 4]}
+    ckpt.save_checkpoint(tmp_path, 4, model, optimizer, {}, info)
+    half = tmp_path / "checkpoints" / f".step-{8:09d}.tmp-12345"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000000004"]
+    loaded, saved_info, folder = ckpt.load_model(tmp_path)
+    assert folder.name == "step-000000004" and saved_info["step"] == 4
+    torch.testing.assert_close(loaded.head.weight, model.head.weight)
