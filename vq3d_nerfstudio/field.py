@@ -69,13 +69,16 @@ class TriplaneField(nn.Module):
         """
         positions = ray_samples.frustums.get_positions()  # (R, S, 3)
         num_rays, num_samples = positions.shape[:2]
-        points = contract(positions, self.scene_scale).reshape(-1, 3)
         point_batch = batch_idx[:, None].expand(num_rays, num_samples).reshape(-1)
-        feats = sample_triplanes_by_index(planes, points, point_batch)
-        hidden = self.density_mlp(feats)
-        density = trunc_exp(hidden[:, :1] - 1.0)
-        rgb = self.color_mlp(hidden[:, 1:])
+        density, rgb = self.query(positions.reshape(-1, 3), planes, point_batch)
         return {
             FieldHeadNames.DENSITY: density.reshape(num_rays, num_samples, 1),
             FieldHeadNames.RGB: rgb.reshape(num_rays, num_samples, 3),
         }
+
+    def query(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor):
+        """Density ``[N, 1]`` and RGB ``[N, 3]`` at world points ``[N, 3]``, point ``i`` in tri-plane
+        ``batch_idx[i]`` (the colour does not depend on the view direction)."""
+        feats = sample_triplanes_by_index(planes, contract(positions, self.scene_scale), batch_idx)
+        hidden = self.density_mlp(feats)
+        return trunc_exp(hidden[:, :1] - 1.0), self.color_mlp(hidden[:, 1:])

@@ -207,6 +207,7 @@ class Vq3dModel(Model):
         self._scene_image: Optional[torch.Tensor] = None
         self._scene_planes: Optional[torch.Tensor] = None
         self._scene_indices: Optional[torch.Tensor] = None
+        self._scene_composition = None  # an object placed in the shown scene (vq3d_nerfstudio.edits)
         self._scene_key: Optional[Tuple[str, int]] = None
         self._last_cam_idx: Optional[int] = None
         self.image_loader: Optional[Callable[[str, int], torch.Tensor]] = None
@@ -236,6 +237,7 @@ class Vq3dModel(Model):
             image = image.permute(2, 0, 1)[None]
         self._scene_image = image.to(self.device, torch.float32)
         self._scene_indices = None
+        self._scene_composition = None
         self._scene_key = key
         self._scene_planes = None
 
@@ -247,8 +249,20 @@ class Vq3dModel(Model):
             raise ValueError(f"code indices must lie in [0, {self.config.codebook_size})")
         self._scene_indices = indices
         self._scene_image = None
+        self._scene_composition = None
         self._scene_key = key
         self._scene_planes = None
+
+    @torch.no_grad()
+    def set_scene_planes(self, planes: torch.Tensor, key: Optional[Tuple[str, int]] = None, composition=None) -> None:
+        """Show given tri-planes ``[1, 3, C, R, R]`` (an interpolation, an edit), optionally with an
+        object placed in them (:class:`vq3d_nerfstudio.edits.Placement`). They are not re-derived
+        when the weights change: for inference."""
+        self._scene_planes = planes.to(self.device)
+        self._scene_image = None
+        self._scene_indices = None
+        self._scene_composition = composition
+        self._scene_key = key
 
     def show_image(self, split: str, index: int) -> None:
         """Show image ``index`` of ``split`` ('train' or 'eval'), loading it unless already shown."""
@@ -395,31 +409,38 @@ class Vq3dModel(Model):
             if self.training and (self.discriminator is not None or self.config.perceptual_loss_mult > 0):
                 extra.update(self._adversarial_renders(planes, batch))
         else:
-            planes = self.current_planes()
-            batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
+            return self.get_outputs(ray_bundle)
         ray_bundle = self.collider(ray_bundle)
         outputs = self.render_rays(ray_bundle, planes, batch_idx, keep_samples=bool(extra))
         outputs.update(extra)
         return outputs
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
+        """Render rays of the shown scene (with an object placed in it, when one is)."""
         planes = self.current_planes()
         batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
-        return self.render_rays(self.collider(ray_bundle), planes, batch_idx, keep_samples=False)
+        field = None
+        if self._scene_composition is not None:
+            from vq3d_nerfstudio.edits import ComposedField
+
+            field = ComposedField(self.field, self._scene_composition)
+        return self.render_rays(self.collider(ray_bundle), planes, batch_idx, keep_samples=False, field=field)
 
     def render_rays(
-        self, ray_bundle: RayBundle, planes: torch.Tensor, batch_idx: torch.Tensor, keep_samples: bool
+        self, ray_bundle: RayBundle, planes: torch.Tensor, batch_idx: torch.Tensor, keep_samples: bool, field=None
     ) -> Dict[str, torch.Tensor]:
-        """Coarse pass, PDF resampling, fine pass. Outputs are per ray (``[R, C]``)."""
+        """Coarse pass, PDF resampling, fine pass. Outputs are per ray (``[R, C]``). ``field``
+        replaces ``self.field`` (same call signature), e.g. a scene with an object placed in it."""
+        field = self.field if field is None else field
         if ray_bundle.metadata is None or "directions_norm" not in ray_bundle.metadata:
             directions_norm = torch.ones_like(ray_bundle.origins[:, :1])
         else:
             directions_norm = ray_bundle.metadata["directions_norm"]
         coarse = self.sampler_coarse(ray_bundle)
-        coarse_out = self.field(coarse, planes, batch_idx)
+        coarse_out = field(coarse, planes, batch_idx)
         coarse_w = coarse.get_weights(coarse_out[FieldHeadNames.DENSITY])
         fine = self.sampler_pdf(ray_bundle, coarse, coarse_w.detach())
-        fine_out = self.field(fine, planes, batch_idx)
+        fine_out = field(fine, planes, batch_idx)
         fine_w = fine.get_weights(fine_out[FieldHeadNames.DENSITY])
         fine_disp = losses.sample_disparity((fine.frustums.starts + fine.frustums.ends) / 2, directions_norm)
         outputs = {
@@ -432,7 +453,7 @@ class Vq3dModel(Model):
         }
         if self.config.output_normals and not self.training:
             points = ray_bundle.origins + ray_bundle.directions * outputs["expected_depth"]
-            outputs["normals"] = (self.field.normals_at(points, planes, batch_idx) + 1) / 2
+            outputs["normals"] = (field.normals_at(points, planes, batch_idx) + 1) / 2
         if keep_samples:
             coarse_disp = losses.sample_disparity((coarse.frustums.starts + coarse.frustums.ends) / 2, directions_norm)
             outputs.update(weights_fine=fine_w, disp_fine=fine_disp, weights_coarse=coarse_w, disp_coarse=coarse_disp)

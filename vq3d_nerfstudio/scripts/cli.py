@@ -7,8 +7,10 @@ from typing import Union
 import tyro
 from typing_extensions import Annotated
 
+from vq3d_nerfstudio.scripts.compose import Compose
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.fid import Fid
+from vq3d_nerfstudio.scripts.interpolate import Interpolate
 from vq3d_nerfstudio.scripts.prepare import Prepare
 from vq3d_nerfstudio.scripts.reconstruct import Reconstruct
 from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
@@ -23,6 +25,8 @@ Commands = Union[
     Annotated[Prepare, tyro.conf.subcommand("prepare")],
     Annotated[Sample, tyro.conf.subcommand("sample")],
     Annotated[Fid, tyro.conf.subcommand("fid")],
+    Annotated[Interpolate, tyro.conf.subcommand("interpolate")],
+    Annotated[Compose, tyro.conf.subcommand("compose")],
 ]
 
 

@@ -1,0 +1,120 @@
+"""``vq3d compose``: place one photo's object into another photo's scene, render novel views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import tyro
+
+
+@dataclass
+class Compose:
+    """Build the NeRF of a scene photo and of an object photo, place the object's NeRF (the part in a
+    cube around its pivot, and inside its foreground mask when given) at --position with --scale,
+    and render the composite: densities add and colours are density-weighted per sample, so the
+    object hides what is behind it and is hidden by what is in front. Writes composite_orbit.mp4,
+    composite_disparity.mp4 and composite_views.png (scene | object | composite from the input view
+    | composite from +/- the largest yaw | its disparity) into the output folder."""
+
+    load_config: Path
+    """The stage-1 run's config.yml."""
+    scene: Path
+    """Photo of the scene."""
+    object: Path
+    """Photo of the object (its NeRF's pivot, the centre of the view at the camera distance, is what
+    --position places)."""
+    position: Tuple[float, float, float] = (0.0, 0.0, 0.5)
+    """Where the object's pivot goes in the scene, world units (the camera is at (0, 0, 2) looking at
+    the origin; +x right, +y up, +z towards the camera)."""
+    scale: float = 0.5
+    """Object size relative to its own NeRF."""
+    object_box: float = 0.6
+    """Half-size of the cube around the object's pivot that is kept (its own frame, world units)."""
+    object_mask: Optional[Path] = None
+    """Foreground mask of the object photo (white = object; same framing as the photo): keep only
+    what lies inside it, e.g. from a segmentation tool."""
+    output_dir: Path = Path("composite")
+    """Where the outputs go (created if missing)."""
+    num_frames: int = 48
+    """Frames in the orbit video."""
+    max_yaw_deg: float = 20.0
+    """Largest yaw of the orbit and of the novel views (degrees)."""
+    max_elevation_deg: float = 8.0
+    """Largest elevation of the orbit (degrees)."""
+    fps: int = 24
+    """Video frame rate."""
+    resolution: int = 0
+    """Render size in pixels; 0 uses the model's image size."""
+
+    def main(self) -> None:
+        import imageio.v2 as imageio
+        import numpy as np
+        import torch
+        from nerfstudio.utils.eval_utils import eval_setup
+        from PIL import Image
+        from rich.progress import Progress
+
+        from vq3d_nerfstudio.data.dataparser import DatasetError
+        from vq3d_nerfstudio.data.dataset import center_crop_box, load_image
+        from vq3d_nerfstudio.edits import Placement, encode_image
+        from vq3d_nerfstudio.orbit import (
+            colorize_disparity,
+            orbit_cameras,
+            orbit_path,
+            render_frames,
+            to_uint8,
+            write_video,
+        )
+
+        if self.scale <= 0 or self.object_box <= 0:
+            raise SystemExit("vq3d compose: error: --scale and --object-box must be positive")
+        if not self.load_config.exists():
+            raise SystemExit(f"vq3d compose: error: {self.load_config} does not exist; pass the run's config.yml")
+        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
+        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        size = self.resolution or model.config.image_size
+        try:
+            scene = encode_image(model, load_image(self.scene, model.config.image_size))
+            obj = encode_image(model, load_image(self.object, model.config.image_size))
+        except DatasetError as err:
+            raise SystemExit(f"vq3d compose: error: {err}") from None
+        mask = None
+        if self.object_mask is not None:
+            try:
+                with Image.open(self.object_mask) as pil:
+                    pil = pil.convert("L")
+                    pil = pil.crop(center_crop_box(*pil.size)).resize((size, size), Image.Resampling.NEAREST)
+                    mask = torch.from_numpy(np.asarray(pil) > 127)
+            except OSError as err:
+                raise SystemExit(f"vq3d compose: error: {self.object_mask}: cannot read the mask ({err})") from None
+            if not mask.any():
+                raise SystemExit(f"vq3d compose: error: {self.object_mask}: the mask is empty (white marks the object)")
+        placement = Placement(obj.planes, tuple(self.position), self.scale, self.object_box, mask,
+                              parser.camera_distance, parser.fov_deg)
+        yaw = self.max_yaw_deg
+        views = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)]
+        orbit = orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
+        cameras = orbit_cameras(views + orbit, size, parser.camera_distance, parser.fov_deg).to(model.device)
+        with Progress() as progress:
+            task = progress.add_task("Rendering the composite", total=2 + len(views) + len(orbit))
+            model.set_scene_planes(scene.planes)
+            scene_rgb = model.get_outputs_for_camera(cameras[0:1])["rgb"].clamp(0, 1).cpu()
+            progress.advance(task)
+            model.set_scene_planes(obj.planes)
+            object_rgb = model.get_outputs_for_camera(cameras[0:1])["rgb"].clamp(0, 1).cpu()
+            progress.advance(task)
+            model.set_scene_planes(scene.planes, key=("composite", 0), composition=placement)
+            rgb, disparity = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
+        disp_rgb = colorize_disparity(disparity)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        strip = torch.cat([scene_rgb, object_rgb, rgb[0], rgb[1], rgb[2], disp_rgb[2]], dim=1)
+        imageio.imwrite(self.output_dir / "composite_views.png", to_uint8(strip))
+        write_video(self.output_dir / "composite_orbit.mp4", rgb[len(views):], self.fps)
+        write_video(self.output_dir / "composite_disparity.mp4", disp_rgb[len(views):], self.fps)
+        print(f"Wrote composite_views.png, composite_orbit.mp4 and composite_disparity.mp4 to {self.output_dir}")
+
+
+if __name__ == "__main__":
+    tyro.cli(Compose).main()

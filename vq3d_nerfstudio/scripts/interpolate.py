@@ -1,0 +1,91 @@
+"""``vq3d interpolate``: a video through the scenes between two photos' NeRFs, the camera orbiting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import tyro
+
+from vq3d_nerfstudio.edits import InterpolationSpace
+
+
+@dataclass
+class Interpolate:
+    """Encode two photos, walk from the first one's NeRF to the second's and back while the camera
+    orbits, and write into the output folder: interpolation.mp4 and interpolation_disparity.mp4,
+    and interpolation_strip.png (canonical views at t = 0, 1/4, 1/2, 3/4, 1)."""
+
+    load_config: Path
+    """The stage-1 run's config.yml."""
+    images: List[Path]
+    """Exactly two photos: the start and the end."""
+    output_dir: Path = Path("interpolation")
+    """Where the outputs go (created if missing)."""
+    steps: int = 48
+    """Frames from the first scene to the second (the video then comes back: 2 x steps frames)."""
+    space: InterpolationSpace = "latent"
+    """latent: the continuous encoder latent (smooth; the ends are exactly the two reconstructions);
+    triplane: blend the tri-plane features; codes: snap the blended latent to codes (jumpy, for comparison)."""
+    max_yaw_deg: float = 15.0
+    """Largest yaw of the orbit (degrees)."""
+    max_elevation_deg: float = 5.0
+    """Largest elevation of the orbit (degrees)."""
+    fps: int = 24
+    """Video frame rate."""
+    resolution: int = 0
+    """Render size in pixels; 0 uses the model's image size."""
+
+    def main(self) -> None:
+        import imageio.v2 as imageio
+        import numpy as np
+        from nerfstudio.utils.eval_utils import eval_setup
+        from rich.progress import Progress
+
+        from vq3d_nerfstudio.data.dataparser import DatasetError
+        from vq3d_nerfstudio.data.dataset import load_image
+        from vq3d_nerfstudio.edits import encode_image, interpolate
+        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, to_uint8, write_video
+
+        if len(self.images) != 2:
+            raise SystemExit(f"vq3d interpolate: error: --images takes exactly two photos, got {len(self.images)}")
+        if self.steps < 2:
+            raise SystemExit("vq3d interpolate: error: --steps must be at least 2")
+        if not self.load_config.exists():
+            raise SystemExit(f"vq3d interpolate: error: {self.load_config} does not exist; pass the run's config.yml")
+        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
+        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        try:
+            ends = [encode_image(model, load_image(path, model.config.image_size)) for path in self.images]
+        except DatasetError as err:
+            raise SystemExit(f"vq3d interpolate: error: {err}") from None
+        size = self.resolution or model.config.image_size
+        ts = [i / (self.steps - 1) for i in range(self.steps)]
+        ts = ts + ts[::-1]
+        poses = orbit_path(len(ts), self.max_yaw_deg, self.max_elevation_deg)
+        cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
+        canonical = orbit_cameras([(0.0, 0.0)], size, parser.camera_distance, parser.fov_deg).to(model.device)
+        rgb, disparity = [], []
+        with Progress() as progress:
+            task = progress.add_task("Rendering the interpolation", total=len(ts) + 5)
+            for i, t in enumerate(ts):
+                model.set_scene_planes(interpolate(model, ends[0], ends[1], t, self.space), key=("interpolation", i))
+                out = model.get_outputs_for_camera(cameras[i : i + 1])
+                rgb.append(out["rgb"].clamp(0, 1).cpu())
+                disparity.append(out["disparity"].cpu())
+                progress.advance(task)
+            strip = []
+            for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+                model.set_scene_planes(interpolate(model, ends[0], ends[1], t, self.space))
+                strip.append(to_uint8(model.get_outputs_for_camera(canonical)["rgb"].clamp(0, 1).cpu()))
+                progress.advance(task)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_video(self.output_dir / "interpolation.mp4", rgb, self.fps)
+        write_video(self.output_dir / "interpolation_disparity.mp4", colorize_disparity(disparity), self.fps)
+        imageio.imwrite(self.output_dir / "interpolation_strip.png", np.concatenate(strip, axis=1))
+        print(f"Wrote interpolation.mp4, interpolation_disparity.mp4 and interpolation_strip.png to {self.output_dir}")
+
+
+if __name__ == "__main__":
+    tyro.cli(Interpolate).main()
