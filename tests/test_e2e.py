@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, run
+from conftest import FAST, cli, run
 from vq3d_nerfstudio.method_configs import build_trainer_config
 from vq3d_nerfstudio.orbit import orbit_cameras
 
@@ -264,6 +264,86 @@ def test_vq3d_reconstruct_bad_inputs_are_one_line(trained_run, tmp_path):
                           "--output-dir", str(tmp_path / "o"), "--num-frames", "2", "--num-points", "0"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "broken.jpg" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_vq3d_reconstruct_awkward_photos_and_paths(trained_run, tmp_path):
+    from PIL import Image
+
+    config, env = trained_run
+    photos = tmp_path / "fötos mit leer"
+    photos.mkdir()
+    Image.new("RGBA", (30, 20), (200, 40, 40, 0)).save(photos / "ausschnitt ü.png")  # fully transparent
+    Image.new("RGB", (1, 1), (0, 200, 0)).save(photos / "ein pixel.png")
+    Image.fromarray(np.full((12, 12), 1000, np.uint16)).save(photos / "dunkel16.png")
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(photos / "cmyk.jpg")
+    (photos / "leer.jpg").write_bytes(b"")
+    (photos / "kein bild.png").write_text("hello")
+    out = tmp_path / "ausgabe ä"
+    result = subprocess.run([cli("vq3d"), "reconstruct", "--load-config", str(config), "--image", str(photos),
+                             "--output-dir", str(out), "--num-frames", "2", "--num-points", "0"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr  # non-zero: some photos were skipped
+    assert "Wrote 4 reconstruction(s)" in result.stdout
+    assert "leer.jpg: cannot read image (empty file, 0 bytes)" in result.stderr
+    assert "kein bild.png: cannot read image (cannot identify" in result.stderr
+    shown = iio.imread(out / "ausschnitt ü_views.png")[:, :64]  # the input as the model saw it: white
+    assert shown.min() >= 254
+    for name in ("ein pixel", "dunkel16", "cmyk"):
+        assert (out / f"{name}_orbit.mp4").is_file()
+    empty = tmp_path / "leerer ordner"
+    empty.mkdir()
+    none = subprocess.run([cli("vq3d"), "reconstruct", "--load-config", str(config), "--image", str(empty)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert none.returncode != 0 and "no images found in" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_vq3d_eval_skips_a_scene_with_bad_files_and_strict_stops(trained_run, synth_dir, tmp_path):
+    import shutil
+
+    config, env = trained_run
+    scenes = tmp_path / "szenen ü"
+    for i in range(3):
+        shutil.copytree(synth_dir / f"scene_{i:05d}", scenes / f"scene {i}")
+    meta = json.loads((scenes / "scene 1" / "transforms.json").read_text())
+    frame = scenes / "scene 1" / meta["frames"][1]["file_path"]
+    frame.write_bytes(frame.read_bytes()[:40])  # truncated ground truth
+    (scenes / "scene 2" / meta["frames"][0]["depth_file_path"]).unlink()
+    out = tmp_path / "eval.json"
+    result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(scenes), "--output", str(out)], env)
+    report = json.loads(out.read_text())
+    assert len(report["scenes"]) == 1 and [Path(s["scene"]).parent.name for s in report["skipped"]] == ["scene 1", "scene 2"]
+    assert frame.name in report["skipped"][0]["error"] and "cannot read image" in report["skipped"][0]["error"]
+    assert "but missing" in report["skipped"][1]["error"]
+    assert "skipped scene scene 1" in result.stderr and "skipped 2 scene(s)" in result.stderr
+    strict = subprocess.run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(scenes), "--output",
+                             str(out), "--strict"], env=env, capture_output=True, text=True, timeout=300)
+    last = strict.stderr.strip().splitlines()[-1]
+    assert strict.returncode != 0 and "Traceback" not in strict.stderr
+    assert last.startswith("vq3d eval: error: ") and frame.name in last and last.endswith("(--strict)")
+
+
+def test_ns_train_skips_a_corrupt_image_and_strict_stops_at_it(synth_dir, tmp_path, cli_env):
+    """Two good synthetic images and two bad files, two images a step: every file is asked for in
+    the first epoch. The run completes and names the files; with --strict it stops in one line."""
+    data = tmp_path / "bilder mit ä"
+    data.mkdir()
+    for i in range(2):
+        (data / f"gut {i}.png").write_bytes((synth_dir / f"scene_{i:05d}" / "images" / "frame_00000.png").read_bytes())
+    (data / "kaputt.png").write_bytes((data / "gut 0.png").read_bytes()[:100])
+    (data / "leer.jpg").write_bytes(b"")
+    args = [cli("ns-train"), "vq3d-tiny", "--data", str(data), "--output-dir", str(tmp_path / "runs"),
+            "--max-num-iterations", "4", *FAST, "--pipeline.datamanager.num-workers", "1",
+            "--pipeline.datamanager.dataparser.eval-fraction", "0"]
+    result = run(args, cli_env)
+    assert "kaputt.png: cannot read image" in result.stderr and "leer.jpg: cannot read image" in result.stderr
+    assert "2 bad file(s) were skipped in this run" in result.stderr
+    assert list((tmp_path / "runs").glob("**/nerfstudio_models/step-000000003.ckpt"))
+    strict = subprocess.run(args + ["--pipeline.datamanager.strict", "True"], env=cli_env, capture_output=True,
+                            text=True, timeout=300)
+    last = strict.stderr.strip().splitlines()[-1]
+    assert strict.returncode != 0 and "Traceback" not in strict.stderr
+    assert last.startswith("vq3d: error: ") and ("kaputt.png" in last or "leer.jpg" in last)
+    assert "--pipeline.datamanager.strict" in last
 
 
 def test_ns_render_spiral_and_interpolate(trained_run, tmp_path):

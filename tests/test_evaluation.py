@@ -160,3 +160,32 @@ def test_lpips_and_spread_join_the_views(scenes):
     input_gt = load_rgb(load_scene(path).images[0])
     for view, image in zip(result["views"][1:], load_scene(path).images[1:]):
         assert view["still_lpips"] == pytest.approx(float((input_gt - load_rgb(image)).abs().mean()), rel=1e-5)
+
+
+def test_bad_frames_and_depth_name_the_file(scenes, tmp_path):
+    import shutil
+
+    def fresh(name):
+        scene = tmp_path / name
+        shutil.copytree(scenes[0].parent, scene)
+        return scene / "transforms.json", json.loads((scene / "transforms.json").read_text())
+
+    path, meta = fresh("missing depth")
+    (path.parent / meta["frames"][1]["depth_file_path"]).unlink()
+    with pytest.raises(DatasetError, match=r"\.npy: listed in .*transforms\.json \(frame 1\) but missing"):
+        load_scene(path)
+    path, meta = fresh("wrong size")  # a ground-truth frame that is not w x h
+    frame = path.parent / meta["frames"][2]["file_path"]
+    Image.open(frame).resize((10, 7)).save(frame)
+    with pytest.raises(DatasetError, match=rf"{frame.name}: is 10x7 but its transforms.json says w=24, h=24"):
+        evaluate_scene(load_scene(path), oracle_for(path), 2.0, load_rgb, load_rgb)
+    path, meta = fresh("bool depth")
+    depth = path.parent / meta["frames"][0]["depth_file_path"]
+    np.save(depth, np.ones((24, 24), bool))
+    with pytest.raises(DatasetError, match=rf"{depth.name}: depth has dtype bool"):
+        evaluate_scene(load_scene(path), oracle_for(path), 2.0, load_rgb, load_rgb)
+    path, meta = fresh("bad json types")
+    meta["w"] = "wide"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="intrinsics or pivot are not numbers"):
+        load_scene(path)

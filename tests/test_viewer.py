@@ -36,6 +36,43 @@ def test_decode_upload_accepts_photos_and_refuses_the_rest():
         decode_upload("bomb.png", bomb.getvalue(), 16)
 
 
+def test_decode_upload_of_each_awkward_kind(monkeypatch):
+    with pytest.raises(ValueError, match="upload is empty"):
+        decode_upload("empty.jpg", b"", 8)
+    buf = io.BytesIO()
+    Image.new("RGBA", (6, 4), (0, 0, 0, 0)).save(buf, format="PNG")  # fully transparent: white, not black
+    assert torch.equal(decode_upload("cutout.png", buf.getvalue(), 4), torch.ones(4, 4, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(buf, format="PNG")  # dark 16-bit stays dark
+    assert torch.allclose(decode_upload("dark.png", buf.getvalue(), 4), torch.tensor(4 / 255))
+    buf = io.BytesIO()
+    Image.new("LAB", (4, 4)).save(buf, format="TIFF")
+    with pytest.raises(ValueError, match=r"lab\.tif: the image data is damaged or unsupported \(colour mode LAB is not supported"):
+        decode_upload("lab.tif", buf.getvalue(), 4)
+    buf = io.BytesIO()
+    Image.new("L", (100, 100)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over Pillow's own bomb limit: refused when opened
+    with pytest.raises(ValueError, match="bomb.png: over the 50 megapixel limit"):
+        decode_upload("bomb.png", buf.getvalue(), 4)
+
+
+def test_picking_a_bad_dataset_image_keeps_the_scene():
+    from types import SimpleNamespace
+
+    from vq3d_nerfstudio.data.dataparser import DatasetError
+    from vq3d_nerfstudio.viewer_controls import SceneControls
+
+    def show_image(split, index):
+        raise DatasetError("/data/kaputt.png: cannot read image (image file is truncated); replace or remove the file")
+
+    datamanager = SimpleNamespace(train_dataset=[0, 1, 2], eval_dataset=[0, 1, 2])
+    controls = SceneControls(SimpleNamespace(datamanager=datamanager, model=SimpleNamespace(show_image=show_image)))
+    controls.split.value, controls.index.value = "train", 1
+    controls._on_pick()
+    assert controls.shown.value.startswith("cannot show train image 1: /data/kaputt.png: cannot read image")
+    assert controls.shown.value.endswith("still showing the previous image")
+
+
 @pytest.fixture(scope="module")
 def pipeline(synth_dir):
     from vq3d_nerfstudio.method_configs import build_trainer_config

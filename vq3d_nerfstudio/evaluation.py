@@ -37,33 +37,49 @@ class EvalScene:
 
 
 def load_scene(transforms_path: Path) -> EvalScene:
-    """Read and validate a scene; errors name the file and what to fix."""
+    """Read and validate a scene; errors name the file and what to fix. Every listed image and depth
+    file must exist (whether it decodes is found when it is read)."""
     try:
-        meta = json.loads(transforms_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = json.loads(transforms_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise DatasetError(f"{transforms_path}: cannot read ({err}); write a nerfstudio transforms.json") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{transforms_path}: not a JSON object; write a nerfstudio transforms.json")
     missing = [k for k in ("fl_x", "fl_y", "cx", "cy", "w", "h", "frames") if k not in meta]
     if missing:
         raise DatasetError(f"{transforms_path}: missing {', '.join(missing)}; add them (nerfstudio format)")
     frames = meta["frames"]
-    if len(frames) < 2:
+    if not isinstance(frames, list) or len(frames) < 2:
         raise DatasetError(f"{transforms_path}: needs frame 0 (the input) and at least one novel view")
     root = transforms_path.parent
     images, depths, poses = [], [], []
     for i, frame in enumerate(frames):
-        if "file_path" not in frame or "transform_matrix" not in frame:
+        if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or "transform_matrix" not in frame:
             raise DatasetError(f"{transforms_path}: frame {i} lacks file_path or transform_matrix")
         image = root / frame["file_path"]
-        if not image.exists():
-            raise DatasetError(f"{image}: listed in {transforms_path} but missing")
+        if not image.is_file():
+            raise DatasetError(f"{image}: listed in {transforms_path} (frame {i}) but missing; add it or remove the frame")
         images.append(image)
-        depths.append(root / frame["depth_file_path"] if frame.get("depth_file_path") else None)
-        pose = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        depth = root / str(frame["depth_file_path"]) if frame.get("depth_file_path") else None
+        if depth is not None and not depth.is_file():
+            raise DatasetError(f"{depth}: listed in {transforms_path} (frame {i}) but missing; add it or remove depth_file_path")
+        depths.append(depth)
+        try:
+            pose = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        except (TypeError, ValueError):
+            pose = np.full(1, np.nan)
         if pose.shape != (4, 4) or not np.isfinite(pose).all():
             raise DatasetError(f"{transforms_path}: frame {i} transform_matrix is not a finite 4x4 matrix")
         poses.append(pose)
-    pivot = np.asarray(meta["pivot"], dtype=np.float64) if "pivot" in meta else None
-    intrinsics = {k: float(meta[k]) for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")}
+    try:
+        pivot = np.asarray(meta["pivot"], dtype=np.float64) if "pivot" in meta else None
+        intrinsics = {k: float(meta[k]) for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")}
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{transforms_path}: intrinsics or pivot are not numbers ({err}); fix them") from err
+    if pivot is not None and (pivot.shape != (3,) or not np.isfinite(pivot).all()):
+        raise DatasetError(f"{transforms_path}: pivot is not a finite [x, y, z]; fix or remove it")
+    if not all(math.isfinite(v) and v > 0 for k, v in intrinsics.items() if k in ("fl_x", "fl_y", "w", "h")):
+        raise DatasetError(f"{transforms_path}: fl_x, fl_y, w and h must be positive numbers")
     return EvalScene(root.name, images, depths, np.stack(poses), intrinsics, pivot)
 
 
@@ -154,18 +170,35 @@ def evaluate_scene(
     ``load_rgb(path) -> [h, w, 3]`` reads a ground-truth frame; ``load_input(path) -> [S, S, 3]``
     reads the input image as the model sees it; ``lpips(a, b) -> [B]`` (``[B, 3, h, w]`` in [0, 1]),
     when given, adds LPIPS to every view and to the 'nothing moves' floor.
+
+    Raises:
+        DatasetError: naming the file: a frame that cannot be read or whose size is not the scene's
+            ``w`` x ``h``, or a depth file that is not an ``h`` x ``w`` numeric ``.npy``.
     """
-    depth0 = np.load(scene.depths[0]) if scene.depths[0] is not None else None
-    median = float(np.median(depth0[np.isfinite(depth0) & (depth0 > 0)])) if depth0 is not None else None
+    from vq3d_nerfstudio.data.dataset import load_depth_array
+
+    hw = (int(scene.intrinsics["h"]), int(scene.intrinsics["w"]))
+    depth0 = load_depth_array(scene.depths[0], hw) if scene.depths[0] is not None else None
+    usable = depth0[np.isfinite(depth0) & (depth0 > 0)] if depth0 is not None else np.zeros(0)
+    median = float(np.median(usable)) if usable.size else None
     if scene.pivot is None and median is None:
         raise DatasetError(f"{scene.images[0]}: scene has neither a pivot nor depth for frame 0; add a \"pivot\"")
     world_to_cam0, scale = canonical_alignment(scene.camera_to_worlds[0], distance, scene.pivot, median)
     poses = [align_pose(c2w, world_to_cam0, scale, distance) for c2w in scene.camera_to_worlds]
     outputs = render(load_input(scene.images[0]), poses, scene.intrinsics)
-    input_gt = load_rgb(scene.images[0])
+    def ground_truth(image: Path) -> torch.Tensor:
+        gt = load_rgb(image)
+        if tuple(gt.shape[:2]) != hw:
+            raise DatasetError(
+                f"{image}: is {gt.shape[1]}x{gt.shape[0]} but its transforms.json says w={hw[1]}, h={hw[0]}; "
+                "fix w/h or the image"
+            )
+        return gt
+
+    input_gt = ground_truth(scene.images[0])
     views = []
     for i, (image, depth, out) in enumerate(zip(scene.images, scene.depths, outputs)):
-        gt = load_rgb(image)
+        gt = ground_truth(image)
         row = {
             "frame": i,
             "offset_deg": round(view_offset_deg(scene.camera_to_worlds[0], scene.camera_to_worlds[i]), 2),
@@ -182,7 +215,7 @@ def evaluate_scene(
                 if i > 0 and still:
                     row["still_lpips"] = float(lpips(to_batch(input_gt), to_batch(gt))[0])
         if depth is not None:
-            gt_depth = torch.from_numpy(np.load(depth).astype(np.float64) * scale)
+            gt_depth = torch.from_numpy(load_depth_array(depth, hw).astype(np.float64) * scale)
             row.update(depth_errors(out["z_depth"], gt_depth))
             if "weights" in out:
                 spread = depth_spread(out["weights"], out["sample_z"], gt_depth)

@@ -127,11 +127,12 @@ class Vq3dPipeline(VanillaPipeline):
         super().load_pipeline(loaded_state, step)
 
     def load_image(self, split: str, index: int) -> torch.Tensor:
-        """``[S, S, 3]`` image ``index`` of the 'train' or 'eval' split."""
+        """``[S, S, 3]`` image ``index`` of the 'train' or 'eval' split: that very image (never a
+        replacement for a bad file: ``DatasetError`` names it instead)."""
         dataset = self.datamanager.train_dataset if split == "train" else self.datamanager.eval_dataset
         if not 0 <= index < len(dataset):
             raise IndexError(f"no {split} image {index}: the {split} split has {len(dataset)} images")
-        return dataset[index]["image"]
+        return dataset.get_data(index)["image"]
 
     @profiler.time_function
     def get_train_loss_dict(self, step: int):
@@ -184,6 +185,7 @@ class Vq3dPipeline(VanillaPipeline):
         with Progress(*columns, transient=True) as progress:
             task = progress.add_task("[green]Evaluating all images...", total=len(data_loader))
             for idx, (camera, batch) in enumerate(data_loader):
+                self.datamanager.report_skipped(batch, step or 0)  # a bad file was replaced by the next image
                 start = time()
                 self.model.set_scene_images(batch["image"], key=("eval", int(batch["image_idx"])))
                 outputs = self.model.get_outputs_for_camera(camera=camera)

@@ -54,24 +54,34 @@ class ViewerUploadButton(ViewerElement[object]):
 
 
 def decode_upload(name: str, content: bytes, size: int):
-    """``[size, size, 3]`` image from uploaded bytes, or ``ValueError`` with a message for the user."""
+    """``[size, size, 3]`` image from uploaded bytes (read as :func:`~vq3d_nerfstudio.data.dataset.load_image`
+    reads files: EXIF rotation, greyscale / 16-bit / CMYK, transparency over white), or ``ValueError``
+    with a one-line message for the user. Refused before decoding: empty uploads, more than
+    ``MAX_UPLOAD_BYTES``, anything Pillow cannot identify, more than ``MAX_UPLOAD_PIXELS`` pixels."""
     from PIL import Image
 
+    from vq3d_nerfstudio.data.dataparser import DatasetError
     from vq3d_nerfstudio.data.dataset import load_image
 
+    if not content:
+        raise ValueError(f"{name}: the upload is empty (0 bytes); pick the photo again")
     if len(content) > MAX_UPLOAD_BYTES:
         raise ValueError(f"{name}: {len(content) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB upload limit")
+    limit = f"the {MAX_UPLOAD_PIXELS // 10**6} megapixel limit; downscale it first"
     try:
-        with Image.open(io.BytesIO(content)) as probe:
+        with Image.open(io.BytesIO(content)) as probe:  # reads the header only
             width, height = probe.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"{name}: over {limit}") from None
     except Exception as err:  # noqa: BLE001 - anything PIL cannot open is "not an image"
-        raise ValueError(f"{name}: not an image this viewer can read ({type(err).__name__})") from None
+        raise ValueError(f"{name}: not an image this viewer can read ({type(err).__name__}); upload a JPEG, PNG or WebP") from None
     if width * height > MAX_UPLOAD_PIXELS:
-        raise ValueError(f"{name}: {width}x{height} is over the {MAX_UPLOAD_PIXELS // 10**6} megapixel limit")
+        raise ValueError(f"{name}: {width}x{height} is over {limit}")
     try:
-        return load_image(io.BytesIO(content), size)
-    except Exception as err:  # noqa: BLE001 - truncated or corrupt data
-        raise ValueError(f"{name}: the image data is damaged ({type(err).__name__})") from None
+        return load_image(io.BytesIO(content), size, label=name)
+    except DatasetError as err:  # truncated or corrupt data, an unsupported mode, ...
+        detail = str(err).removeprefix(f"{name}: ").removesuffix("; replace or remove the file")
+        raise ValueError(f"{name}: the image data is damaged or unsupported ({detail}); upload another photo") from None
 
 
 class CpuViewerDefaults(ViewerControl):
@@ -127,7 +137,11 @@ class SceneControls:
         if not 0 <= index < count:
             self.shown.value = f"no {split} image {index}: the {split} split has {count} images (0-{count - 1})"
             return
-        self._pipeline.model.show_image(split, index)
+        try:
+            self._pipeline.model.show_image(split, index)
+        except ValueError as err:  # DatasetError: the file is bad; the previous scene stays
+            self.shown.value = f"cannot show {split} image {index}: {err}; still showing the previous image"
+            return
         self.shown.value = self._label(split, index)
 
     def _on_random(self, _element=None) -> None:

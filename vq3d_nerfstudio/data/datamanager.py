@@ -13,6 +13,14 @@ Two sources, picked by the dataparser from ``--data``:
   the shard order reshuffled and ``set_epoch`` called at each pass, each DDP rank reading its own
   shards). ``train_dataset`` / ``eval_dataset`` are then the bounded preview and eval sets.
 
+A file that cannot be read (corrupt, truncated, not an image, a bad depth ``.npy``) never stops a
+run by default: the dataset replaces the item by the next readable image and lists the file in the
+item's ``skipped`` entry, which rides through the DataLoader (a worker process cannot print into the
+trainer's log, and its counters would die with it). The datamanager, in the training process, prints
+one warning line per bad file with the running count, logs the count as ``data/skipped_files`` and
+prints a summary when the process ends. ``--pipeline.datamanager.strict True`` stops at the first
+bad file with one line naming it instead. (Prepared shards were validated by ``vq3d prepare``.)
+
 Under DDP the rank is ``torch.distributed``'s global rank (nerfstudio passes the *local* rank, which
 repeats across machines).
 
@@ -23,9 +31,11 @@ pivot, without ``batch_idx``, so the model renders its shown scene from all arou
 
 from __future__ import annotations
 
+import atexit
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Literal, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -37,7 +47,7 @@ from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig
-from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
+from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, Vq3dImageDataset
 
 
 @dataclass
@@ -55,6 +65,11 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     """DataLoader worker processes reading and resizing images."""
     seed: int = 0
     """Seed of the shuffling order (and of DistributedSampler under DDP)."""
+    strict: bool = False
+    """Stop at the first image or depth file that cannot be read, with one error naming it and the fix.
+    Without it a bad file is skipped: its place in the batch goes to the next readable image, one
+    warning line names the file, the reason and how many have been skipped so far (also logged as
+    data/skipped_files), and a summary is printed when the run ends."""
     shuffle_buffer: int = 256
     """Prepared shards only: samples each DataLoader worker holds to shuffle the stream (0: read in
     shard order, the same every epoch). The shard order is reshuffled every epoch as well, and
@@ -79,6 +94,23 @@ def global_rank(fallback: int) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return fallback
+
+
+def dataset_error_message(err: Exception) -> str:
+    """The message of a ``DatasetError``, also when a DataLoader worker raised it (torch re-raises it
+    in the main process with the worker's whole traceback as the message)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split("DatasetError: ", 1)[-1]
+    return text
+
+
+def _print_skip_summary(skipped: Dict[str, str]) -> None:
+    if skipped:
+        names = list(skipped)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"vq3d: warning: {len(names)} bad file(s) were skipped in this run: {shown}", file=sys.stderr, flush=True)
 
 
 def _forever(loader: DataLoader) -> Iterator[Dict]:
@@ -133,6 +165,11 @@ class Vq3dDataManager(VanillaDataManager):
             dataset_class = ShardImageDataset
         self.train_dataset = dataset_class(self.train_dataparser_outputs)
         self.eval_dataset = dataset_class(self.dataparser.get_dataparser_outputs(split=self.test_split))
+        for dataset in (self.train_dataset, self.eval_dataset):
+            if isinstance(dataset, Vq3dImageDataset):
+                dataset.strict = config.strict
+        self.skipped_files: Dict[str, str] = {}
+        """Files skipped so far (path -> the reason), met by any DataLoader worker of this process."""
         self.iter_train_image_dataloader: Optional[Iterator[Dict]] = None
         # Read by ns-export (it sets num_rays_per_batch); training samples pixels itself.
         self.train_pixel_sampler = PixelSamplerConfig(
@@ -202,6 +239,43 @@ class Vq3dDataManager(VanillaDataManager):
         self.fixed_indices_eval_dataloader = FixedIndicesEvalDataloader(input_dataset=self.eval_dataset, device=self.device)
         self.eval_dataloader = RandIndicesEvalDataloader(input_dataset=self.eval_dataset, device=self.device)
 
+    def _next(self, iterator: Iterator, step: int):
+        """The next item of a loader (a batch dict, or ``(camera, batch)``); the bad files skipped to
+        make it are reported, and a ``DatasetError`` (strict, or nothing readable left) ends the run
+        in one line."""
+        try:
+            item = next(iterator)
+        except DatasetError as err:
+            hint = " (--pipeline.datamanager.strict True; without it bad files are skipped and reported)"
+            raise SystemExit(f"vq3d: error: {dataset_error_message(err)}{hint if self.config.strict else ''}") from None
+        self.report_skipped(item[1] if isinstance(item, tuple) else item, step)
+        return item
+
+    def report_skipped(self, batch: Dict, step: int) -> None:
+        """Take the ``skipped`` entry out of ``batch`` and warn once per newly skipped file."""
+        entries: Union[None, str, List[str]] = batch.pop(SKIPPED_KEY, None)
+        if not entries:
+            return
+        before = len(self.skipped_files)
+        for entry in [entries] if isinstance(entries, str) else entries:
+            for line in entry.splitlines():
+                path, _, reason = line.partition("\t")
+                if path in self.skipped_files:
+                    continue
+                self.skipped_files[path] = reason
+                count = len(self.skipped_files)
+                print(
+                    f"vq3d: warning: skipped {reason} ({count} bad file{'s' if count > 1 else ''} so far; "
+                    "--pipeline.datamanager.strict True stops at the first instead)",
+                    file=sys.stderr, flush=True,
+                )
+        if len(self.skipped_files) > before:
+            if before == 0:
+                atexit.register(_print_skip_summary, self.skipped_files)
+            from nerfstudio.utils import writer
+
+            writer.put_scalar("data/skipped_files", len(self.skipped_files), step)
+
     def _rays_for_images(self, images: Dict, ray_generator: RayGenerator) -> Tuple[RayBundle, Dict]:
         image = images["image"].to(self.device)  # (B, S, S, 3)
         num_images, height, width = image.shape[:3]
@@ -234,7 +308,7 @@ class Vq3dDataManager(VanillaDataManager):
             return self.orbit_rays(self.train_pixel_sampler.num_rays_per_batch), {}
         if self.iter_train_image_dataloader is None and self.shard_root is not None:
             self.iter_train_image_dataloader = self._shard_loader(self._epoch_at(step))
-        return self._rays_for_images(next(self.iter_train_image_dataloader), self.train_ray_generator)
+        return self._rays_for_images(self._next(self.iter_train_image_dataloader, step), self.train_ray_generator)
 
     def _epoch_at(self, step: int) -> int:
         """The shard epoch a run (resumed) at ``step`` has reached, estimated from the index, so a
@@ -265,12 +339,13 @@ class Vq3dDataManager(VanillaDataManager):
 
     def next_eval(self, step: int) -> Tuple[RayBundle, Dict]:
         self.eval_count += 1
-        return self._rays_for_images(next(self.iter_eval_image_dataloader), self.eval_ray_generator)
+        return self._rays_for_images(self._next(self.iter_eval_image_dataloader, step), self.eval_ray_generator)
 
     def next_eval_image(self, step: int) -> Tuple[Cameras, Dict]:
-        for camera, batch in self.eval_dataloader:
-            return camera, batch
-        raise ValueError("No eval images")
+        if len(self.eval_dataset) == 0:
+            raise ValueError("No eval images")
+        camera, batch = self._next(iter(self.eval_dataloader), step)
+        return camera, batch
 
     def get_train_rays_per_batch(self) -> int:
         return self.config.images_per_batch * self.config.rays_per_image

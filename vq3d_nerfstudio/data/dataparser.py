@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type
@@ -95,8 +96,17 @@ class ImageRecord:
     key: str  # path relative to the data folder, POSIX form
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def is_image_file(path: Path) -> bool:
+    """An image file by its name. A symlink with an image name counts even when it leads nowhere
+    (broken, or a loop): reading it then fails, and the file is reported instead of vanishing."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+        return False
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
+
+
+def _relative_key(path: Path, root: Path) -> str:
+    """``path`` relative to ``root``, POSIX form (``..`` parts when it lies outside)."""
+    return Path(os.path.relpath(path, root)).as_posix()
 
 
 def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
@@ -105,16 +115,16 @@ def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord]
     records, kinds, scene_classes = [], set(), []
     for transforms_path in scene_files:
         try:
-            meta = json.loads(transforms_path.read_text())
+            meta = json.loads(transforms_path.read_text(encoding="utf-8"))
             frame = meta["frames"][0]
             image = transforms_path.parent / frame["file_path"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as err:
             raise DatasetError(f"{transforms_path}: not a readable scene ({err!r}); fix or remove the folder") from err
         depth = transforms_path.parent / frame["depth_file_path"] if "depth_file_path" in frame else None
         if "depth_kind" in meta:
             kinds.add(meta["depth_kind"])
         scene_classes.append(meta.get("class_name"))
-        records.append(ImageRecord(image, depth, -1, image.relative_to(root).as_posix()))
+        records.append(ImageRecord(image, depth, -1, _relative_key(image, root)))
     if len(kinds) > 1:
         raise DatasetError(f"{root}: scenes disagree on depth_kind {sorted(kinds)}; make them agree")
     names: List[str] = []
@@ -128,38 +138,68 @@ def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord]
 def scan_image_folder(root: Path) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
     """Find the images under ``root``.
 
+    Files are images by their extension (:data:`IMAGE_EXTENSIONS`, any case; hidden files skipped);
+    whether they decode is found when they are read. Inside class folders the search recurses into
+    real subfolders but not into symlinked ones, so a symlink loop cannot make it run forever; a class
+    folder may itself be a symlink. Paths may hold spaces and any Unicode.
+
     Returns:
         ``(records, class_names, depth_kind_from_metadata)``; class names are empty when the folder
         has no class subfolders.
+
+    Raises:
+        DatasetError: no such folder, nothing that looks like an image in it, an unreadable
+            ``vq3d_meta.json`` or scene, or a folder that cannot be listed.
     """
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; pass --data <folder of images>")
+    try:
+        return _scan(root)
+    except OSError as err:  # permissions, a folder vanishing while it is listed, ...
+        where = err.filename or root
+        raise DatasetError(f"{where}: cannot list the data folder ({err.strerror or err}); check its permissions") from err
+
+
+def _scan(root: Path) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
     scene_files = sorted(root.glob("*/transforms.json"))
     meta_kind = None
     meta_file = root / "vq3d_meta.json"
     if meta_file.exists():
-        meta_kind = json.loads(meta_file.read_text()).get("depth_kind")
+        try:
+            meta_kind = json.loads(meta_file.read_text(encoding="utf-8")).get("depth_kind")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise DatasetError(
+                f"{meta_file}: not a JSON object ({type(err).__name__}); write {{\"depth_kind\": \"z-depth\"}} "
+                "(or \"disparity\"), or delete the file"
+            ) from err
     if scene_files:
         records, names, scene_kind = _scan_scenes(root, scene_files)
         return records, names, meta_kind or scene_kind
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    class_dirs = [d for d in class_dirs if any(_is_image(p) for p in d.rglob("*"))]
+    class_dirs = [d for d in class_dirs if any(is_image_file(p) for p in d.rglob("*"))]
     records: List[ImageRecord] = []
     if class_dirs:
         for class_id, class_dir in enumerate(class_dirs):
-            for image in sorted(p for p in class_dir.rglob("*") if _is_image(p)):
+            for image in sorted(p for p in class_dir.rglob("*") if is_image_file(p)):
                 records.append(ImageRecord(image, None, class_id, image.relative_to(root).as_posix()))
         names = [d.name for d in class_dirs]
     else:
-        for image in sorted(p for p in root.iterdir() if _is_image(p)):
+        for image in sorted(p for p in root.iterdir() if is_image_file(p)):
             records.append(ImageRecord(image, None, -1, image.name))
         names = []
     for record in records:
         candidate = record.image.with_suffix(".npy")
         record.depth = candidate if candidate.exists() else None
     if not records:
+        others = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != meta_file.name)
+        found = (
+            f"it holds {len(others)} other entr{'y' if len(others) == 1 else 'ies'} ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}), none an image"
+            if others else "it is empty"
+        )
         raise DatasetError(
-            f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files, flat or in class subfolders)"
+            f"{root}: no images found ({found}); put {', '.join(IMAGE_EXTENSIONS)} files in it (flat, or in class "
+            "subfolders), or pass --data <folder of images>"
         )
     return records, names, meta_kind
 

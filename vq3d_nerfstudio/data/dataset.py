@@ -1,18 +1,70 @@
-"""Dataset of single images, read lazily from disk, centre-cropped and resized to the model size."""
+"""Dataset of single images, read lazily from disk, centre-cropped and resized to the model size.
+
+Reading is where bad files meet the code, so the readers here turn every way a file can be bad into
+one :class:`~vq3d_nerfstudio.data.dataparser.DatasetError` whose message starts with the file and
+ends with the fix:
+
+- :func:`load_image`: any image Pillow reads, normalised to 8-bit RGB as stored, without colour management (EXIF
+  orientation applied; greyscale, palette, CMYK, 16-bit and float converted; transparency composited
+  over white, see :data:`ALPHA_BACKGROUND`);
+- :func:`load_depth_array` / :func:`load_disparity`: a depth ``.npy`` checked for format, dtype and
+  size, with the validity rule of each depth kind documented on :func:`disparity_from_depth`.
+
+:class:`Vq3dImageDataset` skips a bad file during training (the item is replaced by the next
+readable image and the skipped file travels with the item, see ``SKIPPED_KEY``) unless it is
+``strict``.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import IO, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 from nerfstudio.data.datasets.base_dataset import InputDataset
-from PIL import Image, ImageOps
+from PIL import Image
 
 from vq3d_nerfstudio.data.dataparser import DatasetError
+
+ImageSource = Union[Path, str, IO[bytes]]
+
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited over white. Images with transparency are mostly cut-out objects
+(product shots, renders of ShapeNet / Objaverse-style assets) made to be seen on a white page; white
+is what their authors saw, and a black background would merge with dark objects and shadows. The
+stored colour of a fully transparent pixel is arbitrary (often black, sometimes garbage) and is never
+used."""
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+"""16-bit greyscale: read as ``value / 65535`` (the format's full range), so a dark photo stays dark."""
+
+SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F")
+"""Pillow modes read (plus :data:`SIXTEEN_BIT_MODES`). Others (LAB, HSV) are refused with a message:
+converting them needs colour management that a silent fallback would get wrong."""
+
+#: EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+SKIPPED_KEY = "skipped"
+"""Item key listing the files skipped to produce it: one ``"<path>\\t<reason>"`` line per file,
+``""`` when none. It rides through the DataLoader (collated into a list of strings), so files met by
+worker processes are reported by the main process (see ``Vq3dDataManager``)."""
+
+MAX_REPLACEMENT_TRIES = 64
+"""A bad item is replaced by the next readable image; after this many bad files in a row the data is
+taken to be wrong as a whole and the error is raised."""
 
 
 def center_crop_box(width: int, height: int) -> Tuple[int, int, int, int]:
@@ -22,84 +74,282 @@ def center_crop_box(width: int, height: int) -> Tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Read any common image (EXIF orientation applied, greyscale/RGBA/CMYK converted to RGB),
-    centre-crop to a square and resize to ``size``.
+def _label(source: ImageSource, label: Optional[str]) -> str:
+    if label is not None:
+        return label
+    return str(source) if isinstance(source, (str, Path)) else "<image data>"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _exif_orientation(pil: Image.Image) -> int:
+    """The EXIF orientation tag (1-8); 1 when absent or when the EXIF block is malformed (the pixels
+    are still good: show them as stored rather than refuse the photo)."""
+    try:
+        value = pil.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - Pillow raises many types on a malformed EXIF block
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _bomb_reason(err: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (
+        f"{pixels}, over Pillow's decompression-bomb limit of {limit:,} (a small file that would expand to "
+        "gigabytes in memory); if the image is genuine, downscale it (e.g. to 4096 px on the long side), "
+        "otherwise remove it"
+    )
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``rgb * a + ALPHA_BACKGROUND * (1 - a)`` in exact integer arithmetic, rounded; uint8 in and out."""
+    rgb32, a32 = rgb.astype(np.uint32), alpha.astype(np.uint32)[..., None]
+    background = np.asarray(ALPHA_BACKGROUND, dtype=np.uint32)
+    return ((rgb32 * a32 + background * (255 - a32) + 127) // 255).astype(np.uint8)
+
+
+def _to_rgb(pil: Image.Image, label: str) -> Image.Image:
+    """Decoded pixels of any supported mode -> an RGB image (8 bits a channel)."""
+    mode = pil.mode
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        values = np.asarray(pil).astype(np.float64)
+        if mode == "F":
+            # 32-bit float images: the [0, 1] convention (what imaging tools write for float data).
+            low, high = 0.0, 1.0
+        else:
+            # "I" is 32-bit integer storage; the images that arrive in it hold 16-bit data
+            # (16-bit PGM / PNG in older Pillow versions), so read it as 16-bit and refuse the rest.
+            low, high = 0.0, 65535.0
+        if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
+            finite = values[np.isfinite(values)]
+            shown = f"{finite.min():g}..{finite.max():g}" if finite.size else "no finite values"
+            kind = "float" if mode == "F" else "32-bit integer"
+            raise DatasetError(
+                f"{label}: {kind} image with values {shown}{'' if finite.size == values.size else ' and NaN/inf'}, "
+                f"outside {low:g}..{high:g}; save it as an 8- or 16-bit PNG"
+            )
+        return Image.fromarray(np.round(values / high * 255.0).astype(np.uint8)).convert("RGB")
+    if mode not in SUPPORTED_MODES:
+        raise DatasetError(f"{label}: colour mode {mode} is not supported; save the image as RGB (sRGB) PNG or JPEG")
+    has_alpha = "A" in pil.getbands() or "a" in pil.getbands() or "transparency" in pil.info
+    if mode == "P" and pil.palette is not None and pil.palette.mode == "RGBA":
+        has_alpha = True
+    if has_alpha:
+        rgba = np.asarray(pil.convert("RGBA"))
+        return Image.fromarray(_composite(rgba[..., :3], rgba[..., 3]))
+    return pil.convert("RGB")
+
+
+def read_rgb(source: ImageSource, label: Optional[str] = None) -> np.ndarray:
+    """Decode a whole image as displayed: ``[H, W, 3]`` uint8 RGB.
+
+    EXIF orientation is applied (a malformed EXIF block is ignored). Greyscale and palette images
+    become grey / palette colours; CMYK uses Pillow's conversion ``255 (1 - C)(1 - K)`` (embedded ICC
+    profiles are not applied); 16-bit greyscale is ``round(v / 65535 * 255)``, never stretched to the
+    image's own maximum; 32-bit integer images must hold 0..65535 (read as 16-bit) and float images
+    0..1; transparency (an alpha band, or a palette / colour-key ``transparency``) is composited over
+    :data:`ALPHA_BACKGROUND`.
+
+    Raises:
+        DatasetError: ``"<file>: cannot read image (<reason>); <fix>"`` for empty, truncated or
+            non-image files, decompression bombs, unsupported modes and anything else Pillow rejects.
+    """
+    return np.asarray(_read_rgb_image(source, label))
+
+
+def _read_rgb_image(source: ImageSource, label: Optional[str] = None) -> Image.Image:
+    """:func:`read_rgb` as an RGB Pillow image (no copy through numpy on the training path)."""
+    label = _label(source, label)
+    if isinstance(source, (str, Path)):
+        try:
+            empty = Path(source).stat().st_size == 0
+        except OSError as err:
+            reason = _one_line(err.strerror or err)
+            raise DatasetError(f"{label}: cannot read image ({reason}); replace or remove the file") from err
+        if empty:
+            raise DatasetError(f"{label}: cannot read image (empty file, 0 bytes); replace or remove the file")
+    try:
+        with Image.open(source) as pil:
+            transpose = _EXIF_TRANSPOSE.get(_exif_orientation(pil))
+            pil.load()
+            if transpose is not None:
+                pil = pil.transpose(transpose)
+            return _to_rgb(pil, label)
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DatasetError(f"{label}: cannot read image ({_bomb_reason(err)})") from err
+    except Image.UnidentifiedImageError as err:
+        raise DatasetError(
+            f"{label}: cannot read image (cannot identify the image format: not an image, or one Pillow does not "
+            "read); replace or remove the file"
+        ) from err
+    except MemoryError as err:
+        raise DatasetError(f"{label}: cannot read image (out of memory decoding it); downscale or remove the file") from err
+    except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, ... on bad data
+        reason = _one_line(f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else err)
+        raise DatasetError(f"{label}: cannot read image ({reason}); replace or remove the file") from err
+
+
+def load_image(source: ImageSource, size: int, label: Optional[str] = None) -> torch.Tensor:
+    """Read an image (see :func:`read_rgb` for what is accepted and how it is converted), centre-crop
+    it to a square and resize it (bicubic) to ``size``.
+
+    Args:
+        source: a path, or a binary file object (an upload).
+        size: output side in pixels.
+        label: the name errors give (default: the path).
 
     Returns:
-        ``[size, size, 3]`` float32 in [0, 1].
+        ``[size, size, 3]`` float32 in [0, 1], multiples of 1/255.
+
+    Raises:
+        DatasetError: the file cannot be read; the message names it and the fix.
     """
-    try:
-        with Image.open(path) as pil:
-            pil = ImageOps.exif_transpose(pil)
-            if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(pil, dtype=np.float32)
-                pil = Image.fromarray(np.clip(array / max(array.max(), 1.0) * 255, 0, 255).astype(np.uint8))
-            pil = pil.convert("RGB")
-            pil = pil.crop(center_crop_box(*pil.size))
-            if pil.size != (size, size):
-                pil = pil.resize((size, size), resample=Image.Resampling.BICUBIC, reducing_gap=3.0)
-            array = np.asarray(pil, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot read image ({err}); replace or remove the file") from err
-    return torch.from_numpy(array.copy())
-
-
-def load_disparity(path: Path, kind: str, image_hw: Tuple[int, int], size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Read a depth ``.npy`` and return disparity ``[size, size, 1]`` and a validity mask.
-
-    ``kind`` is 'z-depth' (world units; ``inf`` = nothing hit -> disparity 0) or 'disparity'
-    (relative, larger = nearer). Non-finite disparities and non-positive depths are masked out.
-    """
-    try:
-        depth = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot read depth ({err}); write a float32 .npy array") from err
-    if depth.ndim == 3 and depth.shape[-1] == 1:
-        depth = depth[..., 0]
-    if depth.ndim != 2 or depth.shape != image_hw:
-        raise DatasetError(
-            f"{path}: depth has shape {depth.shape} but its image is {image_hw[0]}x{image_hw[1]}; "
-            "save depth at the image's resolution"
-        )
-    depth = depth.astype(np.float32)
-    if kind == "z-depth":
-        valid = depth > 0  # inf (sky) is valid: disparity 0; NaN and <= 0 are not
-        disparity = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0)
-    else:
-        valid = np.isfinite(depth)
-        disparity = np.where(valid, depth, 0.0)
-    height, width = image_hw
-    left, top, right, bottom = center_crop_box(width, height)
-    disp = torch.from_numpy(np.ascontiguousarray(disparity[top:bottom, left:right]))[None, None]
-    mask = torch.from_numpy(np.ascontiguousarray(valid[top:bottom, left:right])).float()[None, None]
-    if disp.shape[-1] != size:
-        mode = "area" if disp.shape[-1] > size else "bilinear"
-        weighted = F.interpolate(disp * mask, size=(size, size), mode=mode)
-        coverage = F.interpolate(mask, size=(size, size), mode=mode)
-        disp = weighted / coverage.clamp_min(1e-6)
-        mask = coverage > 0.999
-    return disp[0].permute(1, 2, 0).float(), mask[0].permute(1, 2, 0).bool()
+    pil = _read_rgb_image(source, label)
+    pil = pil.crop(center_crop_box(*pil.size))
+    if pil.size != (size, size):
+        pil = pil.resize((size, size), resample=Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
 
 
 def image_size_of(path: Path) -> Tuple[int, int]:
-    """``(height, width)`` after EXIF orientation, without decoding pixels."""
-    with Image.open(path) as pil:
-        width, height = pil.size
-        orientation = pil.getexif().get(0x0112, 1)
+    """``(height, width)`` after EXIF orientation, without decoding pixels.
+
+    Raises:
+        DatasetError: the file is not an image Pillow can open.
+    """
+    try:
+        with Image.open(path) as pil:
+            width, height = pil.size
+            orientation = _exif_orientation(pil)
+    except Image.DecompressionBombError as err:
+        raise DatasetError(f"{path}: cannot read image ({_bomb_reason(err)})") from err
+    except Exception as err:  # noqa: BLE001 - as read_rgb
+        raise DatasetError(f"{path}: cannot read image ({_one_line(err)}); replace or remove the file") from err
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+# ---- depth ---------------------------------------------------------------------------------------
+
+_NPY_MAGIC = b"\x93NUMPY"
+_SAVE_HINT = "save it with np.save(path, depth.astype(np.float32))"
+
+
+def load_depth_array(path: Path, image_hw: Tuple[int, int]) -> np.ndarray:
+    """Read a depth ``.npy`` as ``[H, W]`` float32, checked against its image's ``(height, width)``.
+
+    Accepted: ``[H, W]`` or ``[H, W, 1]`` arrays of float (16/32/64 bit) or integer dtype (e.g.
+    millimetres in uint16), converted to float32 (values beyond float32's range become +-inf).
+    Refused, each with one message naming the file: not a ``.npy`` (text, ``.npz``, empty, truncated),
+    object arrays (pickled Python objects are never loaded), bool / complex / string / structured /
+    datetime dtypes, and any other shape.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read depth ({_one_line(err.strerror or err)}); {_SAVE_HINT}") from err
+    if head != _NPY_MAGIC:
+        what = "empty file" if not head else ".npz archive, not .npy" if head.startswith(b"PK") else "no NumPy .npy header"
+        raise DatasetError(f"{path}: cannot read depth ({what}); {_SAVE_HINT}")
+    try:
+        depth = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "Object arrays" in str(err) or "pickle" in str(err):
+            raise DatasetError(
+                f"{path}: depth is an object array (Python objects, dtype=object), not numbers; {_SAVE_HINT}"
+            ) from err
+        raise DatasetError(f"{path}: cannot read depth (damaged or truncated: {_one_line(err)}); {_SAVE_HINT}") from err
+    except Exception as err:  # noqa: BLE001 - EOFError, OSError, ... on a damaged header
+        raise DatasetError(f"{path}: cannot read depth ({type(err).__name__}: {_one_line(err)}); {_SAVE_HINT}") from err
+    if depth.dtype.kind not in "fiu":
+        what = {"b": "booleans (a mask?)", "c": "complex numbers", "V": "structured records", "U": "strings",
+                "S": "bytes", "M": "dates", "m": "time spans", "O": "Python objects"}.get(depth.dtype.kind, "non-numbers")
+        raise DatasetError(f"{path}: depth has dtype {depth.dtype} ({what}); {_SAVE_HINT}")
+    if depth.ndim == 3 and depth.shape[-1] == 1:
+        depth = depth[..., 0]
+    if depth.shape != tuple(image_hw):
+        raise DatasetError(
+            f"{path}: depth has shape {depth.shape} but its image is {image_hw[0]}x{image_hw[1]} (height x width); "
+            "save depth as an HxW array at the image's resolution"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        return depth.astype(np.float32)
+
+
+def disparity_from_depth(depth: np.ndarray, kind: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(disparity, valid)`` from a float32 depth array, both ``[H, W]`` (float32, bool).
+
+    The validity rule, per ``kind``:
+
+    - ``'z-depth'`` (world units): valid where ``z >= float32 tiny`` (~1.18e-38): positive, not NaN,
+      and not so small that ``1/z`` overflows. ``+inf`` is valid (nothing was hit: disparity 0).
+      Zero, negative, NaN and -inf are invalid.
+    - ``'disparity'`` (relative, larger = nearer): valid where finite. Negative values are valid:
+      relative disparity (from a monocular model) is only defined up to scale and shift, and the depth
+      loss aligns it to the rendering with a fitted ``a * d + b``, so a negative offset is legitimate.
+
+    Invalid pixels get disparity 0 and never count in the depth loss.
+    """
+    if kind == "z-depth":
+        valid = depth >= np.finfo(np.float32).tiny
+        with np.errstate(divide="ignore"):
+            disparity = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0)
+    elif kind == "disparity":
+        valid = np.isfinite(depth)
+        disparity = np.where(valid, depth, 0.0)
+    else:
+        raise ValueError(f"depth kind must be 'z-depth' or 'disparity', got {kind!r}")
+    return disparity.astype(np.float32), valid
+
+
+def load_disparity(path: Path, kind: str, image_hw: Tuple[int, int], size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Read a depth ``.npy`` (:func:`load_depth_array`) and return disparity ``[size, size, 1]``
+    float32 (finite everywhere, 0 where unknown) and its validity mask ``[size, size, 1]`` bool, on the
+    same centre crop as the image.
+
+    ``kind`` and the validity rule: :func:`disparity_from_depth`. Resizing averages valid pixels only
+    (area when shrinking, bilinear when enlarging); an output pixel is valid when every source pixel
+    that contributes to it is.
+    """
+    disparity, valid = disparity_from_depth(load_depth_array(path, image_hw), kind)
+    height, width = image_hw
+    left, top, right, bottom = center_crop_box(width, height)
+    disp = torch.from_numpy(np.ascontiguousarray(disparity[top:bottom, left:right]))[None, None]
+    mask = torch.from_numpy(np.ascontiguousarray(valid[top:bottom, left:right]))[None, None]
+    if disp.shape[-1] != size:
+        # float64: a weighted mean of float32 values stays inside float32's range
+        mode = "area" if disp.shape[-1] > size else "bilinear"
+        weight = mask.double()
+        weighted = F.interpolate(disp.double() * weight, size=(size, size), mode=mode)
+        coverage = F.interpolate(weight, size=(size, size), mode=mode)
+        mask = coverage > 1.0 - 1e-6
+        disp = torch.where(mask, weighted / coverage.clamp_min(1e-12), torch.zeros_like(weighted))
+    return disp[0].permute(1, 2, 0).float(), mask[0].permute(1, 2, 0)
 
 
 class Vq3dImageDataset(InputDataset):
     """Items: ``image`` ``[S, S, 3]`` float in [0, 1], ``image_idx``, ``class_id`` (-1 when unknown),
-    and with depth ``disparity`` ``[S, S, 1]`` plus ``disparity_mask`` ``[S, S, 1]`` bool.
+    ``skipped`` (see ``SKIPPED_KEY``), and with depth ``disparity`` ``[S, S, 1]`` plus
+    ``disparity_mask`` ``[S, S, 1]`` bool.
 
     Nothing is cached: a 1.28M-image collection never sits in memory.
+
+    ``dataset[i]`` (what DataLoaders call) never fails on one bad file unless ``strict``: an item
+    whose image or depth cannot be read is replaced by the next readable one (its own ``image_idx``)
+    and the bad file is listed in the item's ``skipped``; files found bad are remembered by this copy
+    of the dataset (each DataLoader worker has its own) and passed over at once afterwards.
+    :meth:`get_data` reads exactly item ``i`` and raises :class:`DatasetError`.
     """
 
     exclude_batch_keys_from_device = []
 
-    def __init__(self, dataparser_outputs: DataparserOutputs, scale_factor: float = 1.0):
+    def __init__(self, dataparser_outputs: DataparserOutputs, scale_factor: float = 1.0, strict: bool = False):
         if "shard_root" in dataparser_outputs.metadata:
             raise DatasetError(
                 f"{dataparser_outputs.metadata['shard_root']}: prepared shards are streamed by the datamanager "
@@ -110,6 +360,8 @@ class Vq3dImageDataset(InputDataset):
         self.depth_kind: str = self.metadata.get("depth_kind", "none")
         self.depth_filenames: Optional[list] = self.metadata.get("depth_filenames")
         self.class_ids: list = self.metadata.get("class_ids", [-1] * len(self))
+        self.strict = strict
+        self.bad_files: Dict[int, str] = {}  # index -> "<path>\t<reason>", found by this copy
 
     def get_data(self, image_idx: int, image_type: str = "float32") -> Dict:
         path = self._dataparser_outputs.image_filenames[image_idx]
@@ -124,3 +376,30 @@ class Vq3dImageDataset(InputDataset):
             data["disparity"] = disp
             data["disparity_mask"] = mask
         return data
+
+    def __getitem__(self, image_idx: int) -> Dict:
+        if self.strict:
+            return {**self.get_data(image_idx), SKIPPED_KEY: ""}
+        skipped: List[str] = []
+        count = len(self)
+        for attempt in range(min(count, MAX_REPLACEMENT_TRIES + 1)):
+            index = (image_idx + attempt) % count
+            if index in self.bad_files:
+                skipped.append(self.bad_files[index])
+                continue
+            try:
+                data = self.get_data(index)
+            except DatasetError as err:
+                self.bad_files[index] = f"{self._dataparser_outputs.image_filenames[index]}\t{_one_line(err)}"
+                skipped.append(self.bad_files[index])
+                continue
+            data[SKIPPED_KEY] = "\n".join(skipped)
+            return data
+        if not skipped:
+            raise IndexError(f"image {image_idx} of an empty dataset")
+        first_reason = skipped[0].split("\t", 1)[1]
+        raise DatasetError(
+            f"{first_reason} - and the {len(skipped) - 1} images after it could not be read either; "
+            "check the data folder (run `vq3d prepare` on it for a full report of bad files)"
+            if len(skipped) > 1 else first_reason
+        )

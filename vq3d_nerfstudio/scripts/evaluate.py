@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,7 +17,8 @@ class Evaluate:
     other frames are novel views (PSNR, SSIM, LPIPS when its weights are here, depth AbsRel and
     delta<1.25, and how far the rendering weights spread from the true depth), grouped by how far
     each view is from the input, beside the 'nothing moves' floor (the input image scored against
-    each novel frame)."""
+    each novel frame). A scene with a missing or unreadable file is skipped and listed (on the console
+    and under "skipped" in the output), unless --strict."""
 
     load_config: Path
     """The run's config.yml."""
@@ -29,15 +31,22 @@ class Evaluate:
     lpips_weights: Optional[Path] = None
     """torchvision's ImageNet AlexNet state dict for LPIPS (default: where torch hub caches it,
     ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth). Without it LPIPS is skipped, with a note."""
+    strict: bool = False
+    """Stop at the first scene with a missing or unreadable file instead of skipping it."""
 
     def main(self) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        summary, results = evaluate_run(self.load_config, self.scenes, self.load_step, self.lpips_weights)
+        skipped: List[Dict] = []
+        summary, results = evaluate_run(
+            self.load_config, self.scenes, self.load_step, self.lpips_weights, strict=self.strict, skipped=skipped
+        )
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.output.write_text(json.dumps({"summary_by_offset_deg": summary, "scenes": results}, indent=1))
-        table = Table(title=f"{len(results)} scenes: mean by view offset (degrees)")
+        report = {"summary_by_offset_deg": summary, "scenes": results, "skipped": skipped}
+        self.output.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        title = f"{len(results)} scenes" + (f" ({len(skipped)} skipped)" if skipped else "")
+        table = Table(title=f"{title}: mean by view offset (degrees)")
         columns = ["psnr", "ssim", "lpips", "still_psnr", "still_lpips", "abs_rel", "delta1", "depth_spread", "count"]
         columns = [c for c in columns if any(c in row for row in summary.values())]
         table.add_column("offset")
@@ -47,6 +56,9 @@ class Evaluate:
             table.add_row(offset, *[f"{row[c]:.3f}" if c in row else "-" for c in columns])
         Console().print(table)
         print(f"Wrote {self.output}")
+        if skipped:
+            print(f"vq3d eval: warning: skipped {len(skipped)} scene(s) with bad files (listed under \"skipped\" in "
+                  f"{self.output}; --strict stops at the first)", file=sys.stderr)
 
 
 def evaluate_run(
@@ -55,16 +67,21 @@ def evaluate_run(
     load_step: Optional[int] = None,
     lpips_weights: Optional[Path] = None,
     rays_per_chunk: int = 8192,
+    strict: bool = False,
+    skipped: Optional[List[Dict]] = None,
 ) -> Tuple[Dict, List[Dict]]:
-    """Load a trained run and score it on every scene: ``(summary by offset, per-scene results)``."""
+    """Load a trained run and score it on every scene: ``(summary by offset, per-scene results)``.
+
+    A scene whose files are missing or unreadable is skipped with a warning line on stderr and
+    appended to ``skipped`` (when given) as ``{"scene": transforms.json path, "error": message}``;
+    with ``strict`` it ends the run (``SystemExit``, one line), as does having no scene left."""
     import numpy as np
     import torch
     from nerfstudio.utils.eval_utils import eval_setup
-    from PIL import Image
     from rich.progress import track
 
     from vq3d_nerfstudio.data.dataparser import DatasetError, pinhole_cameras
-    from vq3d_nerfstudio.data.dataset import load_image
+    from vq3d_nerfstudio.data.dataset import load_image, read_rgb
     from vq3d_nerfstudio.evaluation import evaluate_scene, load_scene, summarize
     from vq3d_nerfstudio.perceptual import load_lpips_if_available
 
@@ -122,21 +139,28 @@ def evaluate_run(
             })
         return outs
 
-    def load_rgb(path):
-        with Image.open(path) as pil:
-            return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)
+    def load_rgb(path):  # ground truth as the input is read: EXIF rotation, modes, alpha over white
+        return torch.from_numpy(read_rgb(path).astype(np.float32) / 255.0)
 
     results = []
-    try:
-        for scene_file in track(scene_files, description="Evaluating scenes"):
+    skipped = skipped if skipped is not None else []
+    for scene_file in track(scene_files, description="Evaluating scenes"):
+        try:
             results.append(
                 evaluate_scene(
                     load_scene(scene_file), render, distance, load_rgb,
                     lambda path: load_image(path, model.config.image_size), lpips=lpips,
                 )
             )
-    except DatasetError as err:
-        raise SystemExit(f"vq3d eval: error: {err}") from None
+        except DatasetError as err:
+            if strict:
+                raise SystemExit(f"vq3d eval: error: {err} (--strict)") from None
+            skipped.append({"scene": str(scene_file), "error": str(err)})
+            print(f"vq3d eval: warning: skipped scene {scene_file.parent.name}: {err}", file=sys.stderr, flush=True)
+    if not results:
+        raise SystemExit(
+            f"vq3d eval: error: none of the {len(scene_files)} scenes could be scored; the first: {skipped[0]['error']}"
+        )
     return summarize(results), results
 
 

@@ -10,8 +10,6 @@ import numpy as np
 import torch
 import tyro
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-
 
 def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray) -> None:
     """Binary little-endian PLY with float xyz, float normals and uchar RGB (what ns-export and
@@ -71,17 +69,23 @@ def output_names(images: List[Path]) -> List[str]:
 
 
 def expand_images(paths: List[Path]) -> List[Path]:
-    """Files as given; folders become their image files (sorted). Missing paths stop with one line."""
+    """Files as given; folders become their image files (sorted; by extension, as the dataparser
+    finds them, not recursing). Missing paths and folders without images stop with one line."""
+    from vq3d_nerfstudio.data.dataparser import IMAGE_EXTENSIONS, is_image_file
+
     images = []
     for path in paths:
         if path.is_dir():
-            images += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            images += sorted(p for p in path.iterdir() if is_image_file(p))
         elif path.is_file():
             images.append(path)
         else:
             raise SystemExit(f"vq3d reconstruct: error: {path} does not exist; pass image files or folders of images")
     if not images:
-        raise SystemExit("vq3d reconstruct: error: no images found in " + ", ".join(map(str, paths)))
+        raise SystemExit(
+            "vq3d reconstruct: error: no images found in " + ", ".join(map(str, paths))
+            + f" (looked for {', '.join(IMAGE_EXTENSIONS)} files); pass image files or folders of images"
+        )
     return images
 
 
