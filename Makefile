@@ -49,6 +49,15 @@ readme-picture: install
 		--image data/synth_eval/scene_00000/images/frame_00000.png data/synth_eval/scene_00001/images/frame_00000.png \
 		data/synth_eval/scene_00002/images/frame_00000.png data/synth_eval/scene_00003/images/frame_00000.png \
 		data/astronaut.jpg --contact-sheet docs/reconstruct.png
+	$(BIN)/vq3d interpolate --load-config $(DEMO_RUN)/config.yml --images data/synth_eval/scene_00000/images/frame_00000.png \
+		data/synth_eval/scene_00004/images/frame_00000.png --steps 24 --output-dir $(DEMO_OUT)/interpolate
+	for s in 5 6; do $(BIN)/vq3d compose --load-config $(DEMO_RUN)/config.yml --scene data/synth_eval/scene_00001/images/frame_00000.png \
+		--object data/synth_eval/scene_0000$$s/images/frame_00000.png --position 0.2 -0.15 0.5 --scale 0.6 \
+		--object-box -0.6 -0.42 -0.6 0.6 0.6 0.6 --num-frames 24 --output-dir $(DEMO_OUT)/compose$$s || exit 1; done
+	$(BIN)/python -c "import imageio.v2 as iio, numpy as np; \
+		a = np.concatenate([iio.imread('$(DEMO_OUT)/compose%d/composite_views.png' % s) for s in (5, 6)], 0); \
+		iio.imwrite('docs/composite.png', a.repeat(3, 0).repeat(3, 1)); \
+		b = iio.imread('$(DEMO_OUT)/interpolate/interpolation_strip.png'); iio.imwrite('docs/interpolation.png', b.repeat(3, 0).repeat(3, 1))"
 
 test: install
 	# the browser tests drive Debian's chromium through Playwright (no browser download)

@@ -84,12 +84,12 @@ def test_an_empty_object_leaves_the_scene_render_unchanged(model):
     camera = canonical(model)
     model.set_scene_planes(scene.planes)
     alone = model.get_outputs_for_camera(camera)
-    empty = Placement(obj.planes, (0.0, 0.0, 0.5), 0.5, 0.6, mask=torch.zeros(16, 16, dtype=torch.bool))
+    empty = Placement(obj.planes, (0.0, 0.0, 0.5), 0.5, mask=torch.zeros(16, 16, dtype=torch.bool))
     model.set_scene_planes(scene.planes, composition=empty)
     with_empty = model.get_outputs_for_camera(camera)
     for key in ("rgb", "depth", "accumulation"):
         assert torch.equal(with_empty[key], alone[key]), key
-    model.set_scene_planes(scene.planes, composition=Placement(obj.planes, (0.0, 0.0, 0.5), 0.5, 0.6))
+    model.set_scene_planes(scene.planes, composition=Placement(obj.planes, (0.0, 0.0, 0.5), 0.5))
     assert not torch.equal(model.get_outputs_for_camera(camera)["rgb"], alone["rgb"])
 
 
@@ -121,7 +121,7 @@ def test_an_object_in_front_of_the_camera_occludes_what_is_behind_it(model):
     scene_planes, object_planes = torch.zeros(1, 3, 1, 2, 2), torch.ones(1, 3, 1, 2, 2)
     batch = torch.zeros(len(rays), dtype=torch.long)
     alone = model.render_rays(rays, scene_planes, batch, keep_samples=False, field=AnalyticField())
-    placed = Placement(object_planes, position=(0.0, 0.0, 1.0), scale=1.0, box_half_size=0.5)
+    placed = Placement(object_planes, position=(0.0, 0.0, 1.0), scale=1.0)
     both = model.render_rays(rays, scene_planes, batch, keep_samples=False, field=ComposedField(AnalyticField(), placed))
     centre, corner = 4 * 9 + 4, 0
     # without the ball the centre ray sees the wall at z = -0.3 (2.3 from the camera), blue
@@ -132,6 +132,13 @@ def test_an_object_in_front_of_the_camera_occludes_what_is_behind_it(model):
     assert abs(float(both["depth"][centre]) - 0.8) < 0.05
     # a ray that misses the ball still sees the wall
     torch.testing.assert_close(both["rgb"][corner], alone["rgb"][corner])
+    # a box that leaves out the ball's lower half (y < 0 in its frame): the centre ray (y = 0) grazes
+    # its equator; a ray through the lower half now sees the wall, one through the upper half the ball
+    cut = Placement(object_planes, position=(0.0, 0.0, 1.0), scale=1.0, box=(-0.5, 0.0, -0.5, 0.5, 0.5, 0.5))
+    halved = model.render_rays(rays, scene_planes, batch, keep_samples=False, field=ComposedField(AnalyticField(), cut))
+    above, below = 3 * 9 + 4, 5 * 9 + 4  # one pixel row up / down from the centre (about 0.1 off axis at the ball)
+    torch.testing.assert_close(halved["rgb"][above], torch.tensor([1.0, 0.0, 0.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(halved["rgb"][below], torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)
 
 
 def test_interpolate_and_compose_commands(trained_run, tmp_path):

@@ -14,7 +14,7 @@ Interpolation spaces (``space``):
 Composition: densities add, colours are density-weighted per sample. For an object placed at
 ``position`` with ``scale``, a world point ``x`` reads the object's NeRF at ``(x - position) / scale``
 (its own frame, pivot at the origin) with density divided by ``scale`` (so its optical thickness is
-scale-invariant), kept only inside a cube around its pivot and, when a foreground mask of the
+scale-invariant), kept only inside a box around its pivot and, when a foreground mask of the
 object's photo is given, inside the mask's viewing frustum.
 """
 
@@ -99,8 +99,9 @@ class Placement:
     """Where the object's pivot goes, world units (the scene camera is at (0, 0, camera distance))."""
     scale: float = 1.0
     """Size of the object relative to its own NeRF."""
-    box_half_size: float = 0.5
-    """Keep the object's NeRF inside this cube around its pivot (its own frame, world units)."""
+    box: Tuple[float, float, float, float, float, float] = (-0.5, -0.5, -0.5, 0.5, 0.5, 0.5)
+    """Keep the object's NeRF inside this box, ``(x0, y0, z0, x1, y1, z1)`` in its own frame (pivot at
+    the origin, world units): e.g. raise y0 above the object's ground to leave the ground behind."""
     mask: Optional[torch.Tensor] = None
     """Foreground mask ``[H, W]`` bool of the object's photo: keep only what projects inside it."""
     camera_distance: float = 2.0
@@ -109,8 +110,9 @@ class Placement:
 
 
 def object_region(local: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """``[N]`` bool: object-frame points inside the kept region (cube, and the mask's frustum)."""
-    inside = (local.abs() <= placement.box_half_size).all(dim=-1)
+    """``[N]`` bool: object-frame points inside the kept region (the box, and the mask's frustum)."""
+    box = torch.tensor(placement.box, dtype=local.dtype, device=local.device)
+    inside = ((local >= box[:3]) & (local <= box[3:])).all(dim=-1)
     if placement.mask is not None:
         mask = placement.mask.to(local.device)
         height, width = mask.shape

@@ -12,7 +12,7 @@ import tyro
 @dataclass
 class Compose:
     """Build the NeRF of a scene photo and of an object photo, place the object's NeRF (the part in a
-    cube around its pivot, and inside its foreground mask when given) at --position with --scale,
+    box around its pivot, and inside its foreground mask when given) at --position with --scale,
     and render the composite: densities add and colours are density-weighted per sample, so the
     object hides what is behind it and is hidden by what is in front. Writes composite_orbit.mp4,
     composite_disparity.mp4 and composite_views.png (scene | object | composite from the input view
@@ -30,8 +30,10 @@ class Compose:
     the origin; +x right, +y up, +z towards the camera)."""
     scale: float = 0.5
     """Object size relative to its own NeRF."""
-    object_box: float = 0.6
-    """Half-size of the cube around the object's pivot that is kept (its own frame, world units)."""
+    object_box: Tuple[float, float, float, float, float, float] = (-0.6, -0.6, -0.6, 0.6, 0.6, 0.6)
+    """The part of the object's NeRF that is kept: x0 y0 z0 x1 y1 z1 in its own frame (pivot at the
+    origin, +y up, world units). Raise y0 to cut off the ground the object stands on (in `vq3d synth`
+    scenes the ground is at y = -0.5)."""
     object_mask: Optional[Path] = None
     """Foreground mask of the object photo (white = object; same framing as the photo): keep only
     what lies inside it, e.g. from a segmentation tool."""
@@ -68,8 +70,9 @@ class Compose:
             write_video,
         )
 
-        if self.scale <= 0 or self.object_box <= 0:
-            raise SystemExit("vq3d compose: error: --scale and --object-box must be positive")
+        box = tuple(self.object_box)
+        if self.scale <= 0 or any(lo >= hi for lo, hi in zip(box[:3], box[3:])):
+            raise SystemExit("vq3d compose: error: --scale must be positive and --object-box x0 y0 z0 x1 y1 z1 needs x0 < x1, y0 < y1, z0 < z1")
         if not self.load_config.exists():
             raise SystemExit(f"vq3d compose: error: {self.load_config} does not exist; pass the run's config.yml")
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
@@ -91,7 +94,7 @@ class Compose:
                 raise SystemExit(f"vq3d compose: error: {self.object_mask}: cannot read the mask ({err})") from None
             if not mask.any():
                 raise SystemExit(f"vq3d compose: error: {self.object_mask}: the mask is empty (white marks the object)")
-        placement = Placement(obj.planes, tuple(self.position), self.scale, self.object_box, mask,
+        placement = Placement(obj.planes, tuple(self.position), self.scale, box, mask,
                               parser.camera_distance, parser.fov_deg)
         yaw = self.max_yaw_deg
         views = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)]
