@@ -89,7 +89,9 @@ def test_controls_are_found_and_pick_scenes(pipeline):
     from nerfstudio.viewer.viewer_elements import ViewerElement
 
     found = [path for path, _ in parse_object(pipeline, ViewerElement, "Custom Elements")]
-    assert found == [f"Custom Elements/scene_{i}" for i in ("1_split", "2_index", "3_random", "4_upload", "5_shown")]
+    assert found[:5] == [f"Custom Elements/scene_{i}" for i in ("1_split", "2_index", "3_random", "4_upload", "5_shown")]
+    assert found[5:] == [f"Custom Elements/zedit_{i}" for i in
+                         ("1_set_a", "2_set_b", "3_blend", "4_space", "5_place", "6_position", "7_scale")]
     controls, model = pipeline._scene_controls, pipeline.model
     controls.split.value, controls.index.value = "train", 3
     controls._on_pick()
@@ -175,8 +177,8 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
     torch.manual_seed(0)
     sampling = dataclasses.replace(pipeline.config, stage2_checkpoint=tmp_path / "s2").setup(device="cpu", test_mode="val").eval()
     found = [path for path, _ in parse_object(sampling, ViewerElement, "Custom Elements")]
-    assert found[-4:] == [f"Custom Elements/scene_{i}" for i in
-                          ("6_sample_class", "7_sample_guidance", "8_sample_temperature", "9_sample")]
+    assert [f for f in found if "sample" in f] == [f"Custom Elements/scene_{i}" for i in
+                                                    ("6_sample_class", "7_sample_guidance", "8_sample_temperature", "9_sample")]
     controls, model, shown = sampling._sample_controls, sampling.model, sampling._scene_controls.shown
     model.show_image("eval", 0)
     before = model.current_planes().clone()
@@ -198,3 +200,32 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
     other = SampleControls(sampling, tmp_path / "other", shown)
     other._on_sample()
     assert "cannot sample" in shown.value and "codebook" in shown.value
+
+
+def test_edit_controls_blend_and_place(pipeline):
+    from vq3d_nerfstudio.edits import encode_image, interpolate
+
+    torch.manual_seed(0)  # a pipeline of its own: the shared one's viewer was stopped above
+    pipeline = pipeline.config.setup(device="cpu", test_mode="val").eval()
+    controls, model, shown = pipeline._edit_controls, pipeline.model, pipeline._scene_controls.shown
+    controls._on_blend()
+    assert "remember a scene as A and B first" in shown.value
+    model.show_image("eval", 0)
+    controls._remember("A")
+    model.show_image("train", 1)  # the tiny data holds one held-out image
+    controls._remember("B")
+    a = encode_image(model, pipeline.load_image("eval", 0))
+    b = encode_image(model, pipeline.load_image("train", 1))
+    for t, expected in ((0.0, a.planes), (1.0, b.planes)):
+        controls.blend.value = t
+        controls._on_blend()
+        torch.testing.assert_close(model.current_planes(), expected)
+    controls.blend.value = 0.5
+    controls._on_blend()
+    torch.testing.assert_close(model.current_planes(), interpolate(model, a, b, 0.5, "latent"))
+    assert shown.value == "A -> B at t = 0.50 (latent)"
+    controls.place.value = True
+    controls._on_place()
+    assert model._scene_composition is not None and model._scene_composition.position == (0.0, 0.0, 0.5)
+    torch.testing.assert_close(model.current_planes(), a.planes)
+    assert shown.value.startswith("B placed into A")

@@ -20,7 +20,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
-from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, SampleControls, SceneControls
+from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, EditControls, SampleControls, SceneControls
 
 
 @dataclass
@@ -106,6 +106,10 @@ class Vq3dPipeline(VanillaPipeline):
         self.scene_4_upload = self._scene_controls.upload
         self.scene_5_shown = self._scene_controls.shown
         self.scene_viewer_defaults = CpuViewerDefaults(self)
+        self._edit_controls = EditControls(self, self._scene_controls.shown)
+        edits = self._edit_controls
+        self.zedit_1_set_a, self.zedit_2_set_b, self.zedit_3_blend, self.zedit_4_space = edits.set_a, edits.set_b, edits.blend, edits.space
+        self.zedit_5_place, self.zedit_6_position, self.zedit_7_scale = edits.place, edits.position, edits.scale
         stage2 = os.environ.get("VQ3D_STAGE2", "").strip() or config.stage2_checkpoint
         if stage2:
             if not Path(stage2).exists():
