@@ -9,6 +9,7 @@ from typing_extensions import Annotated
 
 from vq3d_nerfstudio.scripts.compose import Compose
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
+from vq3d_nerfstudio.scripts.export_splats import ExportSplats
 from vq3d_nerfstudio.scripts.fid import Fid
 from vq3d_nerfstudio.scripts.interpolate import Interpolate
 from vq3d_nerfstudio.scripts.prepare import Prepare
@@ -27,6 +28,7 @@ Commands = Union[
     Annotated[Fid, tyro.conf.subcommand("fid")],
     Annotated[Interpolate, tyro.conf.subcommand("interpolate")],
     Annotated[Compose, tyro.conf.subcommand("compose")],
+    Annotated[ExportSplats, tyro.conf.subcommand("export-splats")],
 ]
 
 

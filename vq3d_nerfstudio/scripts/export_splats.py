@@ -1,0 +1,206 @@
+"""``vq3d export-splats``: one image's NeRF -> 3D Gaussians in the standard 3DGS ``.ply`` layout."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Literal, Optional, Tuple
+
+import tyro
+
+
+def export_poses(num_cameras: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:
+    """(yaw, elevation) of the cameras whose rays place the splats: the canonical view, then the
+    others evenly round an ellipse of ``+-max_yaw`` by ``+-max_elevation`` around it."""
+    poses = [(0.0, 0.0)]
+    for i in range(num_cameras - 1):
+        angle = 2 * math.pi * i / (num_cameras - 1)
+        poses.append((max_yaw_deg * math.cos(angle), max_elevation_deg * math.sin(angle)))
+    return poses
+
+
+def export_cameras(poses: List[Tuple[float, float]], resolution: int, distance: float, fov_deg: float, margin_deg: float):
+    """Square cameras at ``poses`` that see ``margin_deg`` farther on every side than ``fov_deg``, at
+    the pixel size ``resolution`` pixels give ``fov_deg`` (so views in between, and what the edge of
+    a novel view shows, were seen well inside some camera's frame, not only at its border)."""
+    from vq3d_nerfstudio.orbit import orbit_cameras
+
+    wide = fov_deg + 2 * margin_deg
+    size = round(resolution * math.tan(math.radians(wide / 2)) / math.tan(math.radians(fov_deg / 2)))
+    return orbit_cameras(poses, size, distance, wide)
+
+
+@dataclass
+class ExportSplats:
+    """Turn one image's NeRF into 3D Gaussian splats and write them as a standard 3DGS .ply (what
+    common splat viewers open). Splats start where the NeRF's rendering weight lies along rays of
+    cameras orbiting the input view; with a CUDA GPU they are then refined against the NeRF's
+    renders with gsplat's rasterizer (on a CPU that step is skipped). Prints how close a splat render
+    is to the NeRF's (PSNR) and how fast each renders, and writes a side-by-side PNG
+    (NeRF | splats, a row per view). The world frame is the NeRF's: y up, the input camera on +z
+    (viewers that assume y down show it upside down)."""
+
+    load_config: Path
+    """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
+    output: Path = Path("splats.ply")
+    """Where to write the .ply."""
+    image: Optional[Path] = None
+    """A photo (centre-cropped and resized to the model's size); without it, --split/--image-index."""
+    split: Literal["eval", "train"] = "eval"
+    """Which dataset split the image comes from (when no --image)."""
+    image_index: int = 0
+    """Index of the image within the split."""
+    num_gaussians: int = 20000
+    """Most splats to write (the CPU renderer of the report stays quick up to ~20k at 64 px)."""
+    num_cameras: int = 8
+    """Cameras whose rays place the splats: the canonical view and others round the orbit range."""
+    max_yaw_deg: float = 20.0
+    """Yaw range of those cameras (degrees); VQ3D's NeRFs hold up for limited motion."""
+    max_elevation_deg: float = 8.0
+    """Elevation range of those cameras (degrees)."""
+    ray_resolution: int = 0
+    """Pixels on a side of those cameras over the model's field of view (0: the model's image
+    size), one ray per pixel; the margin adds more at the same pixel size."""
+    margin_deg: float = 10.0
+    """Those cameras see this much farther than the model's field of view on every side (degrees)."""
+    min_weight: float = 0.01
+    """Samples with less rendering weight than this place no splat."""
+    cell_depth_ratio: float = 5.0
+    """Samples are merged in cells about a pixel of those cameras wide (grown together when more
+    than --num-gaussians hold weight) and, at the pivot, this many times deeper (disparity bins of
+    the input view's camera): weight spread along rays becomes a few splats, not many thin layers."""
+    scale_mult: float = 0.5
+    """Splat standard deviation as a fraction of its cell's width."""
+    background_radius: float = 50.0
+    """Samples beyond this distance from the pivot (the sky, ~1000 units off in the NeRF) are pulled
+    in along their rays to it (world units; the camera is 2 away)."""
+    refine_steps: int = 300
+    """gsplat optimisation steps against NeRF renders (CUDA only; skipped on a CPU)."""
+    refine_resolution: int = 0
+    """Size of the NeRF renders the refinement fits (0: the model's image size)."""
+    report_views: List[float] = field(default_factory=lambda: [0.0, 15.0])
+    """Yaws (degrees, elevation 0) of the views in the report and the PNG; 0 is the input view."""
+    report_resolution: int = 0
+    """Pixels on a side of the report's renders (0: the model's image size)."""
+    timing_repeats: int = 3
+    """Renders per view timed for the report (after one untimed render)."""
+    comparison: Optional[Path] = None
+    """Where to write the side-by-side PNG (default: beside the .ply, <name>_compare.png)."""
+    seed: int = 0
+    """Random seed."""
+
+    def main(self) -> None:
+        import imageio.v2 as imageio
+        import torch
+        from nerfstudio.utils.eval_utils import eval_setup
+
+        from vq3d_nerfstudio import splats
+        from vq3d_nerfstudio.data.dataparser import DatasetError
+        from vq3d_nerfstudio.data.dataset import load_image
+        from vq3d_nerfstudio.orbit import orbit_cameras, to_uint8
+
+        torch.manual_seed(self.seed)
+        if not self.load_config.exists():
+            raise SystemExit(f"vq3d export-splats: error: {self.load_config} does not exist; pass the run's config.yml")
+        if self.num_gaussians < 1 or self.num_cameras < 1 or not self.report_views:
+            raise SystemExit("vq3d export-splats: error: --num-gaussians and --num-cameras must be at least 1, "
+                             "and --report-views must name a view")
+        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
+        model = pipeline.model.eval()
+        parser = pipeline.config.datamanager.dataparser
+        try:
+            if self.image is not None:
+                image = load_image(self.image, model.config.image_size)
+            else:
+                image = pipeline.load_image(self.split, self.image_index)
+        except (IndexError, DatasetError) as err:
+            raise SystemExit(f"vq3d export-splats: error: {err}") from None
+        model.set_scene_images(image)
+        planes = model.current_planes()
+        cuda = torch.cuda.is_available()
+        size = model.config.image_size
+
+        # 1. splats from the rendering weights along the rays of orbit cameras
+        poses = export_poses(self.num_cameras, self.max_yaw_deg, self.max_elevation_deg)
+        cameras = export_cameras(poses, self.ray_resolution or size, parser.camera_distance, parser.fov_deg, self.margin_deg)
+        cameras = cameras.to(model.device)
+        samples = []
+        for i in range(len(poses)):
+            rays = cameras.generate_rays(camera_indices=i, keep_shape=False)
+            for chunk in range(0, len(rays), 4096):
+                samples.append(splats.nerf_samples(model, rays[chunk : chunk + 4096], planes))
+        gaussians = splats.gaussians_from_samples(
+            samples, self.num_gaussians, parser.camera_distance, self.min_weight, self.background_radius,
+            self.scale_mult, self.cell_depth_ratio,
+        )
+        del samples
+        side = int(cameras.width[0])
+        print(f"Initialised {len(gaussians)} splats from the rendering weights along the rays of {len(poses)} "
+              f"cameras ({side}x{side} px)")
+
+        # 2. refinement against NeRF renders (gsplat, CUDA only)
+        if not cuda:
+            print("No CUDA GPU: skipping the gsplat refinement; the report shows the initialisation.")
+        elif self.refine_steps > 0:
+            res = self.refine_resolution or size
+            fit_cameras = orbit_cameras(poses, res, parser.camera_distance, parser.fov_deg).to(model.device)
+            targets = torch.stack(
+                [model.get_outputs_for_camera(fit_cameras[i : i + 1])["rgb"].clamp(0, 1) for i in range(len(poses))]
+            )
+            viewmats, Ks = splats.cameras_to_viewmats(fit_cameras)
+            gaussians = splats.refine_gaussians(
+                gaussians.to("cuda"), targets.cuda(), viewmats.cuda(), Ks.cuda(), self.refine_steps
+            )
+            print(f"Refined the splats for {self.refine_steps} steps with gsplat against {len(poses)} NeRF renders")
+
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        splats.write_splat_ply(self.output, gaussians)
+
+        # 3. report: splat render vs NeRF render, and time per frame
+        res = self.report_resolution or size
+        report = orbit_cameras([(yaw, 0.0) for yaw in self.report_views], res, parser.camera_distance, parser.fov_deg)
+        report = report.to(model.device)
+        viewmats, Ks = splats.cameras_to_viewmats(report)
+        rasterize_fn, device = (splats.gsplat_rasterize, "cuda") if cuda else (splats.rasterize, "cpu")
+        gaussians = gaussians.to(device)
+        viewmats, Ks = viewmats.to(device), Ks.to(device)
+
+        def timed(render):
+            out = render()
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(self.timing_repeats):
+                render()
+            if cuda:
+                torch.cuda.synchronize()
+            return out, (time.perf_counter() - start) / max(1, self.timing_repeats)
+
+        rows, strips = [], []
+        with torch.no_grad():
+            for i, yaw in enumerate(self.report_views):
+                nerf, nerf_s = timed(lambda: model.get_outputs_for_camera(report[i : i + 1])["rgb"].clamp(0, 1))
+                splat, splat_s = timed(
+                    lambda: splats.render_gaussians(gaussians, viewmats[i : i + 1], Ks[i : i + 1], res, res, rasterize_fn)[0][0]
+                )
+                nerf, splat = nerf.float().cpu(), splat.clamp(0, 1).float().cpu()
+                name = "input view" if yaw == 0 else f"yaw {yaw:g} deg"
+                rows.append((name, splats.psnr(splat, nerf), nerf_s, splat_s))
+                strips.append(torch.cat([nerf, splat], dim=1))
+        renderer = "gsplat (CUDA)" if cuda else "pure-torch splats (CPU)"
+        print(f"\nSplats vs NeRF at {res}x{res} px ({len(gaussians)} splats; NeRF: {model.device}, splats: {renderer})")
+        print(f"{'view':<16}{'PSNR (dB)':>10}{'NeRF ms/frame':>15}{'splat ms/frame':>16}{'speed-up':>10}")
+        for name, value, nerf_s, splat_s in rows:
+            print(f"{name:<16}{value:>10.2f}{nerf_s * 1e3:>15.1f}{splat_s * 1e3:>16.1f}{nerf_s / max(splat_s, 1e-9):>9.1f}x")
+        picture = self.comparison or self.output.with_name(self.output.stem + "_compare.png")
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        sheet = torch.cat(strips, dim=0)
+        scale = max(1, 256 // res)
+        imageio.imwrite(picture, to_uint8(sheet).repeat(scale, axis=0).repeat(scale, axis=1))
+        print(f"\nWrote {self.output} and {picture} (NeRF | splats, a row per view)")
+
+
+if __name__ == "__main__":
+    tyro.cli(ExportSplats).main()
