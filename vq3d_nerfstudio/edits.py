@@ -25,8 +25,8 @@ from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from nerfstudio.field_components.field_heads import FieldHeadNames
 
+from vq3d_nerfstudio.field import outputs_from_query
 from vq3d_nerfstudio.quantizer import nearest_codes
 
 InterpolationSpace = Literal["latent", "triplane", "codes"]
@@ -136,14 +136,7 @@ class ComposedField:
         self.placement = placement
 
     def __call__(self, ray_samples, planes: torch.Tensor, batch_idx: torch.Tensor):
-        positions = ray_samples.frustums.get_positions()  # (R, S, 3)
-        num_rays, num_samples = positions.shape[:2]
-        point_batch = batch_idx[:, None].expand(num_rays, num_samples).reshape(-1)
-        density, rgb = self.query(positions.reshape(-1, 3), planes, point_batch)
-        return {
-            FieldHeadNames.DENSITY: density.reshape(num_rays, num_samples, 1),
-            FieldHeadNames.RGB: rgb.reshape(num_rays, num_samples, 3),
-        }
+        return outputs_from_query(self.query, ray_samples, planes, batch_idx)
 
     def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
         return self.query(positions, planes, batch_idx)[0]

@@ -67,14 +67,7 @@ class TriplaneField(nn.Module):
             planes: ``[B, 3, C, Rp, Rp]`` tri-planes.
             batch_idx: ``[R]`` which tri-plane each ray uses.
         """
-        positions = ray_samples.frustums.get_positions()  # (R, S, 3)
-        num_rays, num_samples = positions.shape[:2]
-        point_batch = batch_idx[:, None].expand(num_rays, num_samples).reshape(-1)
-        density, rgb = self.query(positions.reshape(-1, 3), planes, point_batch)
-        return {
-            FieldHeadNames.DENSITY: density.reshape(num_rays, num_samples, 1),
-            FieldHeadNames.RGB: rgb.reshape(num_rays, num_samples, 3),
-        }
+        return outputs_from_query(self.query, ray_samples, planes, batch_idx)
 
     def query(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor):
         """Density ``[N, 1]`` and RGB ``[N, 3]`` at world points ``[N, 3]``, point ``i`` in tri-plane
@@ -82,3 +75,17 @@ class TriplaneField(nn.Module):
         feats = sample_triplanes_by_index(planes, contract(positions, self.scene_scale), batch_idx)
         hidden = self.density_mlp(feats)
         return trunc_exp(hidden[:, :1] - 1.0), self.color_mlp(hidden[:, 1:])
+
+
+def outputs_from_query(query, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor) -> Dict[FieldHeadNames, torch.Tensor]:
+    """A field's outputs for ``[R, S]`` ray samples from its point query
+    ``query(points [N, 3], planes, batch_idx [N]) -> (density [N, 1], rgb [N, 3])``; ray ``r`` reads
+    tri-plane ``batch_idx[r]``."""
+    positions = ray_samples.frustums.get_positions()  # (R, S, 3)
+    num_rays, num_samples = positions.shape[:2]
+    point_batch = batch_idx[:, None].expand(num_rays, num_samples).reshape(-1)
+    density, rgb = query(positions.reshape(-1, 3), planes, point_batch)
+    return {
+        FieldHeadNames.DENSITY: density.reshape(num_rays, num_samples, 1),
+        FieldHeadNames.RGB: rgb.reshape(num_rays, num_samples, 3),
+    }
