@@ -249,21 +249,21 @@ def test_depth_gives_finite_disparity_and_the_documented_mask_or_one_error(workd
         with pytest.raises(DatasetError) as caught:
             load_disparity(path, kind, image_hw, size)
         assert str(caught.value).startswith(f"{path}: ") and "; save " in str(caught.value)  # the file, then the fix
-        return
-    disparity, mask = load_disparity(path, kind, image_hw, size)
-    assert disparity.shape == mask.shape == (size, size, 1) and disparity.dtype == torch.float32 and mask.dtype == torch.bool
-    assert bool(torch.isfinite(disparity).all()) and bool((disparity[~mask] == 0).all())
-    want_disp, want_valid = expected_validity(values, kind)
-    top, left = (height - side) // 2, (width - side) // 2
-    crop_disp = want_disp[top : top + side, left : left + side]
-    crop_valid = want_valid[top : top + side, left : left + side]
-    # an output pixel is valid iff its whole factor x factor block is; its value is the block's mean
-    blocks = lambda a: a.reshape(size, side // size, size, side // size).swapaxes(1, 2).reshape(size, size, -1)  # noqa: E731
-    block_valid = blocks(crop_valid).all(-1)
-    assert np.array_equal(mask[..., 0].numpy(), block_valid)
-    block_mean = blocks(crop_disp).mean(-1)
-    got = disparity[..., 0].numpy().astype(np.float64)
-    assert np.allclose(got[block_valid], block_mean[block_valid], rtol=1e-5, atol=1e-30)
+    else:
+        disparity, mask = load_disparity(path, kind, image_hw, size)
+        assert disparity.shape == mask.shape == (size, size, 1) and disparity.dtype == torch.float32 and mask.dtype == torch.bool
+        assert bool(torch.isfinite(disparity).all()) and bool((disparity[~mask] == 0).all())
+        want_disp, want_valid = expected_validity(values, kind)
+        top, left = (height - side) // 2, (width - side) // 2
+        crop_disp = want_disp[top : top + side, left : left + side]
+        crop_valid = want_valid[top : top + side, left : left + side]
+        # an output pixel is valid iff its whole factor x factor block is; its value is the block's mean
+        blocks = lambda a: a.reshape(size, side // size, size, side // size).swapaxes(1, 2).reshape(size, size, -1)  # noqa: E731
+        block_valid = blocks(crop_valid).all(-1)
+        assert np.array_equal(mask[..., 0].numpy(), block_valid)
+        block_mean = blocks(crop_disp).mean(-1)
+        got = disparity[..., 0].numpy().astype(np.float64)
+        assert np.allclose(got[block_valid], block_mean[block_valid], rtol=1e-5, atol=1e-30)
 
 
 def test_depth_files_that_are_not_numeric_npy_arrays_are_one_error(workdir):
