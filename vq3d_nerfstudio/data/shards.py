@@ -267,6 +267,32 @@ def _split_name(name: str) -> Tuple[str, str]:
     return name[: len(name) - len(base)] + key, ext
 
 
+def _samples_in_tar(tar: tarfile.TarFile) -> Iterator[Tuple[int, str, List[Tuple[str, tarfile.TarInfo]]]]:
+    """A shard's file members grouped by sample, in order: ``(position, key, [(ext, member), ...])``.
+    Members of one sample must be adjacent (WebDataset layout)."""
+    position, key, members = -1, None, []
+    for member in tar:
+        if not member.isfile():
+            continue
+        member_key, ext = _split_name(member.name)
+        if member_key != key:
+            if key is not None:
+                yield position, key, members
+            position, key, members = position + 1, member_key, []
+        members.append((ext, member))
+    if key is not None:
+        yield position, key, members
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    assert handle is not None
+    data = handle.read()
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"member {member.name} is cut short")
+    return data
+
+
 def iter_shard_raw(
     path: Path, keep: Optional[Callable[[int], bool]] = None
 ) -> Iterator[Tuple[int, Optional[Dict[str, bytes]]]]:
@@ -275,30 +301,16 @@ def iter_shard_raw(
     (their data is skipped, not read). Members of one sample must be adjacent (WebDataset layout).
     Errors are :class:`ShardError` naming the shard.
     """
-    position = -1
-    key: Optional[str] = None
-    current: Optional[Dict[str, Any]] = None
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
+            for position, key, members in _samples_in_tar(tar):
+                if keep is not None and not keep(position):
+                    yield position, None
                     continue
-                member_key, ext = _split_name(member.name)
-                if member_key != key:
-                    if key is not None:
-                        yield position, current
-                    position += 1
-                    key = member_key
-                    current = {"__key__": key} if keep is None or keep(position) else None
-                if current is not None:
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    data = handle.read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} is cut short")
-                    current[ext] = data
-            if key is not None:
-                yield position, current
+                sample: Dict[str, Any] = {"__key__": key}
+                for ext, member in members:
+                    sample[ext] = _read_member(tar, member)
+                yield position, sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         raise ShardError(
             f"{path}: unreadable shard ({err}); it is truncated or corrupt: delete it and rerun "
@@ -520,33 +532,13 @@ class SampleLocation:
 def scan_shard(path: Path) -> Iterator[SampleLocation]:
     """Yield the location of every sample of one shard, in order, reading tar headers and the small
     ``.source.txt`` and ``.cls`` members only (image and depth bytes are skipped, not read)."""
-    position, key = -1, None
-    members: List[Tuple[str, int, int]] = []
-    small: Dict[str, bytes] = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
-
-            def location() -> SampleLocation:
-                assert key is not None
+            for position, key, members in _samples_in_tar(tar):
+                small = {ext: _read_member(tar, m) for ext, m in members if ext in ("source.txt", "cls")}
                 class_id = int(small["cls"].decode("ascii").strip()) if "cls" in small else -1
-                return SampleLocation(path.name, position, key, small.get("source.txt", b"").decode("utf-8"),
-                                      class_id, tuple(members))
-
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = _split_name(member.name)
-                if member_key != key:
-                    if key is not None:
-                        yield location()
-                    position, key, members, small = position + 1, member_key, [], {}
-                members.append((ext, member.offset_data, member.size))
-                if ext in ("source.txt", "cls"):
-                    handle = tar.extractfile(member)
-                    assert handle is not None
-                    small[ext] = handle.read()
-            if key is not None:
-                yield location()
+                yield SampleLocation(path.name, position, key, small.get("source.txt", b"").decode("utf-8"), class_id,
+                                     tuple((ext, m.offset_data, m.size) for ext, m in members))
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         raise ShardError(
             f"{path}: unreadable shard ({err}); it is truncated or corrupt: delete it and rerun "
