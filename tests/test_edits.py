@@ -12,13 +12,15 @@ from vq3d_nerfstudio.edits import ComposedField, Placement, composite, encode_im
 from vq3d_nerfstudio.orbit import orbit_cameras
 
 
-@pytest.fixture(scope="module")
-def model(synth_dir):
+@pytest.fixture(scope="module", params=["vq", "fsq"])
+def model(synth_dir, request):
+    """The tiny model with either quantizer: edits snap latents with the quantizer's own rounding."""
     from vq3d_nerfstudio.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny").pipeline
     config.datamanager.data = synth_dir
     config.datamanager.num_workers = 0
+    config.model.quantizer = request.param
     torch.manual_seed(0)
     return config.setup(device="cpu", test_mode="val").eval().model
 

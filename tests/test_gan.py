@@ -297,3 +297,32 @@ def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
     _, loss_dict, metrics = trainer.train_iteration(0)
     assert torch.isfinite(loss_dict["adversarial_loss"]) and torch.isfinite(metrics["gan/discriminator_loss"])
     assert not same(before, generator_state(trainer.pipeline.model))
+
+
+def test_restarted_codes_start_with_fresh_adam_moments(synth_dir, tmp_path):
+    """The trainer zeroes the Adam moments of codes the quantizer restarted, before the step, and
+    leaves every other code's moments as they were."""
+    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0)
+    model = trainer.pipeline.model
+    codebook = model.quantizer.codebook
+    trainer.train_iteration(0)  # optimizer state exists now
+    group = next(name for name, params in trainer.optimizers.parameters.items() if any(p is codebook for p in params))
+    state = trainer.optimizers.optimizers[group].state[codebook]
+    before = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    model.quantizer.dead_code_threshold = 1e-3
+    model.quantizer.code_usage[:16] = 0.0  # unpicked this step, these codes die
+    seen = {}
+    original = trainer.optimizers.optimizer_scaler_step_some
+
+    def spy(*args, **kwargs):
+        seen.update({k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")})
+        return original(*args, **kwargs)
+
+    trainer.optimizers.optimizer_scaler_step_some = spy
+    trainer.train_iteration(1)
+    restarted = model.quantizer.last_restarted
+    assert 0 < int(restarted.sum()) <= 16 and not bool(restarted[16:].any())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(seen[key][restarted], torch.zeros_like(seen[key][restarted]))
+        assert torch.equal(seen[key][~restarted], before[key][~restarted])
+    assert bool((before["exp_avg_sq"][restarted] != 0).any())  # there was something to reset

@@ -6,7 +6,8 @@ from nerfstudio.model_components.renderers import DepthRenderer
 
 from vq3d_nerfstudio.losses import (
     accumulated_depth_loss,
-    align_scale_shift,
+    canonical_disparity,
+    disparity_anchors,
     expected_disparity,
     pointwise_depth_loss,
     sample_disparity,
@@ -74,14 +75,56 @@ def test_mask_excludes_rays():
     assert pointwise_depth_loss(weights, disp, target, mask=torch.tensor([[True], [False]])) == 0
 
 
-def test_scale_shift_alignment_recovers_each_image():
+def relative_target(pseudo, mask, group=None, percentiles=(5.0, 95.0), disparity_range=(0.0, 0.83)):
+    """The model's relative-depth target for one image's rays (every pixel a ray)."""
+    low, high = disparity_anchors(pseudo[None], mask[None], percentiles)
+    group = torch.zeros(pseudo.numel(), dtype=torch.long) if group is None else group
+    return canonical_disparity(pseudo.reshape(-1, 1), low[group], high[group], disparity_range)
+
+
+def test_percentile_anchors_hand_values():
+    # 0, 1, ..., 100: the 5th and 95th percentiles are 5 and 95; masked-out values are ignored
+    values = torch.cat([torch.arange(101.0), torch.tensor([1e6, -1e6])])
+    mask = torch.cat([torch.ones(101, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)])
+    low, high = disparity_anchors(values[None], mask[None], (5.0, 95.0))
+    assert torch.allclose(low, torch.tensor([5.0])) and torch.allclose(high, torch.tensor([95.0]))
+    target, ok = canonical_disparity(torch.tensor([[5.0], [50.0], [95.0]]), low.expand(3), high.expand(3), (0.0, 0.9))
+    assert torch.allclose(target, torch.tensor([[0.0], [0.45], [0.9]])) and bool(ok.all())
+
+
+def test_relative_target_is_invariant_to_scale_and_shift_of_the_pseudo_gt():
     torch.manual_seed(0)
-    prediction = torch.rand(12, 1)
-    group = torch.arange(3).repeat_interleave(4)
-    scale, shift = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([0.1, -0.3, 1.0])
-    relative = (prediction - shift[group, None]) / scale[group, None]
-    aligned = align_scale_shift(relative, prediction, group, num_groups=3)
-    assert torch.allclose(aligned, prediction, atol=1e-5)
+    pseudo = torch.rand(200)
+    mask = torch.rand(200) > 0.2
+    base, ok = relative_target(pseudo, mask)
+    for a, b in [(3.0, -1.0), (0.01, 7.0), (250.0, 0.0)]:
+        moved, ok2 = relative_target(a * pseudo + b, mask)
+        assert torch.allclose(moved, base, atol=1e-4) and torch.equal(ok, ok2)
+
+
+def test_relative_target_is_not_satisfied_by_flat_or_inverted_geometry():
+    """Pseudo-GT = 3 * true disparity + 2; with p5 at 0 and p95 at 0.83 the target is the true
+    disparity, so the true geometry scores ~0 and flat or inverted geometry clearly does not."""
+    true = torch.linspace(0.0, 1.0, 1001)
+    low, high = torch.quantile(true, 0.05), torch.quantile(true, 0.95)
+    true = (true - low) / (high - low) * 0.83  # now p5 = 0, p95 = 0.83 exactly
+    target, ok = relative_target(3 * true + 2, torch.ones_like(true, dtype=torch.bool))
+    assert torch.allclose(target[:, 0], true, atol=1e-5) and bool(ok.all())
+    disp = torch.stack([true, torch.full_like(true, 0.4), 0.83 - true], 1)[..., None]  # (R, 3, 1): true, flat, inverted
+    onehot = lambda k: torch.nn.functional.one_hot(torch.full((len(true),), k), 3).float()[..., None]  # noqa: E731
+    true_loss, flat_loss, inverted_loss = (pointwise_depth_loss(onehot(k), disp, target) for k in range(3))
+    assert true_loss < 1e-5
+    # t is uniform on about [-0.05, 0.88]: flat at 0.4 costs mean |t - 0.4| ~ 0.23, inverted mean |2t - 0.83| ~ 0.46
+    assert flat_loss > 0.15 and inverted_loss > 0.3
+
+
+def test_relative_target_masks_images_without_depth_spread():
+    pseudo = torch.full((50,), 0.7)
+    target, ok = relative_target(pseudo, torch.ones(50, dtype=torch.bool))
+    assert not bool(ok.any())
+    # masked rays count nowhere in the loss
+    weights = torch.zeros(50, 2, 1)
+    assert pointwise_depth_loss(weights, torch.zeros(50, 2, 1), target + 1, mask=ok) == 0
 
 
 def test_warmup_cosine_factor_hand_values():

@@ -42,7 +42,7 @@ def test_indices_round_trip_gives_the_same_triplanes():
     assert indices.shape == (2, 4, 4)
     quantized, _, _ = model.encode(images)
     assert torch.allclose(model.decode_from_indices(indices), model.decoder(quantized), atol=1e-5)
-    assert model.decode_from_indices(indices).shape == (2, 3, 4, 8, 8)
+    assert model.decode_from_indices(indices).shape == (2, 3, 4, 8 + 2 * 3, 8 + 2 * 3)  # inner texels + margin
 
 
 def test_training_forward_outputs_and_losses():
@@ -125,7 +125,7 @@ def test_paper_scale_preset_shapes():
     indices = model.encode_to_indices(torch.rand(1, 3, 256, 256))
     assert indices.shape == (1, 32, 32) and int(indices.max()) < 8192
     with torch.no_grad():
-        assert model.decode_from_indices(indices).shape == (1, 3, 32, 128, 128)
+        assert model.decode_from_indices(indices).shape == (1, 3, 32, 128 + 2 * 4, 128 + 2 * 4)  # + margin
 
 
 def test_rendering_the_shown_scene_never_touches_the_codebook():
@@ -153,3 +153,57 @@ def test_viewer_camera_renders_the_clicked_training_image():
     outputs = model.get_outputs_for_camera(get_camera(state, 12, 18))
     assert outputs["rgb"].shape == (12, 18, 3) and outputs["disparity"].shape == (12, 18, 1)
     assert model._scene_key == ("train", 3)
+
+
+def test_fsq_model_round_trip_and_codebook_size():
+    model = tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2)).eval()
+    assert model.config.codebook_size == 12 and model.quantizer.codebook_size == 12
+    images = torch.rand(2, 3, SIZE, SIZE)
+    indices = model.encode_to_indices(images)
+    assert int(indices.min()) >= 0 and int(indices.max()) < 12
+    quantized, _, losses = model.encode(images)
+    assert torch.allclose(model.decode_from_indices(indices), model.decoder(quantized), atol=1e-5)
+    assert float(losses["codebook"]) == 0 and float(losses["commitment"]) == 0
+
+
+def test_extra_renders_only_when_a_loss_uses_them():
+    """Before the discriminator starts nothing extra is rendered; then canonical + novel views."""
+    model = tiny_model(adversarial_loss_mult=0.1, adversarial_start_step=100, gan_resolution=8, gan_images_per_batch=2).train()
+    bundle, batch = train_batch(model)
+    model.step = 0
+    assert not any(k.startswith("gan_") for k in model(bundle, batch))
+    model.step = 100
+    outputs = model(bundle, batch)
+    assert outputs["gan_fake"].shape == (4, 3, 8, 8) and outputs["gan_real"].shape == (2, 3, 8, 8)
+
+
+def test_real_images_are_point_sampled_like_the_renders():
+    """A 16 px image seen at 4 px: each low-resolution pixel centre lies between high-resolution
+    pixels 4k+1 and 4k+2, so bilinear point sampling averages that 2x2 block (area filtering would
+    average the whole 4x4 block, which a one-ray-per-pixel render cannot match)."""
+    model = tiny_model(gan_resolution=4).train()
+    bundle, batch = train_batch(model)
+    renders = model._adversarial_renders(model.decoder(model.encode(batch["input_images"])[0]), batch, with_novel=False)
+    image = batch["input_images"]
+    expected = image.reshape(2, 3, 4, 4, 4, 4)[:, :, :, 1:3, :, 1:3].mean(dim=(3, 5))
+    assert torch.allclose(renders["gan_real_rgb"], expected, atol=1e-6)
+    assert "gan_fake" not in renders and renders["gan_canonical_rgb"].shape == (2, 3, 4, 4)
+
+
+def test_relative_depth_target_ignores_the_render():
+    """Relative pseudo-GT: the depth loss's target comes from the pseudo-GT alone (a flat render
+    does not make it flat), and scaling/shifting the pseudo-GT leaves the loss unchanged."""
+    model = tiny_model().train()
+    model.depth_is_metric = False
+    bundle, batch = train_batch(model)
+    maps = torch.rand(2, 1, SIZE, SIZE)
+    rows, cols = torch.randint(0, SIZE, (20,)), torch.randint(0, SIZE, (20,))
+    group = torch.arange(2).repeat_interleave(10)
+    batch.update(input_disparity=maps, input_disparity_mask=torch.ones_like(maps, dtype=torch.bool),
+                 disparity=maps[group, 0, rows, cols][:, None])
+    outputs = model(bundle, batch)
+    loss = model.get_loss_dict(outputs, batch)["depth_loss"]
+    moved = dict(batch, input_disparity=3 * maps + 1, disparity=3 * batch["disparity"] + 1)
+    assert torch.allclose(model.get_loss_dict(outputs, moved)["depth_loss"], loss, atol=1e-5)
+    target, _ = model._depth_target(dict(outputs, disparity=torch.zeros_like(outputs["disparity"])), batch)
+    assert float(target.std()) > 0.05

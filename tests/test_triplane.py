@@ -1,5 +1,7 @@
 """Tri-plane sampling and scene contraction, against hand-derived values."""
 
+import math
+
 import pytest
 import torch
 
@@ -81,3 +83,122 @@ def test_decoder_layout_lines_image_rows_up_with_world_y():
     # yz plane: columns are y (top -> +1 -> last column); rows are z, from the image column
     assert planes[0, 2, 0, 0, RES - 1] == 1
     assert planes.sum() == 3
+
+
+# ---- the frustum layout ---------------------------------------------------------------------------
+from vq3d_nerfstudio.triplane import (  # noqa: E402
+    PlaneLayout,
+    contract_1d,
+    frustum_coordinates,
+    frustum_points,
+    uncontract_1d,
+)
+
+TAN = math.tan(math.radians(25.0))  # the canonical camera's 50 degree field of view
+
+
+def canonical_points(rows, cols, depths, size):
+    """World points at z-depth ``depths`` on the rays through pixel ``(rows, cols)`` (continuous,
+    pixel centres at +0.5) of the canonical camera (at (0, 0, 2), looking down -z)."""
+    u = 2 * cols / size - 1
+    v = 1 - 2 * rows / size
+    return torch.stack([u * depths * TAN, v * depths * TAN, 2.0 - depths], -1)
+
+
+def test_frustum_coordinates_hand_values():
+    layout = PlaneLayout(inner_resolution=64, margin=3)
+    k = 64 / 69  # the image edge lands on the centre of the first margin-free texel: 64 / (64 + 6 - 1)
+    assert layout.resolution == 70 and math.isclose(layout.uv_inner, k)
+    pivot = layout(torch.zeros(1, 3))
+    assert torch.allclose(pivot, torch.zeros(1, 3), atol=1e-7)
+    # half-way to the right image edge at the pivot's depth: U = k / 2; slab ends at d = 1 and 3
+    points = torch.tensor([[0.5 * 2 * TAN, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [0.0, 0.0, -1e9]])
+    coords = layout(points)
+    assert torch.allclose(coords[:, 0], torch.tensor([k / 2, 0, 0, 0]), atol=1e-6)
+    assert torch.allclose(coords[:, 2], torch.tensor([0.0, 0.5, -0.5, -1.0]), atol=1e-6)
+    # the near side is linear in depth: d = 0.5 is half-way from the slab's near end (d = 1) to the camera
+    assert torch.isclose(layout(torch.tensor([[0.0, 0.0, 1.5]]))[0, 2], torch.tensor(0.75))
+
+
+def test_pixel_centres_read_their_token_tile_at_every_depth():
+    """The decoder writes token (i, j)'s tile at plane tile (i, j); every point on the ray through a
+    pixel centre of that image patch samples exactly that tile's xy texel, near or far."""
+    from vq3d_nerfstudio.triplane_decoder import place_planes
+
+    size, grid, margin = 16, 4, 2  # 4x4 tokens of 4x4 pixels, one texel per pixel
+    layout = PlaneLayout(inner_resolution=size, margin=margin)
+    tile_id = torch.arange(grid * grid, dtype=torch.float32).reshape(grid, grid)
+    grids = torch.zeros(1, 3, 1, size, size)
+    grids[0, 0, 0] = tile_id.repeat_interleave(size // grid, 0).repeat_interleave(size // grid, 1)
+    planes = place_planes(grids, margin)
+    rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    for depth in (0.4, 1.3, 2.0, 2.9, 7.0, 1e4):
+        points = canonical_points(rows, cols, torch.full_like(rows, depth), size).reshape(1, -1, 3)
+        xy = sample_triplanes(planes, layout(points))[0, :, 0].reshape(size, size)
+        expected = tile_id[(rows // (size // grid)).long(), (cols // (size // grid)).long()]
+        assert torch.allclose(xy, expected, atol=1e-4), depth
+
+
+def test_any_point_in_a_pixel_stays_inside_its_token_tile():
+    size, grid, margin = 64, 8, 3
+    layout = PlaneLayout(inner_resolution=size, margin=margin)
+    torch.manual_seed(0)
+    rows, cols = torch.rand(2000) * size, torch.rand(2000) * size
+    depths = torch.exp(torch.rand(2000) * 6 - 1)  # 0.37 .. 150 world units
+    coords = layout(canonical_points(rows, cols, depths, size))
+    texel = (coords[:, :2] + 1) / 2 * (layout.resolution - 1)  # continuous (column, row) texel position
+    s = size // grid
+    tile_col = (texel[:, 0] - margin + 0.5) // s
+    tile_row = (size - 1 - (texel[:, 1] - margin) + 0.5) // s  # plane rows ascend with V (image up)
+    assert torch.equal(tile_col, cols // s) and torch.equal(tile_row, rows // s)
+
+
+def test_canonical_rays_reach_most_xy_texels():
+    """March the 64x64 canonical rays: the xy texels hit are the inner 64 of 70 per axis."""
+    size = 64
+    layout = PlaneLayout(inner_resolution=size, margin=3)
+    rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    hit = torch.zeros(layout.resolution, layout.resolution, dtype=torch.bool)
+    for depth in torch.linspace(0.3, 100.0, 50):
+        coords = layout(canonical_points(rows, cols, torch.full_like(rows, float(depth)), size))
+        texel = ((coords[..., :2] + 1) / 2 * (layout.resolution - 1)).round().long().reshape(-1, 2)
+        hit[texel[:, 1], texel[:, 0]] = True
+    fraction = hit.float().mean().item()
+    assert math.isclose(fraction, (64 / 70) ** 2, rel_tol=1e-6) and fraction >= 0.8
+
+
+def test_supported_novel_views_stay_inside_the_planes():
+    """Orbits of +-30 degrees yaw and +-15 elevation (the GAN's range): every sample lands in the
+    planes, and the scene around the pivot in the inner, image-aligned part."""
+    from vq3d_nerfstudio.orbit import orbit_cameras
+
+    layout = PlaneLayout(inner_resolution=64, margin=3)
+    views = [(yaw, pitch) for yaw in (-30.0, 0.0, 30.0) for pitch in (-15.0, 15.0)]
+    rays = orbit_cameras(views, 16, 2.0, 50.0).generate_rays(camera_indices=torch.arange(6)[:, None], keep_shape=False)
+    ts = torch.exp(torch.linspace(math.log(0.3), math.log(1000.0), 64))
+    points = rays.origins[:, None] + rays.directions[:, None] * ts[None, :, None]
+    coords = layout(points)
+    assert bool(torch.isfinite(coords).all()) and float(coords.abs().max()) <= 1.0
+    near_pivot = (points.abs() <= 0.5).all(-1)
+    assert int(near_pivot.sum()) > 100
+    assert float(coords[near_pivot][:, :2].abs().max()) < layout.uv_inner
+
+
+def test_frustum_map_is_continuous_and_invertible():
+    torch.manual_seed(1)
+    s = torch.tensor([-1 - 1e-6, -1 + 1e-6, 1 - 1e-6, 1 + 1e-6])
+    c = contract_1d(s, 0.9)
+    assert torch.allclose(c[:2], torch.tensor([-0.9, -0.9]), atol=1e-5) and torch.allclose(c[2:], torch.tensor([0.9, 0.9]), atol=1e-5)
+    grid = torch.linspace(-50, 50, 10001)
+    assert bool((contract_1d(grid, 0.5).diff() > 0).all())
+    assert torch.allclose(uncontract_1d(contract_1d(grid, 0.7), 0.7), grid, rtol=1e-4, atol=1e-4)
+    layout = PlaneLayout(inner_resolution=64, margin=3)
+    depth = torch.exp(torch.rand(500) * 7 - 2)  # 0.14 .. 150, near side, slab and contracted far field
+    points = canonical_points(torch.rand(500) * 200 - 68, torch.rand(500) * 200 - 68, depth, 64).double()
+    coords = frustum_coordinates(points, 2.0, 50.0, layout.uv_inner)
+    back = frustum_points(coords, 2.0, 50.0, layout.uv_inner)
+    assert torch.allclose(back, points, rtol=1e-6, atol=1e-6)
+    # crossing the slab boundaries moves W continuously
+    edges = torch.tensor([[0.0, 0.0, 1.0 + 1e-6], [0.0, 0.0, 1.0 - 1e-6], [0.0, 0.0, -1.0 + 1e-6], [0.0, 0.0, -1.0 - 1e-6]])
+    w = frustum_coordinates(edges, 2.0, 50.0, layout.uv_inner)[:, 2]
+    assert torch.allclose(w[0], w[1], atol=1e-5) and torch.allclose(w[2], w[3], atol=1e-5)

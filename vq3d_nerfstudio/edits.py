@@ -4,12 +4,12 @@ image's object into another image's scene (VQ3D Sec. 5: interpolation and object
 Interpolation spaces (``space``):
 
 - ``latent`` (default): the continuous encoder latent before quantization. Per token, the unit
-  latents of the two images are slerped; the quantization residual (code minus latent) is blended
+  latents of the two images are slerped (VQ; FSQ latents are blended linearly); the quantization residual (code minus latent) is blended
   linearly on top, so ``t = 0`` and ``t = 1`` decode exactly to the two reconstructions while every
   ``t`` in between is a smooth path that never snaps from code to code.
 - ``triplane``: linear blend of the two decoded tri-planes (features, not images).
-- ``codes``: slerp the latents, then snap to the nearest codes: what a purely vector-quantized
-  latent gives (jumps between codes; kept for comparison).
+- ``codes``: blend the latents, then snap them with the quantizer's own rounding: what a purely
+  quantized latent gives (jumps between codes; kept for comparison).
 
 Composition: densities add, colours are density-weighted per sample. For an object placed at
 ``position`` with ``scale``, a world point ``x`` reads the object's NeRF at ``(x - position) / scale``
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vq3d_nerfstudio.field import outputs_from_query
-from vq3d_nerfstudio.quantizer import nearest_codes
+from vq3d_nerfstudio.quantizer import FSQuantizer
 
 InterpolationSpace = Literal["latent", "triplane", "codes"]
 
@@ -46,7 +46,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-6) -> torc
 
 @dataclass
 class EncodedImage:
-    """What interpolation needs of one image: unit latents and snapped codes ``[1, T, d]``, tri-planes."""
+    """What interpolation needs of one image: latents (code space, before snapping) and snapped codes
+    ``[1, T, d]``, tri-planes."""
 
     latents: torch.Tensor
     codes: torch.Tensor
@@ -59,8 +60,7 @@ def encode_image(model, image: torch.Tensor) -> EncodedImage:
     x = image.permute(2, 0, 1)[None].to(model.device, torch.float32)
     quantizer = model.quantizer
     latents = quantizer.encode(model.encoder(x))
-    codebook = quantizer.normalized_codebook()
-    codes = F.embedding(nearest_codes(latents, codebook), codebook)
+    codes = quantizer.get_codes_from_indices(quantizer.snap(latents))
     return EncodedImage(latents, codes, model.decoder(quantizer.project_out(codes)))
 
 
@@ -70,10 +70,10 @@ def interpolate(model, a: EncodedImage, b: EncodedImage, t: float, space: Interp
     if space == "triplane":
         return torch.lerp(a.planes, b.planes, t)
     quantizer = model.quantizer
-    z = slerp(a.latents, b.latents, t)
+    # VQ latents are unit vectors (great-circle blend); FSQ latents are points of a box (straight blend)
+    z = torch.lerp(a.latents, b.latents, t) if isinstance(quantizer, FSQuantizer) else slerp(a.latents, b.latents, t)
     if space == "codes":
-        codebook = quantizer.normalized_codebook()
-        return model.decoder(quantizer.project_out(F.embedding(nearest_codes(z, codebook), codebook)))
+        return model.decoder(quantizer.project_out(quantizer.get_codes_from_indices(quantizer.snap(z))))
     if space != "latent":
         raise ValueError(f"unknown interpolation space {space!r}; use latent, triplane or codes")
     z = z + (1.0 - t) * (a.codes - a.latents) + t * (b.codes - b.latents)

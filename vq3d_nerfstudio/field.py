@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 import torch
@@ -11,23 +12,38 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
 from torch import nn
 
-from vq3d_nerfstudio.triplane import contract, sample_triplanes_by_index
+from vq3d_nerfstudio.triplane import PlaneLayout, sample_triplanes_by_index
 
 
 class TriplaneField(nn.Module):
-    """Sample the image's tri-plane at contracted points; small MLPs give density and colour.
+    """Sample the image's tri-plane at the points' plane coordinates (``layout``); small MLPs give
+    density and colour.
 
     Colour does not depend on view direction: a single photo carries no view-dependent signal.
     Unlike nerfstudio's ``TriplaneEncoding``, the planes are an input (decoded per image), not a
     learned per-scene parameter.
+
+    With ``num_depth_frequencies > 0`` the density MLP also sees the plane coordinates (U, V, W) and
+    ``sin/cos(2^k pi W)``, k < num_depth_frequencies. In the frustum layout a canonical ray keeps
+    (U, V) fixed, so its samples read one xy texel and differ only by their xz/yz features; the
+    explicit depth coordinate lets that texel say *where along the ray* its surface is.
     """
 
-    def __init__(self, triplane_channels: int, hidden_dim: int, scene_scale: float, geo_feat_dim: int = 15) -> None:
+    def __init__(
+        self,
+        triplane_channels: int,
+        hidden_dim: int,
+        layout: PlaneLayout,
+        geo_feat_dim: int = 15,
+        num_depth_frequencies: int = 0,
+    ) -> None:
         super().__init__()
-        self.scene_scale = scene_scale
+        self.layout = layout
         self.geo_feat_dim = geo_feat_dim
+        self.num_depth_frequencies = num_depth_frequencies
+        position_dim = 3 + 2 * num_depth_frequencies if num_depth_frequencies > 0 else 0
         self.density_mlp = MLP(
-            in_dim=3 * triplane_channels,
+            in_dim=3 * triplane_channels + position_dim,
             num_layers=2,
             layer_width=hidden_dim,
             out_dim=1 + geo_feat_dim,
@@ -44,10 +60,19 @@ class TriplaneField(nn.Module):
             implementation="torch",
         )
 
+    def features(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Density-MLP input ``[N, 3C (+ position)]`` at world points ``[N, 3]``."""
+        coords = self.layout(positions)
+        feats = sample_triplanes_by_index(planes, coords, batch_idx)
+        if self.num_depth_frequencies <= 0:
+            return feats
+        freqs = math.pi * 2.0 ** torch.arange(self.num_depth_frequencies, device=coords.device, dtype=coords.dtype)
+        angles = coords[:, 2:3] * freqs  # (N, F)
+        return torch.cat([feats, coords, torch.sin(angles), torch.cos(angles)], dim=-1)
+
     def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
         """Density ``[N, 1]`` at world points ``[N, 3]``, point ``i`` in tri-plane ``batch_idx[i]``."""
-        feats = sample_triplanes_by_index(planes, contract(positions, self.scene_scale), batch_idx)
-        return trunc_exp(self.density_mlp(feats)[:, :1] - 1.0)
+        return trunc_exp(self.density_mlp(self.features(positions, planes, batch_idx))[:, :1] - 1.0)
 
     def normals_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
         """Unit normals ``[N, 3]``: the negated, normalised density gradient (works under no_grad)."""
@@ -72,8 +97,7 @@ class TriplaneField(nn.Module):
     def query(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor):
         """Density ``[N, 1]`` and RGB ``[N, 3]`` at world points ``[N, 3]``, point ``i`` in tri-plane
         ``batch_idx[i]`` (the colour does not depend on the view direction)."""
-        feats = sample_triplanes_by_index(planes, contract(positions, self.scene_scale), batch_idx)
-        hidden = self.density_mlp(feats)
+        hidden = self.density_mlp(self.features(positions, planes, batch_idx))
         return trunc_exp(hidden[:, :1] - 1.0), self.color_mlp(hidden[:, 1:])
 
 

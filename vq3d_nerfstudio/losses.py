@@ -7,7 +7,7 @@ relative disparity, and disparity stays finite for the sky (0 at infinity).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -68,33 +68,56 @@ def expected_disparity(weights: torch.Tensor, sample_disp: torch.Tensor) -> torc
     return (weights * sample_disp).sum(dim=-2)
 
 
-def align_scale_shift(
-    target: torch.Tensor, prediction: torch.Tensor, group: torch.Tensor, num_groups: int
-) -> torch.Tensor:
-    """Least-squares ``a * target + b`` closest to ``prediction``, solved per group (image).
-
-    For relative (scale- and shift-free) pseudo-GT disparity (MiDaS-style alignment, Ranftl et al.
-    2020). The solve is detached: only the prediction carries gradients.
+def disparity_anchors(
+    maps: torch.Tensor, mask: torch.Tensor, percentiles: Tuple[float, float]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-image robust low and high disparity: the ``percentiles`` (in [0, 100]) of each image's
+    valid pixels.
 
     Args:
-        target: ``[R, 1]``; prediction: ``[R, 1]``; group: ``[R]`` long in ``[0, num_groups)``.
+        maps: ``[B, ...]`` disparity maps; mask: same shape, bool, the valid pixels.
 
     Returns:
-        ``[R, 1]`` aligned target.
+        ``(low [B], high [B])``; both 0 for an image without a valid pixel.
     """
-    t = target[:, 0].detach()
-    p = prediction[:, 0].detach()
+    flat, valid = maps.reshape(maps.shape[0], -1), mask.reshape(mask.shape[0], -1)
+    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], dtype=flat.dtype, device=flat.device)
+    out = torch.zeros(flat.shape[0], 2, dtype=flat.dtype, device=flat.device)
+    for b in range(flat.shape[0]):
+        values = flat[b][valid[b]]
+        if values.numel():
+            out[b] = torch.quantile(values, q)
+    return out[:, 0], out[:, 1]
 
-    def per_group(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, group, values)
 
-    n = per_group(torch.ones_like(t))
-    st, sp, stt, stp = per_group(t), per_group(p), per_group(t * t), per_group(t * p)
-    det = n * stt - st * st
-    ok = det.abs() > 1e-8
-    scale = torch.where(ok, (n * stp - st * sp) / det.where(ok, torch.ones_like(det)), torch.ones_like(det))
-    shift = torch.where(ok, (sp - scale * st) / n.clamp_min(1), torch.zeros_like(det))
-    return (scale[group] * t + shift[group])[:, None]
+def canonical_disparity(
+    disparity: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    disparity_range: Tuple[float, float],
+    min_spread: float = 1e-6,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Relative pseudo-GT disparity (unknown scale and shift per image) -> disparity of the
+    canonical scene: each image's robust ``low`` and ``high`` are mapped affinely onto
+    ``disparity_range = (far, near)`` (world units^-1 of the canonical camera).
+
+    The target depends on the pseudo-GT alone, never on the model's prediction, so a flat or an
+    inverted NeRF cannot satisfy it (the first design fitted the pseudo-GT to the render, which
+    scored flat geometry zero). It is invariant to ``a * d + b`` (``a > 0``) applied to the
+    pseudo-GT, since the anchors move with it. An image whose anchors coincide (a flat pseudo-GT)
+    carries no depth information and is masked out.
+
+    Args:
+        disparity: ``[R, 1]`` per-ray pseudo-GT; low, high: ``[R]`` anchors of each ray's image.
+
+    Returns:
+        ``(target [R, 1], ok [R, 1] bool)``.
+    """
+    far, near = disparity_range
+    spread = (high - low)[:, None]
+    ok = spread > min_spread
+    target = far + (disparity - low[:, None]) / torch.where(ok, spread, torch.ones_like(spread)) * (near - far)
+    return torch.where(ok, target, torch.zeros_like(target)), ok
 
 
 def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -10,6 +10,7 @@ Rays with ``metadata["batch_idx"]`` use the tri-plane of that input image; rays 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from torch.nn import Parameter
 from vq3d_nerfstudio import gan, losses
 from vq3d_nerfstudio.encoder import ViTEncoder
 from vq3d_nerfstudio.field import TriplaneField
-from vq3d_nerfstudio.quantizer import FactorizedQuantizer, code_perplexity
+from vq3d_nerfstudio.quantizer import build_quantizer, code_perplexity
+from vq3d_nerfstudio.triplane import PlaneLayout
 from vq3d_nerfstudio.triplane_decoder import TriplaneDecoder
 
 
@@ -76,21 +78,59 @@ class Vq3dModelConfig(ModelConfig):
     """Transformer blocks in the decoder."""
     num_heads: int = 4
     """Attention heads."""
+    quantizer: Literal["vq", "fsq"] = "vq"
+    """'vq': ViT-VQGAN's factorized, l2-normalised codebook (the paper's choice); 'fsq': finite
+    scalar quantization (Mentzer et al. 2023), a fixed grid of fsq_levels per channel with no
+    codebook to learn or collapse. Both give code indices to stage 2, the token cache and edits."""
     codebook_size: int = 1024
-    """Number of codes."""
+    """Number of codes (VQ). With FSQ it is set to the product of fsq_levels."""
     code_dim: int = 32
     """Dimension of the l2-normalised code space (factorized codes, ViT-VQGAN)."""
     commitment_beta: float = 0.25
     """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
+    fsq_levels: Tuple[int, ...] = (8, 5, 5, 5)
+    """FSQ: levels per channel; the codebook is their product (8*5*5*5 = 1000: the FSQ paper's levels for ~2^10 codes)."""
+    codebook_kmeans_init: bool = True
+    """VQ: initialise the codebook by spherical k-means on the first training batch's latents
+    (random codes far from every encoding are never picked, so most of the codebook stayed unused)."""
+    dead_code_fraction: float = 0.03
+    """VQ: a code is restarted on a current latent when its usage (an EMA of picks per step) falls
+    below this fraction of the expected picks per code per step (latents per step / codebook size),
+    so the threshold scales with batch and codebook size; 0 turns restarts off. The optimizer's
+    moments of restarted codes are reset."""
     triplane_resolution: int = 32
-    """Tri-plane side (texels); a multiple of the token grid."""
+    """Tri-plane texels covering the canonical image, on a side; a multiple of the token grid. In
+    the frustum layout the planes have ``triplane_margin`` more texels on each side."""
     triplane_channels: int = 16
     """Feature channels per plane."""
+    triplane_layout: Literal["frustum", "world"] = "frustum"
+    """Where world points sample the planes (``triplane.PlaneLayout``). 'frustum': coordinates of
+    the canonical camera's frustum (normalised image u, v and a contracted depth), so token (i, j)'s
+    tile is exactly where image patch (i, j) lies at every depth, and >= 80% of the xy texels are
+    seen by the input view. 'world': the first design (L-inf contraction of world xyz by
+    scene_scale); it left 65% of the xy plane unseen and patch (i, j) in other tokens' tiles."""
+    triplane_margin: int = 3
+    """Frustum layout: texels beyond the canonical image edge on each side; the space only novel
+    views see (the GAN's +-30 degree yaw) is contracted into them."""
+    frustum_depth_halfwidth: float = 1.0
+    """Frustum layout: half-width (world units of z-depth) of the slab around the pivot that the
+    planes' depth axis resolves linearly (the synthetic objects and most of a photo's subject lie
+    within 1 unit of the pivot); nearer space gets the rest of the near side, farther space is
+    contracted (mip-NeRF 360) so the background at infinity fits."""
+    frustum_depth_inner: float = 0.5
+    """Frustum layout: share of the depth axis ([-1, 1]) the pivot slab takes (0.5 as mip-NeRF 360)."""
+    num_depth_frequencies: int = 4
+    """The density MLP also sees the plane coordinates and this many sin/cos frequencies of the
+    depth coordinate (0: tri-plane features only, the first design). A canonical ray reads one xy
+    texel at every depth; the depth input lets that texel place its surface along the ray."""
+    decoder_upsampler: Literal["linear", "conv"] = "linear"
+    """How the decoder turns tokens into plane texels: 'linear', one linear head per token tile
+    (pixel shuffle); 'conv', nearest-upsampling + 3x3 convolutions (LRM / TripoSR style)."""
     field_hidden_dim: int = 64
     """Width of the density and colour MLPs."""
     scene_scale: float = 1.5
-    """Half-width (world units) of the cube kept linear by the scene contraction; beyond it space
-    is contracted (mip-NeRF 360) so the unbounded background fits the tri-plane."""
+    """World layout only: half-width (world units) of the cube kept linear by the scene
+    contraction; beyond it space is contracted (mip-NeRF 360) so the unbounded background fits."""
     near_plane: float = 0.3
     """Where rays start (world units from the camera)."""
     far_plane: float = 1000.0
@@ -112,6 +152,17 @@ class Vq3dModelConfig(ModelConfig):
     depth_loss_type: Literal["pointwise", "accumulated"] = "pointwise"
     """'pointwise': VQ3D's loss on per-sample rendering weights; 'accumulated': the ablation,
     a loss on the rendered (expected) disparity only."""
+    relative_disparity_percentiles: Tuple[float, float] = (5.0, 95.0)
+    """Relative pseudo-GT disparity (depth kind 'disparity': what a monocular network gives a photo,
+    unknown scale and shift per image): these percentiles of each image's valid pixels ..."""
+    relative_disparity_range: Tuple[float, float] = (0.0, 0.83)
+    """... are mapped onto this (far, near) disparity of the canonical scene. 0 puts the farthest 5%
+    at infinity (sky, distant background); 0.83 puts the nearest 5% 1.2 units from the camera (0.8
+    units in front of the pivot): in the median synthetic scene the 95th percentile of the true
+    disparity is 0.83 (ground 0.5 below the camera, seen at the bottom edge). The target depends on
+    the pseudo-GT only: a flat or inverted NeRF cannot match it (the first design fitted the
+    pseudo-GT to the render, so flat geometry scored zero), and it is invariant to a * d + b (a > 0)
+    of the pseudo-GT."""
     default_scene_index: int = 0
     """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx); the
     VQ3D_SCENE environment variable overrides it for any command: 'eval:N', 'train:N' or a photo's path."""
@@ -173,7 +224,26 @@ class Vq3dModel(Model):
         cfg = self.config
         self.encoder = ViTEncoder(cfg.image_size, cfg.patch_size, cfg.hidden_dim, cfg.num_encoder_layers, cfg.num_heads)
         self.grid_size = self.encoder.grid_size
-        self.quantizer = FactorizedQuantizer(cfg.hidden_dim, cfg.codebook_size, cfg.code_dim, cfg.commitment_beta)
+        if cfg.quantizer == "fsq":
+            cfg.codebook_size = math.prod(cfg.fsq_levels)
+        self.quantizer = build_quantizer(
+            cfg.quantizer, cfg.hidden_dim, cfg.codebook_size, cfg.code_dim, cfg.commitment_beta, cfg.fsq_levels,
+            kmeans_init=cfg.codebook_kmeans_init, dead_code_fraction=cfg.dead_code_fraction,
+        )
+        metadata = self.kwargs.get("metadata") or {}
+        self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
+        self.camera_distance = float(metadata.get("camera_distance", 2.0))
+        self.fov_deg = float(metadata.get("fov_deg", 50.0))
+        self.layout = PlaneLayout(
+            kind=cfg.triplane_layout,
+            camera_distance=self.camera_distance,
+            fov_deg=self.fov_deg,
+            inner_resolution=cfg.triplane_resolution,
+            margin=cfg.triplane_margin if cfg.triplane_layout == "frustum" else 0,
+            depth_halfwidth=cfg.frustum_depth_halfwidth,
+            depth_inner=cfg.frustum_depth_inner,
+            scene_scale=cfg.scene_scale,
+        )
         self.decoder = TriplaneDecoder(
             self.grid_size,
             cfg.hidden_dim,
@@ -181,18 +251,18 @@ class Vq3dModel(Model):
             cfg.num_heads,
             cfg.triplane_channels,
             cfg.triplane_resolution,
+            margin=self.layout.margin,
+            upsampler=cfg.decoder_upsampler,
         )
-        self.field = TriplaneField(cfg.triplane_channels, cfg.field_hidden_dim, cfg.scene_scale)
+        self.field = TriplaneField(
+            cfg.triplane_channels, cfg.field_hidden_dim, self.layout, num_depth_frequencies=cfg.num_depth_frequencies
+        )
         self.collider = NearFarCollider(near_plane=cfg.near_plane, far_plane=cfg.far_plane)
         self.sampler_coarse = PiecewiseLinDispSampler(cfg.num_coarse_samples, cfg.sampler_linear_until)
         self.sampler_pdf = PDFSampler(num_samples=cfg.num_fine_samples, include_original=True)
         self.renderer_rgb = RGBRenderer(background_color="last_sample")
         self.renderer_depth = DepthRenderer(method="expected")
         self.renderer_accumulation = AccumulationRenderer()
-        metadata = self.kwargs.get("metadata") or {}
-        self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
-        self.camera_distance = float(metadata.get("camera_distance", 2.0))
-        self.fov_deg = float(metadata.get("fov_deg", 50.0))
         self.discriminator: Optional[torch.nn.Module] = None
         if cfg.adversarial_loss_mult > 0:
             in_channels = 4 if cfg.discriminator_sees_disparity else 3
@@ -338,40 +408,48 @@ class Vq3dModel(Model):
             step, self.config.adversarial_start_step, self.config.adversarial_ramp_steps
         ) > 0
 
-    def _adversarial_renders(self, planes: torch.Tensor, batch: Dict) -> Dict[str, torch.Tensor]:
+    def _adversarial_renders(self, planes: torch.Tensor, batch: Dict, with_novel: bool) -> Dict[str, torch.Tensor]:
         """Whole-view renders at ``gan_resolution`` of the first images' NeRFs from the canonical
-        camera and from one random novel camera each, plus the matching real images."""
+        camera (for LPIPS and the discriminator) and, ``with_novel``, from one random novel camera
+        each (for the discriminator), plus the matching real images.
+
+        Renders are point samples at pixel centres (one ray each), so the real images are point
+        sampled at the same centres (bilinear at the low-resolution pixel centres, no area
+        filtering): otherwise the discriminator could tell real from fake by the filtering alone.
+        """
         from vq3d_nerfstudio.data.dataparser import canonical_camera_to_world, square_pinhole_cameras
 
         cfg = self.config
         num, res = min(cfg.gan_images_per_batch, planes.shape[0]), cfg.gan_resolution
-        canonical = canonical_camera_to_world(self.camera_distance)[None].expand(num, 3, 4)
-        novel = gan.sample_novel_poses(
-            num, self.camera_distance, cfg.novel_view_max_yaw_deg, cfg.novel_view_max_elevation_deg,
-            cfg.novel_view_radius_jitter,
-        )
-        cameras = square_pinhole_cameras(torch.cat([canonical, novel]), res, self.fov_deg).to(self.device)
-        cam = torch.arange(2 * num, device=self.device).repeat_interleave(res * res)
-        pix = torch.arange(res * res, device=self.device).repeat(2 * num)
+        poses = canonical_camera_to_world(self.camera_distance)[None].expand(num, 3, 4)
+        if with_novel:
+            novel = gan.sample_novel_poses(
+                num, self.camera_distance, cfg.novel_view_max_yaw_deg, cfg.novel_view_max_elevation_deg,
+                cfg.novel_view_radius_jitter,
+            )
+            poses = torch.cat([poses, novel])
+        views = poses.shape[0]
+        cameras = square_pinhole_cameras(poses, res, self.fov_deg).to(self.device)
+        cam = torch.arange(views, device=self.device).repeat_interleave(res * res)
+        pix = torch.arange(res * res, device=self.device).repeat(views)
         rays = RayGenerator(cameras)(torch.stack([cam, pix // res, pix % res], -1))
         out = self.render_rays(self.collider(rays), planes, cam % num, keep_samples=False)
-        to_images = lambda x: x.reshape(2 * num, res, res, -1).permute(0, 3, 1, 2)  # noqa: E731
+        to_images = lambda x: x.reshape(views, res, res, -1).permute(0, 3, 1, 2)  # noqa: E731
         rgb, disparity = to_images(out["rgb"]), to_images(out["disparity"])
-        real = F.interpolate(batch["input_images"][:num], size=(res, res), mode="area")
+        point_sample = lambda x: F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)  # noqa: E731
+        real = point_sample(batch["input_images"][:num])
+        result = {"gan_canonical_rgb": rgb[:num], "gan_real_rgb": real}
+        if not with_novel:
+            return result
         fake_d, real_d = rgb * 2 - 1, real * 2 - 1
         if cfg.discriminator_sees_disparity:
             if "input_disparity" not in batch:
                 raise ValueError("discriminator_sees_disparity needs depth in the data (see --pipeline.datamanager.dataparser.depth-kind)")
-            real_disp = F.interpolate(batch["input_disparity"][:num].float(), size=(res, res), mode="area")
+            real_disp = point_sample(batch["input_disparity"][:num].float())
             fake_d = torch.cat([fake_d, gan.normalize_disparity(disparity)], 1)
             real_d = torch.cat([real_d, gan.normalize_disparity(real_disp)], 1)
-        return {
-            "gan_fake": fake_d,
-            "gan_real": real_d,
-            "gan_canonical_rgb": rgb[:num],
-            "gan_real_rgb": real,
-            "gan_fake_disparity": disparity.detach(),
-        }
+        result.update(gan_fake=fake_d, gan_real=real_d, gan_fake_disparity=disparity.detach())
+        return result
 
     def get_discriminator_loss_dict(self, step: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """The discriminator's loss on the cached (detached) real and fake images, with R1 on its
@@ -406,8 +484,11 @@ class Vq3dModel(Model):
                 "code_indices": indices,
                 "batch_idx": batch_idx,
             }
-            if self.training and (self.discriminator is not None or self.config.perceptual_loss_mult > 0):
-                extra.update(self._adversarial_renders(planes, batch))
+            # Extra renders only when a loss uses them this step: the discriminator's (canonical and
+            # novel views) once it has started, LPIPS's (canonical view) whenever it is on.
+            with_novel = self.training and self.discriminator_active(self.step)
+            if with_novel or (self.training and self.config.perceptual_loss_mult > 0):
+                extra.update(self._adversarial_renders(planes, batch, with_novel))
         else:
             return self.get_outputs(ray_bundle)
         ray_bundle = self.collider(ray_bundle)
@@ -487,13 +568,18 @@ class Vq3dModel(Model):
         return super().get_outputs_for_camera(camera, obb_box=obb_box)
 
     # ---- losses and metrics --------------------------------------------------------------------
-    def _depth_target(self, outputs: Dict, batch: Dict) -> torch.Tensor:
-        target = batch["disparity"]
+    def _depth_target(self, outputs: Dict, batch: Dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-ray target disparity ``[R, 1]`` and mask ``[R, 1]`` (None: every ray)."""
+        target, mask = batch["disparity"], batch.get("disparity_mask")
         if self.depth_is_metric:
-            return target
-        # Relative pseudo-GT disparity: align scale and shift to the render, per image.
-        num_images = batch["input_images"].shape[0]
-        return losses.align_scale_shift(target, outputs["disparity"], outputs["batch_idx"], num_images)
+            return target, mask
+        # Relative pseudo-GT: map each image's robust range onto the canonical scene's disparity.
+        maps = batch["input_disparity"]
+        map_mask = batch.get("input_disparity_mask", torch.ones_like(maps, dtype=torch.bool))
+        low, high = losses.disparity_anchors(maps, map_mask, self.config.relative_disparity_percentiles)
+        group = outputs["batch_idx"]
+        target, ok = losses.canonical_disparity(target, low[group], high[group], self.config.relative_disparity_range)
+        return target, ok if mask is None else (ok & mask.bool())
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         gt = batch["image"].to(self.device)
@@ -501,6 +587,9 @@ class Vq3dModel(Model):
         if "code_indices" in outputs:
             metrics["code_perplexity"] = code_perplexity(outputs["code_indices"], self.config.codebook_size)
             metrics["codes_used"] = torch.unique(outputs["code_indices"]).numel() / self.config.codebook_size
+            restarted = getattr(self.quantizer, "last_restarted", None)
+            if restarted is not None:
+                metrics["codes_restarted"] = restarted.sum()  # churn: codes moved onto new latents this step
         return metrics
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
@@ -513,8 +602,7 @@ class Vq3dModel(Model):
         if "vq_codebook" in outputs:
             loss_dict["vq_loss"] = cfg.vq_loss_mult * (outputs["vq_codebook"] + outputs["vq_commitment"])
         if "disparity" in batch and "weights_fine" in outputs and cfg.depth_loss_mult > 0:
-            target = self._depth_target(outputs, batch)
-            mask = batch.get("disparity_mask")
+            target, mask = self._depth_target(outputs, batch)
             loss_fn = losses.pointwise_depth_loss if cfg.depth_loss_type == "pointwise" else losses.accumulated_depth_loss
             depth_loss = loss_fn(outputs["weights_fine"], outputs["disp_fine"], target, mask) + loss_fn(
                 outputs["weights_coarse"], outputs["disp_coarse"], target, mask
@@ -532,13 +620,13 @@ class Vq3dModel(Model):
                 if cfg.adaptive_adversarial_weight:
                     weight = weight * gan.adaptive_weight(loss_dict["rgb_loss"], adversarial, self.decoder.refine.weight)
                 loss_dict["adversarial_loss"] = cfg.adversarial_loss_mult * weight * adversarial
-            if cfg.perceptual_loss_mult > 0:
-                if not self._perceptual:
-                    self.prepare_training()
-                if self._perceptual:
-                    lpips = self._perceptual[0].to(outputs["gan_canonical_rgb"].device)
-                    distance = lpips(outputs["gan_canonical_rgb"], outputs["gan_real_rgb"]).mean()
-                    loss_dict["perceptual_loss"] = cfg.perceptual_loss_mult * distance
+        if "gan_canonical_rgb" in outputs and cfg.perceptual_loss_mult > 0:
+            if not self._perceptual:
+                self.prepare_training()
+            if self._perceptual:
+                lpips = self._perceptual[0].to(outputs["gan_canonical_rgb"].device)
+                distance = lpips(outputs["gan_canonical_rgb"], outputs["gan_real_rgb"]).mean()
+                loss_dict["perceptual_loss"] = cfg.perceptual_loss_mult * distance
         return loss_dict
 
     def get_image_metrics_and_images(

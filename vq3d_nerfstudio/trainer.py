@@ -36,6 +36,8 @@ from nerfstudio.utils import colormaps, writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from vq3d_nerfstudio.quantizer import reset_optimizer_rows
+
 DISCRIMINATOR = "discriminator"
 
 
@@ -100,6 +102,17 @@ class Vq3dTrainer(Trainer):
             return [g for g in names if step % accumulation[g] == 0]
         return [g for g in names if step % accumulation[g] == accumulation[g] - 1]
 
+    def _reset_restarted_codes(self, model) -> None:
+        """Codes the quantizer just moved onto new latents start with fresh Adam moments (the old
+        ones belong to the code's previous place), before this step's update."""
+        quantizer = getattr(model, "quantizer", None)
+        restarted = getattr(quantizer, "last_restarted", None)
+        if restarted is None or not bool(restarted.any()):
+            return
+        for name, params in self.optimizers.parameters.items():
+            if any(p is quantizer.codebook for p in params):
+                reset_optimizer_rows(self.optimizers.optimizers[name], quantizer.codebook, restarted)
+
     def train_iteration(self, step: int) -> TRAIN_INTERATION_OUTPUT:
         model = self.pipeline.model
         groups = list(self.optimizers.parameters.keys())
@@ -126,6 +139,7 @@ class Vq3dTrainer(Trainer):
             for p in disc_params:
                 p.requires_grad_(True)
         if finite:
+            self._reset_restarted_codes(model)
             self.optimizers.optimizer_scaler_step_some(self.grad_scaler, self._groups(generator_groups, step, "step"))
         else:
             self._skip("generator", step, loss_dict)

@@ -1,7 +1,8 @@
 """Tri-plane sampling: pure functions on tensors.
 
 A tri-plane is a tensor ``[B, 3, C, R, R]`` holding three axis-aligned feature planes over the
-cube ``[-1, 1]^3`` (normalised, contracted scene coordinates):
+cube ``[-1, 1]^3`` of *plane coordinates* (U, V, W) (for the default layout, see
+:func:`frustum_coordinates`; for the first design, :func:`contract`). Below they are called x, y, z:
 
 - plane 0 (``xy``) is indexed by (x, y) and drops z,
 - plane 1 (``xz``) is indexed by (x, z) and drops y,
@@ -14,6 +15,9 @@ that holds a linear ramp returns the coordinate exactly (EG3D-style tri-planes, 
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +74,100 @@ def sample_triplanes_by_index(planes: torch.Tensor, points: torch.Tensor, batch_
     return out
 
 
+def contract_1d(s: torch.Tensor, inner: float) -> torch.Tensor:
+    """Continuous, odd, strictly increasing map of the real line onto ``(-1, 1)``: linear
+    ``inner * s`` for ``|s| <= 1``, then ``sign(s) * (inner + (1 - inner) * (1 - 1 / |s|))``
+    (mip-NeRF 360's contraction in one dimension, Barron et al. 2022, eq. 10, with the inner part
+    taking ``inner`` of the range instead of half). ``±inf`` maps to ``±1``."""
+    mag = s.abs()
+    outer = torch.sign(s) * (inner + (1 - inner) * (1 - 1 / mag.clamp_min(1.0)))
+    return torch.where(mag <= 1, inner * s, outer)
+
+
+def uncontract_1d(c: torch.Tensor, inner: float) -> torch.Tensor:
+    """Inverse of :func:`contract_1d` on ``(-1, 1)``."""
+    mag = c.abs()
+    outer = torch.sign(c) / (1 - (mag - inner) / (1 - inner)).clamp_min(1e-12)
+    return torch.where(mag <= inner, c / inner, outer)
+
+
+def frustum_inner_extent(inner_resolution: int, margin: int) -> float:
+    """Plane coordinate of the canonical frustum's edge for a plane of ``inner_resolution + 2 *
+    margin`` texels whose inner ``inner_resolution`` texels cover the canonical image exactly.
+
+    With ``align_corners=True`` texel ``k`` of ``R`` sits at ``-1 + 2k / (R - 1)``. Pixel-centre
+    cell ``m`` of the inner part (normalised image coordinate ``-1 + (2m + 1) / R_in``) must land on
+    texel ``margin + m``: that holds for every ``m`` when the image edge ``u = ±1`` maps to
+    ``±R_in / (R - 1)``.
+    """
+    return inner_resolution / (inner_resolution + 2 * margin - 1)
+
+
+def frustum_coordinates(
+    points: torch.Tensor,
+    camera_distance: float,
+    fov_deg: float,
+    uv_inner: float,
+    depth_halfwidth: float = 1.0,
+    depth_inner: float = 0.5,
+) -> torch.Tensor:
+    """World points -> plane coordinates (U, V, W) in ``[-1, 1]^3`` aligned to the canonical camera.
+
+    The canonical camera sits at ``(0, 0, D)`` looking down -z (OpenGL: x right, y up), pinhole,
+    ``fov_deg`` horizontal = vertical FOV (square images). A point's z-depth is ``d = D - z`` and
+    its normalised image coordinates are ``u = x / (d tan(fov/2))``, ``v = y / (d tan(fov/2))``
+    (``u = -1`` the left image edge, ``v = +1`` the top edge).
+
+    - ``U = contract_1d(u, uv_inner)``, ``V = contract_1d(v, uv_inner)``: the canonical image
+      fills ``[-uv_inner, uv_inner]`` linearly (so the xy plane is exactly image-aligned: every
+      point that projects to pixel (i, j) samples the same texel at any depth), and the space seen
+      only from novel views is contracted into the margin up to ``±1``.
+    - ``W`` increases towards the camera (like world z): the slab ``|d - D| <= depth_halfwidth``
+      around the pivot maps linearly onto ``[-depth_inner, depth_inner]``; farther space is
+      contracted (``d = inf`` -> ``W = -1``); nearer space, ``0 < d < D - depth_halfwidth``, maps
+      linearly onto ``(depth_inner, 1)``.
+
+    Points at or behind the camera plane (``d <= 0``, never sampled by the canonical camera nor
+    by the supported orbits) are clamped to ``d = 1e-4``. The map is continuous and invertible
+    for ``d > 0`` (:func:`frustum_points`).
+
+    Args:
+        points: ``[..., 3]`` world points.
+
+    Returns:
+        ``[..., 3]`` (U, V, W).
+    """
+    tan_half = math.tan(math.radians(fov_deg) / 2)
+    depth = (camera_distance - points[..., 2]).clamp_min(1e-4)
+    u = points[..., 0] / (depth * tan_half)
+    v = points[..., 1] / (depth * tan_half)
+    near_end = camera_distance - depth_halfwidth
+    s = (depth - camera_distance) / depth_halfwidth
+    far_or_slab = -contract_1d(s.clamp_min(-1.0), depth_inner)
+    near = depth_inner + (1 - depth_inner) * (near_end - depth) / near_end
+    w = torch.where(depth < near_end, near, far_or_slab)
+    return torch.stack([contract_1d(u, uv_inner), contract_1d(v, uv_inner), w], dim=-1)
+
+
+def frustum_points(
+    coords: torch.Tensor,
+    camera_distance: float,
+    fov_deg: float,
+    uv_inner: float,
+    depth_halfwidth: float = 1.0,
+    depth_inner: float = 0.5,
+) -> torch.Tensor:
+    """Inverse of :func:`frustum_coordinates` for ``(U, V, W)`` in ``(-1, 1)^3``: ``[..., 3]`` world points."""
+    tan_half = math.tan(math.radians(fov_deg) / 2)
+    u, v = uncontract_1d(coords[..., 0], uv_inner), uncontract_1d(coords[..., 1], uv_inner)
+    w = coords[..., 2]
+    near_end = camera_distance - depth_halfwidth
+    near_depth = near_end - (w - depth_inner) / (1 - depth_inner) * near_end
+    slab_depth = camera_distance + depth_halfwidth * uncontract_1d(-w.clamp_max(depth_inner), depth_inner)
+    depth = torch.where(w > depth_inner, near_depth, slab_depth)
+    return torch.stack([u * depth * tan_half, v * depth * tan_half, camera_distance - depth], dim=-1)
+
+
 def contract(points: torch.Tensor, scene_scale: float = 1.0) -> torch.Tensor:
     """mip-NeRF 360 scene contraction with the L-infinity norm, scaled into ``[-1, 1]^3``.
 
@@ -88,3 +186,40 @@ def contract(points: torch.Tensor, scene_scale: float = 1.0) -> torch.Tensor:
     mag = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)
     contracted = torch.where(mag < 1, x, (2 - 1 / mag.clamp_min(1e-6)) * (x / mag.clamp_min(1e-6)))
     return contracted / 2
+
+
+@dataclass(frozen=True)
+class PlaneLayout:
+    """Where world points sample the tri-plane: one object used by every renderer (training, viewer,
+    ns-render, ns-export, eval, splats, edits), through :class:`~vq3d_nerfstudio.field.TriplaneField`.
+
+    - ``"frustum"``: :func:`frustum_coordinates` around the canonical camera; the planes have
+      ``inner_resolution + 2 * margin`` texels, the inner ones covering the canonical image.
+    - ``"world"``: the first design, :func:`contract` of world points (kept for ablations).
+    """
+
+    kind: str = "frustum"
+    camera_distance: float = 2.0
+    fov_deg: float = 50.0
+    inner_resolution: int = 64
+    margin: int = 3
+    depth_halfwidth: float = 1.0
+    depth_inner: float = 0.5
+    scene_scale: float = 1.5
+
+    @property
+    def resolution(self) -> int:
+        """Texels on a side of each plane."""
+        return self.inner_resolution + 2 * self.margin if self.kind == "frustum" else self.inner_resolution
+
+    @property
+    def uv_inner(self) -> float:
+        return frustum_inner_extent(self.inner_resolution, self.margin)
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        """``[..., 3]`` world points -> ``[..., 3]`` plane coordinates in ``[-1, 1]^3``."""
+        if self.kind == "world":
+            return contract(points, self.scene_scale)
+        return frustum_coordinates(
+            points, self.camera_distance, self.fov_deg, self.uv_inner, self.depth_halfwidth, self.depth_inner
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,13 +11,45 @@ from torch import nn
 from vq3d_nerfstudio.vit import Transformer
 
 
-class TriplaneDecoder(nn.Module):
-    """``[B, h*w, hidden_dim]`` tokens -> ``[B, 3, C, R, R]`` tri-planes with ``R = h * upsample``.
+class ConvUpsampler(nn.Module):
+    """``[B, D, h, w]`` token features -> ``[B, out_channels, h * 2^n, w * 2^n]``: n rounds of
+    nearest 2x upsampling + two 3x3 convolutions (GELU), halving the width each round down to
+    ``min_channels`` (the convolutional upsampler of LRM / TripoSR style decoders, instead of one
+    linear head per tile: neighbouring tokens blend, and texels share weights across the grid)."""
 
-    A transformer mixes all tokens; a linear head turns each token into an ``upsample x upsample``
-    tile of all three planes (pixel shuffle); a 3x3 convolution smooths tile seams. Tiles are laid
-    out so that the image's axes line up with the planes' (see :func:`align_to_image`): the token
-    grid keeps its spatial meaning instead of asking attention to move content across the grid.
+    def __init__(self, in_dim: int, out_channels: int, num_rounds: int, min_channels: int = 32) -> None:
+        super().__init__()
+        layers = []
+        width = in_dim
+        for _ in range(num_rounds):
+            nxt = max(min_channels, width // 2)
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(width, nxt, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(nxt, nxt, 3, padding=1),
+                nn.GELU(),
+            ]
+            width = nxt
+        layers.append(nn.Conv2d(width, out_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TriplaneDecoder(nn.Module):
+    """``[B, h*w, hidden_dim]`` tokens -> ``[B, 3, C, R + 2m, R + 2m]`` tri-planes, ``R = h * upsample``
+    texels covering the canonical image and ``m = margin`` texels around them.
+
+    A transformer mixes all tokens; then either a linear head turns each token into an
+    ``upsample x upsample`` tile of all three planes (pixel shuffle, ``upsampler="linear"``) or a
+    convolutional upsampler grows the token grid (``"conv"``, needs a power-of-two ``upsample``).
+    Tiles are laid out so that the image's axes line up with the planes' (:func:`align_to_image`):
+    token (i, j) writes plane tile (i, j) which, in the frustum layout
+    (:func:`vq3d_nerfstudio.triplane.frustum_coordinates`), is exactly where image patch (i, j)
+    samples the xy plane. The margin (space seen only from novel views) starts as a copy of the
+    edge texels; a 3x3 convolution over the whole plane then refines seams and margin.
     """
 
     def __init__(
@@ -26,6 +60,8 @@ class TriplaneDecoder(nn.Module):
         num_heads: int,
         triplane_channels: int,
         triplane_resolution: int,
+        margin: int = 0,
+        upsampler: Literal["linear", "conv"] = "linear",
     ) -> None:
         super().__init__()
         if triplane_resolution % grid_size:
@@ -33,24 +69,51 @@ class TriplaneDecoder(nn.Module):
         self.grid_size = grid_size
         self.upsample = triplane_resolution // grid_size
         self.channels = triplane_channels
+        self.margin = margin
+        self.upsampler = upsampler
         self.transformer = Transformer(grid_size**2, hidden_dim, num_layers, num_heads)
-        self.head = nn.Linear(hidden_dim, 3 * triplane_channels * self.upsample**2)
+        if upsampler == "linear":
+            self.head = nn.Linear(hidden_dim, 3 * triplane_channels * self.upsample**2)
+        elif upsampler == "conv":
+            rounds = self.upsample.bit_length() - 1
+            if 2**rounds != self.upsample:
+                raise ValueError(f"the conv upsampler needs a power-of-two ratio of tri-plane to token grid, got {self.upsample}")
+            self.head = ConvUpsampler(hidden_dim, 3 * triplane_channels, rounds)
+        else:
+            raise ValueError(f"upsampler must be 'linear' or 'conv', got {upsampler!r}")
         self.refine = nn.Conv2d(3 * triplane_channels, 3 * triplane_channels, 3, padding=1, groups=3)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch = tokens.shape[0]
-        x = self.head(self.transformer(tokens))  # (B, h*w, 3C*s*s)
-        x = x.transpose(1, 2).reshape(batch, -1, self.grid_size, self.grid_size)  # (B, 3C*s*s, h, w)
-        x = F.pixel_shuffle(x, self.upsample)  # (B, 3C, R, R)
-        x = x + self.refine(x)
+        x = self.transformer(tokens)  # (B, h*w, D)
+        if self.upsampler == "linear":
+            x = self.head(x).transpose(1, 2).reshape(batch, -1, self.grid_size, self.grid_size)  # (B, 3C*s*s, h, w)
+            x = F.pixel_shuffle(x, self.upsample)  # (B, 3C, R, R)
+        else:
+            x = self.head(x.transpose(1, 2).reshape(batch, -1, self.grid_size, self.grid_size))  # (B, 3C, R, R)
         res = x.shape[-1]
-        return align_to_image(x.reshape(batch, 3, self.channels, res, res))
+        x = place_planes(x.reshape(batch, 3, self.channels, res, res), self.margin)  # (B, 3, C, R+2m, R+2m)
+        res = x.shape[-1]
+        x = x.reshape(batch, 3 * self.channels, res, res)
+        x = x + self.refine(x)
+        return x.reshape(batch, 3, self.channels, res, res)
+
+
+def place_planes(grids: torch.Tensor, margin: int) -> torch.Tensor:
+    """Token-grid layout ``[B, 3, C, R, R]`` -> tri-planes ``[B, 3, C, R + 2m, R + 2m]``:
+    :func:`align_to_image`, then ``margin`` texels on each side copied from the nearest edge texel."""
+    planes = align_to_image(grids)
+    if not margin:
+        return planes
+    batch, _, channels, res, _ = planes.shape
+    padded = F.pad(planes.reshape(batch, 3 * channels, res, res), (margin,) * 4, mode="replicate")
+    return padded.reshape(batch, 3, channels, res + 2 * margin, res + 2 * margin)
 
 
 def align_to_image(grids: torch.Tensor) -> torch.Tensor:
     """Map token-grid layout ``[B, 3, C, R, R]`` (row i = image row, top first; column j = image
     column) onto the tri-plane convention of ``triplane.py``, for the canonical camera (x right,
-    y up, looking down -z):
+    y up, looking down -z; in the frustum layout U, V, W play x, y, z):
 
     - xy plane (rows = y, ascending): image top is +y, so rows are flipped;
     - xz plane (rows = z, ascending): image top shows the far ground (-z), already in order;

@@ -300,6 +300,7 @@ class Vq3dDataManager(VanillaDataManager):
             batch["disparity"] = images["disparity"].to(self.device)[batch_idx, rows, cols]
             batch["disparity_mask"] = images["disparity_mask"].to(self.device)[batch_idx, rows, cols]
             batch["input_disparity"] = images["disparity"].to(self.device).permute(0, 3, 1, 2)  # (B, 1, S, S)
+            batch["input_disparity_mask"] = images["disparity_mask"].to(self.device).permute(0, 3, 1, 2)
         return ray_bundle, batch
 
     def next_train(self, step: int) -> Tuple[RayBundle, Dict]:
