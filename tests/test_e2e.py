@@ -373,11 +373,11 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_run, tmp_
 
     config, env = trained_run
     loaded = yaml.load(config.read_text(), Loader=yaml.Loader)
-    loaded.pipeline.model.codebook_size *= 2  # trained with another codebook size
+    loaded.pipeline.model.fsq_levels = (8, 5, 5, 5, 2)  # trained with another codebook: 4 FSQ channels, not 5
     wrong = tmp_path / "config.yml"
     wrong.write_text(yaml.dump(loaded))
     result = subprocess.run([cli("vq3d"), "render-orbit", "--load-config", str(wrong), "--output-dir", str(tmp_path / "out")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "does not fit this config.yml" in result.stderr and "[1024] in the checkpoint but [2048]" in result.stderr
+    assert "does not fit this config.yml" in result.stderr and "quantizer.project_in.bias is [4] in the checkpoint but [5]" in result.stderr
     assert not (tmp_path / "out").exists()

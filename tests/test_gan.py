@@ -133,6 +133,8 @@ def test_generator_and_discriminator_steps_leave_each_other_bit_identical(synth_
     assert "discriminator" in trainer.optimizers.parameters
     disc_ids = {id(p) for p in model.discriminator.parameters()}
     assert not any(id(p) in disc_ids for g, ps in trainer.optimizers.parameters.items() if g != "discriminator" for p in ps)
+    # step 0 runs at the warm-up's learning rate 0 (with FSQ nothing moves at all): test the next step
+    trainer.train_iteration(0)
     before_d, before_g = snapshot(model.discriminator), generator_state(model)
     seen = {}
     original = model.get_discriminator_loss_dict
@@ -142,7 +144,7 @@ def test_generator_and_discriminator_steps_leave_each_other_bit_identical(synth_
         return original(step)
 
     model.get_discriminator_loss_dict = spy
-    _, loss_dict, metrics = trainer.train_iteration(0)
+    _, loss_dict, metrics = trainer.train_iteration(1)
     assert "adversarial_loss" in loss_dict and "gan/discriminator_loss" in metrics and "gan/r1" in metrics
     assert same(seen["d"], before_d), "the generator step moved a discriminator parameter"
     assert not same(seen["g"], before_g), "the generator step did not train the generator"
@@ -219,7 +221,8 @@ def test_ns_train_with_adversarial_losses(synth_dir, tmp_path, cli_env):
         [cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "g",
          "--max-num-iterations", "4", *FAST, "--pipeline.model.adversarial-loss-mult", "0.1",
          "--pipeline.model.adversarial-start-step", "1", "--pipeline.model.gan-resolution", "16",
-         "--pipeline.model.gan-images-per-batch", "2", "--logging.steps-per-log", "1"],
+         "--pipeline.model.gan-images-per-batch", "2", "--logging.steps-per-log", "1",
+         "--steps-per-eval-image", "2"],  # the GAN image is logged at step 2: D renders nothing before step 1
         env=cli_env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -293,8 +296,9 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(synth_dir, tmp_path, cl
 
 def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
     trainer = make_trainer(synth_dir, tmp_path, adaptive_adversarial_weight=True, gan_loss="hinge")
+    trainer.train_iteration(0)  # at the warm-up's learning rate 0
     before = generator_state(trainer.pipeline.model)
-    _, loss_dict, metrics = trainer.train_iteration(0)
+    _, loss_dict, metrics = trainer.train_iteration(1)
     assert torch.isfinite(loss_dict["adversarial_loss"]) and torch.isfinite(metrics["gan/discriminator_loss"])
     assert not same(before, generator_state(trainer.pipeline.model))
 
@@ -302,7 +306,7 @@ def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
 def test_restarted_codes_start_with_fresh_adam_moments(synth_dir, tmp_path):
     """The trainer zeroes the Adam moments of codes the quantizer restarted, before the step, and
     leaves every other code's moments as they were."""
-    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0)
+    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0, quantizer="vq")
     model = trainer.pipeline.model
     codebook = model.quantizer.codebook
     trainer.train_iteration(0)  # optimizer state exists now

@@ -115,15 +115,15 @@ def test_image_size_mismatch_is_refused():
 
 
 def test_paper_scale_preset_shapes():
-    """`vq3d` follows ViT-VQGAN: 256 px, 8 px patches -> 32x32 tokens from 8192 codes."""
+    """`vq3d` follows ViT-VQGAN: 256 px, 8 px patches -> 32x32 tokens, here of FSQ (8, 8, 8, 6, 5) codes."""
     from vq3d_nerfstudio.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d").pipeline.model
     model = config.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1,
                          metadata={}).eval()
-    assert (config.image_size, config.patch_size, config.codebook_size) == (256, 8, 8192)
+    assert (config.image_size, config.patch_size, config.codebook_size) == (256, 8, 8 * 8 * 8 * 6 * 5)
     indices = model.encode_to_indices(torch.rand(1, 3, 256, 256))
-    assert indices.shape == (1, 32, 32) and int(indices.max()) < 8192
+    assert indices.shape == (1, 32, 32) and int(indices.max()) < 15360
     with torch.no_grad():
         assert model.decode_from_indices(indices).shape == (1, 3, 32, 128 + 2 * 4, 128 + 2 * 4)  # + margin
 

@@ -223,13 +223,14 @@ def _ddp_worker(rank: int, world_size: int, port: int, data: str, out: str) -> N
     dm = config.pipeline.datamanager
     dm.data, dm.images_per_batch, dm.rays_per_image, dm.num_workers = Path(data), 2, 32, 0
     model = config.pipeline.model  # the GAN too: its discriminator step all-reduces outside DDP
+    model.quantizer = "vq"  # a learned codebook, whose k-means init and restarts must agree across ranks
     model.adversarial_loss_mult, model.adversarial_start_step, model.adversarial_ramp_steps = 0.1, 0, 1
     model.gan_resolution, model.gan_images_per_batch, model.r1_interval = 8, 2, 1
     torch.manual_seed(rank)  # as nerfstudio seeds each rank (seed + rank): DDP must make them agree
     trainer = config.setup(local_rank=rank, world_size=world_size)
     trainer.setup()
     quantizer = trainer.pipeline.model.quantizer
-    quantizer.usage_decay, quantizer.dead_code_threshold = 0.5, 0.3  # dead-code restarts from step 2
+    quantizer.usage_decay, quantizer.dead_code_threshold = 0.5, 0.3  # unused codes die on the second step
     restarts, keys = [], []
     real_restart, real_next = quantizer.restart_dead_codes, trainer.pipeline.datamanager.next_train
     quantizer.restart_dead_codes = lambda *a: restarts.append(real_restart(*a)) or restarts[-1]

@@ -286,7 +286,7 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
     cache = load_token_cache(caches[0])
     assert cache.class_names == ["box", "cylinder", "sphere"]  # synth scenes carry a class
     assert len(cache.train) + len(cache.eval) == 24
-    assert cache.meta["grid"] == [8, 8]  # vq3d-tiny: 64 px input (the 32 px scenes are resized), 8 px patches
+    assert cache.meta["grid"] == [16, 16]  # vq3d-tiny: 64 px input (the 32 px scenes are resized), 4 px patches
     second = run([*args, "--max-steps", "4"], env)
     assert "Reusing the token cache" in second.stdout and "Resuming from" in second.stdout
 
@@ -298,7 +298,7 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
         assert iio.imread(samples / f"sphere_{i:03d}_disparity.mp4", plugin="pyav").shape == (4, 64, 64, 3)
         assert iio.imread(samples / f"sphere_{i:03d}_canonical.png").shape == (64, 64, 3)
         codes = np.load(samples / f"sphere_{i:03d}_codes.npy")
-        assert codes.shape == (8, 8) and 0 <= codes.min() and codes.max() < cache.codebook_size
+        assert codes.shape == (16, 16) and 0 <= codes.min() and codes.max() < cache.codebook_size  # vq3d-tiny: 64 px / patch 4
     assert iio.imread(samples / "samples.png").shape == (64, 128, 3)
 
     # FID of sampled scenes at the canonical and a novel view (random Inception weights: the plumbing,
@@ -329,10 +329,10 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
     # a stage-2 model of another codebook size, pointed at this stage-1 run
     from vq3d_nerfstudio.stage2.transformer import TokenTransformer as Net, TokenTransformerConfig as NetConfig
 
-    wrong = NetConfig(vocab_size=2 * cache.codebook_size, num_classes=3, block_size=64, num_layers=1, num_heads=2, embed_dim=32)
+    wrong = NetConfig(vocab_size=2 * cache.codebook_size, num_classes=3, block_size=256, num_layers=1, num_heads=2, embed_dim=32)
     net = Net(wrong)
     ckpt.save_checkpoint(tmp_path / "wrong", 1, net, torch.optim.AdamW(net.parameters()), {},
-                         {"model": wrong.to_dict(), "class_names": cache.class_names, "grid": [8, 8], "stage1_config": str(config)})
+                         {"model": wrong.to_dict(), "class_names": cache.class_names, "grid": [16, 16], "stage1_config": str(config)})
     mismatch = subprocess.run([cli("vq3d"), "sample", "--stage2-checkpoint", str(tmp_path / "wrong"), "--output-dir",
                                str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=300)
     assert mismatch.returncode != 0 and "Traceback" not in mismatch.stderr

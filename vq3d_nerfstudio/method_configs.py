@@ -21,13 +21,17 @@ from vq3d_nerfstudio.schedulers import WarmupCosineSchedulerConfig
 from vq3d_nerfstudio.trainer import AdamWithBetasConfig, Vq3dTrainerConfig
 
 PRESETS: Dict[str, Dict[str, Dict]] = {
-    # ViT-VQGAN scale (Yu et al. 2022; VQ3D builds on it): 256 px, 8 px patches -> 32x32 tokens,
-    # 8192 codes of 32-d. Tri-plane 128^2 x 32 channels (EG3D uses 256^2 x 32; halved for memory
-    # at 8 images per GPU). Samples: 48 + 48 per ray, 1024 rays per image.
+    # ViT-VQGAN scale (Yu et al. 2022; VQ3D builds on it): 256 px, 8 px patches -> 32x32 tokens.
+    # Codes: FSQ (8, 8, 8, 6, 5) = 15,360 codes (~2^14, the FSQ paper's levels for that size)
+    # instead of ViT-VQGAN's 8192 learned codes: at vq3d-tiny scale FSQ beat the learned codebook by
+    # 1.5-2.3 dB held-out at the same budget (BENCHMARKS.md, quality levers). Tri-plane 128^2 x 32
+    # channels over the input image (EG3D uses 256^2 x 32; halved for memory at 8 images per GPU)
+    # in the canonical frustum, + 4 margin texels. Samples: 48 + 48 per ray, 1024 rays per image.
     "vq3d": dict(
         model=dict(
             image_size=256, patch_size=8, hidden_dim=512, num_encoder_layers=8, num_decoder_layers=8, num_heads=8,
-            codebook_size=8192, code_dim=32, triplane_resolution=128, triplane_channels=32, field_hidden_dim=64,
+            quantizer="fsq", fsq_levels=(8, 8, 8, 6, 5), codebook_size=15_360, code_dim=32,
+            triplane_resolution=128, triplane_margin=4, triplane_channels=32, field_hidden_dim=64,
             num_coarse_samples=48, num_fine_samples=48,
             # 3D-aware GAN: D sees 64 px renders of canonical and novel views (full 256 px renders
             # of 8 images x 2 views would be 1M rays a step); adversarial loss after the
@@ -38,12 +42,15 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
         data=dict(images_per_batch=8, rays_per_image=1024, num_workers=8),
         train=dict(lr=1e-4, d_lr=2e-4, max_steps=500_000, warmup=5_000, device_type="cuda", steps_per_save=2_000, steps_per_eval=1_000),
     ),
-    # A CPU model that learns something visible in minutes: 64 px, 8 px patches -> 8x8 tokens;
-    # 3000 steps take about 15 minutes on 2 cores (BENCHMARKS.md).
+    # A CPU model that learns something visible in minutes: 64 px, 4 px patches -> 16x16 tokens of
+    # FSQ (8, 5, 5, 5) = 1000 codes; 1650 steps take about 15 minutes on 2 cores. Chosen by the
+    # ablation in BENCHMARKS.md (quality levers): frustum planes + depth input + FSQ + 16x16 tokens;
+    # the convolutional upsampler lost there, so the decoder keeps its linear head.
     "vq3d-tiny": dict(
         model=dict(
-            image_size=64, patch_size=8, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
-            codebook_size=1024, code_dim=32, triplane_resolution=64, triplane_channels=16, field_hidden_dim=64,
+            image_size=64, patch_size=4, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
+            quantizer="fsq", fsq_levels=(8, 5, 5, 5), codebook_size=1000, code_dim=32,
+            triplane_resolution=64, triplane_margin=3, triplane_channels=16, field_hidden_dim=64,
             num_coarse_samples=24, num_fine_samples=24,
             # GAN off by default (turn on with --pipeline.model.adversarial-loss-mult 0.1): on 2
             # cores it costs steps (BENCHMARKS.md). When on: 32 px views of 4 images, from step 500.
@@ -51,7 +58,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             gan_resolution=32, gan_images_per_batch=4, perceptual_loss_mult=0.0,
         ),
         data=dict(images_per_batch=8, rays_per_image=256, num_workers=1),
-        train=dict(lr=1e-3, d_lr=1e-3, max_steps=3_000, warmup=200, device_type="cpu", steps_per_save=250, steps_per_eval=250),
+        train=dict(lr=1e-3, d_lr=1e-3, max_steps=1_650, warmup=200, device_type="cpu", steps_per_save=250, steps_per_eval=250),
     ),
 }
 
