@@ -40,10 +40,14 @@ demo: install
 		--timestamp demo --vis tensorboard
 	$(BIN)/vq3d render-orbit --load-config $(DEMO_RUN)/config.yml --output-dir $(DEMO_OUT)
 
-# The README's reconstruction picture: held-out scenes (a seed training never saw) and a real
-# photo, reconstructed by the demo run (run `make demo` first).
+# The README's pictures, all from the demo run (run `make demo` first): the strip at the top, the
+# reconstruction sheet (held-out scenes of a seed training never saw, and a real photo),
+# interpolation, composites and splats.
 readme-picture: install
 	$(BIN)/vq3d synth data/synth_eval --seed 1 --num-scenes 20 --resolution 64
+	$(BIN)/python benchmarks/demo_strip.py --load-config $(DEMO_RUN)/config.yml --output docs/demo_strip.png
+	$(BIN)/vq3d export-splats --load-config $(DEMO_RUN)/config.yml --image data/synth_eval/scene_00001/images/frame_00000.png \
+		--output $(DEMO_OUT)/splats/scene1.ply --report-views 0 15 --comparison docs/splats.png
 	$(BIN)/python -c "from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save('data/astronaut.jpg')"
 	$(BIN)/vq3d reconstruct --load-config $(DEMO_RUN)/config.yml --output-dir $(DEMO_OUT)/reconstruct \
 		--image data/synth_eval/scene_00000/images/frame_00000.png data/synth_eval/scene_00001/images/frame_00000.png \
