@@ -202,3 +202,18 @@ def test_frustum_map_is_continuous_and_invertible():
     edges = torch.tensor([[0.0, 0.0, 1.0 + 1e-6], [0.0, 0.0, 1.0 - 1e-6], [0.0, 0.0, -1.0 + 1e-6], [0.0, 0.0, -1.0 - 1e-6]])
     w = frustum_coordinates(edges, 2.0, 50.0, layout.uv_inner)[:, 2]
     assert torch.allclose(w[0], w[1], atol=1e-5) and torch.allclose(w[2], w[3], atol=1e-5)
+
+
+def test_field_depth_input_is_the_plane_coordinates_and_their_depth_frequencies():
+    from vq3d_nerfstudio.field import TriplaneField
+
+    layout = PlaneLayout(inner_resolution=8, margin=1)
+    field = TriplaneField(triplane_channels=2, hidden_dim=8, layout=layout, num_depth_frequencies=2)
+    planes = torch.zeros(1, 3, 2, layout.resolution, layout.resolution)
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0]])  # the pivot (W = 0) and the slab's far end (W = -0.5)
+    feats = field.features(points, planes, torch.zeros(2, dtype=torch.long))
+    assert feats.shape == (2, 3 * 2 + 3 + 2 * 2)
+    w = torch.tensor([0.0, -0.5])
+    expected = torch.stack([torch.sin(math.pi * w), torch.sin(2 * math.pi * w), torch.cos(math.pi * w), torch.cos(2 * math.pi * w)], -1)
+    assert torch.allclose(feats[:, 6:9], torch.stack([torch.zeros(2), torch.zeros(2), w], -1), atol=1e-6)
+    assert torch.allclose(feats[:, 9:], expected, atol=1e-6)
