@@ -26,6 +26,7 @@ import argparse
 import json
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BIN, cli_env, git_revision, machine, update_section  # noqa: E402
-from quality_over_budget import novel_mean  # noqa: E402
+from quality_over_budget import summary_row, train_iter_events  # noqa: E402
 
 M = "--pipeline.model."
 # Today's preset before this ablation: world-axis tri-plane, features-only field, VQ with random
@@ -142,38 +143,18 @@ def score(config: Path, data: Path, eval_scenes: Path) -> dict:
     from vq3d_nerfstudio.scripts.evaluate import evaluate_run
 
     summary, _ = evaluate_run(config, eval_scenes)
-    row = {
-        "canonical_psnr": summary["0"]["psnr"],
-        "canonical_ssim": summary["0"]["ssim"],
-        "novel_psnr": novel_mean(summary, "psnr"),
-        "still_psnr": novel_mean(summary, "still_psnr"),
-        "abs_rel_input": summary["0"].get("abs_rel", float("nan")),
-        "delta1_input": summary["0"].get("delta1", float("nan")),
-        "abs_rel_novel": novel_mean(summary, "abs_rel"),
-        "delta1_novel": novel_mean(summary, "delta1"),
-    }
-    row.update(codes_in_use(config, data))
-    return row
+    return {**summary_row(summary), **codes_in_use(config, data)}
 
 
 def seconds_per_step(run_dir: Path) -> float:
-    from quality_over_budget import train_iter_times
-
-    import statistics
-
-    times = train_iter_times(run_dir)
-    return statistics.median(times[len(times) // 10:]) if times else float("nan")  # seconds
+    """Median training step (seconds), the first tenth (start-up, warm-up) left out."""
+    times = [e.value for e in train_iter_events(run_dir)]
+    return statistics.median(times[len(times) // 10:]) if times else float("nan")
 
 
 def event_minutes(run_dir: Path) -> float:
     """Minutes from the first to the last logged training step of a run (start-up not included)."""
-    import glob
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(sorted(glob.glob(str(run_dir / "events.out.tfevents.*")))[-1])
-    events.Reload()
-    steps = events.Scalars("Train Iter (time)")
+    steps = train_iter_events(run_dir)
     return (steps[-1].wall_time - steps[0].wall_time) / 60
 
 

@@ -16,14 +16,30 @@ from common import BIN, REPO, cli_env, git_revision, machine, update_section
 PLOT = REPO / "benchmarks_quality_over_budget.png"
 
 
-def train_iter_times(run_dir: Path) -> list:
+def train_iter_events(run_dir: Path) -> list:
+    """The run's ``Train Iter (time)`` scalar events (``.value`` seconds, ``.wall_time``, ``.step``)."""
     import glob
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(sorted(glob.glob(str(run_dir / "events.out.tfevents.*")))[-1])
     events.Reload()
-    return [e.value for e in events.Scalars("Train Iter (time)")]
+    return events.Scalars("Train Iter (time)")
+
+
+def summary_row(summary: dict) -> dict:
+    """The quality figures of a `vq3d eval` summary: canonical PSNR/SSIM, novel-view PSNR and its
+    'nothing moves' floor, depth AbsRel and delta<1.25 on the input and novel views."""
+    return {
+        "canonical_psnr": summary["0"]["psnr"],
+        "canonical_ssim": summary["0"]["ssim"],
+        "novel_psnr": novel_mean(summary, "psnr"),
+        "still_psnr": novel_mean(summary, "still_psnr"),
+        "abs_rel_input": summary["0"].get("abs_rel", float("nan")),
+        "delta1_input": summary["0"].get("delta1", float("nan")),
+        "abs_rel_novel": novel_mean(summary, "abs_rel"),
+        "delta1_novel": novel_mean(summary, "delta1"),
+    }
 
 
 def novel_mean(summary: dict, key: str) -> float:
@@ -45,16 +61,7 @@ def score_checkpoints(run_dir: Path, eval_scenes: Path, start: float, every: int
     for checkpoint in keep:
         step = int(checkpoint.stem.split("-")[1])
         summary, _ = evaluate_run(run_dir / "config.yml", eval_scenes, load_step=step)
-        rows.append({
-            "step": step,
-            "minutes": (os.path.getmtime(checkpoint) - start) / 60,
-            "canonical_psnr": summary["0"]["psnr"],
-            "canonical_ssim": summary["0"]["ssim"],
-            "novel_psnr": novel_mean(summary, "psnr"),
-            "still_psnr": novel_mean(summary, "still_psnr"),
-            "abs_rel_input": summary["0"].get("abs_rel", float("nan")),
-            "abs_rel_novel": novel_mean(summary, "abs_rel"),
-        })
+        rows.append({"step": step, "minutes": (os.path.getmtime(checkpoint) - start) / 60, **summary_row(summary)})
         print(rows[-1], flush=True)
     return rows
 
@@ -94,7 +101,7 @@ def score_and_report(args, out: Path) -> None:
     subprocess.run([str(BIN / "ns-eval"), "--load-config", str(run_dir / "config.yml"), "--output-path",
                     str(metrics_path)], env=cli_env(), check=True, capture_output=True)
     results = json.loads(metrics_path.read_text())["results"]
-    times = train_iter_times(run_dir)
+    times = [e.value for e in train_iter_events(run_dir)]
     sec_per_step = statistics.median(times[5:] or times)
     images = PRESETS["vq3d-tiny"]["data"]["images_per_batch"]
     rows = [

@@ -41,6 +41,8 @@ class TriplaneField(nn.Module):
         self.layout = layout
         self.geo_feat_dim = geo_feat_dim
         self.num_depth_frequencies = num_depth_frequencies
+        freqs = math.pi * 2.0 ** torch.arange(max(num_depth_frequencies, 0), dtype=torch.float32)
+        self.register_buffer("depth_freqs", freqs, persistent=False)  # (F,) pi * 2^k
         position_dim = 3 + 2 * num_depth_frequencies if num_depth_frequencies > 0 else 0
         self.density_mlp = MLP(
             in_dim=3 * triplane_channels + position_dim,
@@ -66,8 +68,7 @@ class TriplaneField(nn.Module):
         feats = sample_triplanes_by_index(planes, coords, batch_idx)
         if self.num_depth_frequencies <= 0:
             return feats
-        freqs = math.pi * 2.0 ** torch.arange(self.num_depth_frequencies, device=coords.device, dtype=coords.dtype)
-        angles = coords[:, 2:3] * freqs  # (N, F)
+        angles = coords[:, 2:3] * self.depth_freqs.to(coords.dtype)  # (N, F)
         return torch.cat([feats, coords, torch.sin(angles), torch.cos(angles)], dim=-1)
 
     def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
