@@ -26,7 +26,7 @@ def main() -> None:
     from vq3d_nerfstudio.orbit import orbit_cameras
 
     _, pipeline, _, step = eval_setup(args.load_config, test_mode="inference")
-    model, dataparser = pipeline.model, pipeline.config.datamanager.dataparser
+    model = pipeline.model
     size = model.config.image_size
     rows = []
     for index in range(args.num_images):
@@ -34,7 +34,7 @@ def main() -> None:
         model.set_scene_images(image, key=("eval", index))
         tiles = [image]
         for yaw in (0.0, -20.0, 20.0):
-            camera = orbit_cameras([(yaw, 0.0)], size, dataparser.camera_distance, dataparser.fov_deg)
+            camera = orbit_cameras([(yaw, 0.0)], size, model.camera_distance, model.fov_deg)
             outputs = model.get_outputs_for_camera(camera.to(model.device))
             tiles.append(outputs["rgb"].clamp(0, 1).cpu())
         disparity = outputs["disparity"].cpu()

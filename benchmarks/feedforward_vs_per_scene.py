@@ -172,7 +172,7 @@ def main() -> None:
     # ---- VQ3D: time to a NeRF, and its scores
     _, pipeline, _, _ = eval_setup(args.load_config, test_mode="inference")
     model = pipeline.model
-    distance = pipeline.config.datamanager.dataparser.camera_distance
+    distance = pipeline.model.camera_distance
 
     def load_rgb(path):
         with Image.open(path) as pil:

@@ -244,7 +244,9 @@ def test_depth_gives_finite_disparity_and_the_documented_mask_or_one_error(workd
     np.save(path, stored)
     side = min(height, width)
     size = side // factor if side % factor == 0 else side
-    refused = values.dtype.kind not in "fiu" or layout in ("hw3", "flat", "wrong_size")
+    numeric = values.dtype.kind in "fiu"
+    no_valid_pixel = numeric and not expected_validity(values, kind)[1].any()  # a file that supervises nothing
+    refused = not numeric or layout in ("hw3", "flat", "wrong_size") or no_valid_pixel
     if refused:
         with pytest.raises(DatasetError) as caught:
             load_disparity(path, kind, image_hw, size)
@@ -293,6 +295,32 @@ def test_integer_depth_in_millimetres_is_converted():
         disparity, mask = load_disparity(path, "z-depth", (2, 2), 2)
     assert mask[..., 0].tolist() == [[False, True], [True, True]]  # 0 = no measurement
     assert torch.allclose(disparity[..., 0], torch.tensor([[0.0, 1 / 500], [1 / 2000, 1 / 65535]]))
+
+
+@pytest.mark.parametrize("values, kind, what", [
+    (np.full((3, 4), np.nan, np.float32), "z-depth", "all 12 values are NaN"),
+    (np.zeros((3, 4), np.uint16), "z-depth", "all 12 values are zero"),
+    (np.full((3, 4), -1.5, np.float32), "z-depth", "all 12 values are negative"),
+    (np.array([[np.nan, 0.0, -2.0, 0.0]] * 3, np.float32), "z-depth", "3 NaN, 6 zero, 3 negative of 12 values"),
+    (np.full((3, 4), np.inf, np.float32), "disparity", "all 12 values are +inf"),
+])
+def test_depth_without_one_valid_pixel_is_a_bad_file(workdir, values, kind, what):
+    path = workdir / "leere tiefe.npy"
+    np.save(path, values)
+    with pytest.raises(DatasetError) as caught:
+        load_disparity(path, kind, (3, 4), 3)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: depth has no valid pixel ({what}); ") and "\n" not in message
+    assert ("OpenGL camera-space z" in message) == ("negative" in what)  # what a user with OpenGL z wrote
+
+
+def test_one_valid_pixel_is_enough_for_a_depth_file(workdir):
+    path = workdir / "fast leer.npy"
+    values = np.full((3, 3), -1.0, np.float32)
+    values[1, 2] = 4.0
+    np.save(path, values)
+    disparity, mask = load_disparity(path, "z-depth", (3, 3), 3)
+    assert mask[..., 0].nonzero().tolist() == [[1, 2]] and float(disparity[1, 2, 0]) == 0.25  # 1 / 4
 
 
 # ---- folders -------------------------------------------------------------------------------------------
@@ -421,6 +449,64 @@ def test_worker_error_message_is_unwrapped():
     )
     assert dataset_error_message(wrapped) == "a.png: cannot read image (x); fix"
     assert dataset_error_message(DatasetError("plain")) == "plain"
+
+
+def depth_folder(root: Path, depths) -> Path:
+    """One 16x16 image per depth array (z-depth, declared in vq3d_meta.json), named 0.png, 1.png, ..."""
+    root.mkdir(parents=True)
+    (root / "vq3d_meta.json").write_text('{"depth_kind": "z-depth"}')
+    for i, depth in enumerate(depths):
+        write_image(root / f"{i}.png", size=(16, 16), color=GOOD_COLOURS[i % len(GOOD_COLOURS)])
+        np.save(root / f"{i}.npy", depth)
+    return root
+
+
+def test_training_skips_a_depth_without_valid_pixels_like_a_bad_image_and_strict_stops(tmp_path, capsys):
+    good = np.full((16, 16), 2.0, np.float32)
+    opengl = np.full((16, 16), -2.0, np.float32)  # camera-space z of OpenGL: negative in front of the camera
+    root = depth_folder(tmp_path / "tiefe", [good, good, opengl, good])
+    dm = datamanager(root, num_workers=0)
+    dm.setup_train()
+    for step in range(4):  # 4 images, batches of 3: every file is asked for
+        _, batch = dm.next_train(step)
+        assert bool(batch["disparity_mask"].all())  # only the good depth reaches the model
+    assert [Path(p).name for p in dm.skipped_files] == ["2.png"]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "2.npy: depth has no valid pixel" in line]
+    assert len(lines) == 1 and lines[0].startswith("vq3d: warning: skipped ") and "1 bad file so far" in lines[0]
+    assert "(all 256 values are negative); negative z-depth looks like OpenGL camera-space z" in lines[0]
+    strict = datamanager(root, num_workers=0, strict=True)
+    strict.setup_train()
+    with pytest.raises(SystemExit, match=r"vq3d: error: .*2\.npy: depth has no valid pixel .*--pipeline\.datamanager\.strict"):
+        for step in range(4):
+            strict.next_train(step)
+
+
+def test_almost_no_valid_depth_in_the_batches_warns_once_with_the_fraction(tmp_path, capsys):
+    from vq3d_nerfstudio.data.dataset import DepthCoverage
+
+    coverage = DepthCoverage("z-depth")
+    mask = torch.zeros(2, 10, 10, 1, dtype=torch.bool)
+    mask[0, 3, 4] = True  # 1 valid pixel of 2 x 10 x 10 = 200: 0.50%
+    coverage.add({"disparity_mask": mask})
+    coverage.add({"disparity_mask": mask})
+    err = capsys.readouterr().err
+    assert err.count("vq3d: warning:") == 1 and "only 0.50% of the depth pixels in the batches so far are valid (1 of 200)" in err
+    assert "OpenGL camera-space z" in err
+    fine = DepthCoverage("disparity")
+    fine.add({"disparity_mask": torch.ones(2, 10, 10, 1, dtype=torch.bool)})
+    fine.add({})  # a batch without depth counts nothing
+    assert capsys.readouterr().err == "" and (fine.valid, fine.total) == (200, 200)
+    # Through the datamanager: each file has one valid pixel (so it is not refused), which the 2x
+    # shrink to 8 px averages away (an output pixel needs its whole 2x2 block valid): 0% valid.
+    sparse = np.full((16, 16), np.nan, np.float32)
+    sparse[5, 5] = 3.0
+    dm = datamanager(depth_folder(tmp_path / "duenn", [sparse] * 3), num_workers=0)
+    dm.setup_train()
+    for step in range(3):
+        dm.next_train(step)
+    err = capsys.readouterr().err
+    assert err.count("vq3d: warning: only 0.00% of the depth pixels") == 1 and "(0 of 192)" in err  # 3 images x 8 x 8
 
 
 def test_eval_batches_and_eval_images_skip_too(mixed_folder, capsys):

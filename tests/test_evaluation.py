@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -189,3 +190,62 @@ def test_bad_frames_and_depth_name_the_file(scenes, tmp_path):
     path.write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="intrinsics or pivot are not numbers"):
         load_scene(path)
+
+
+def test_degenerate_camera_matrices_are_refused_naming_the_frame(scenes, tmp_path):
+    """Every pose must be a rigid camera-to-world matrix; an all-zero one would otherwise give a NaN
+    view angle, scored as a 0-degree view (frame 0 included: the same refusal, not a pivot question)."""
+    import shutil
+
+    rigid = synth.orbit_camera_to_world(10, 0)
+    off = rigid.copy()
+    off[:3, :3] += 1e-5  # single-precision JSON rounding is within the tolerance
+    scaled = rigid.copy()
+    scaled[:3, :3] *= 2  # R^T R = 4 I: |R^T R - I| = 3
+    mirrored = rigid.copy()
+    mirrored[:3, 0] *= -1
+    cases = [
+        (1, np.zeros((4, 4)), r"has bottom row \[0\.0, 0\.0, 0\.0, 0\.0\], not \[0, 0, 0, 1\]"),
+        (0, np.zeros((4, 4)), r"has bottom row"),
+        (2, scaled, r"has a rotation that is not orthonormal \(\|R\^T R - I\| up to 3\)"),
+        (1, mirrored, r"has a mirrored rotation \(determinant -1\)"),
+        (1, np.full((4, 4), np.nan), r"holds NaN or inf"),
+        (1, [[1, 0], [0, 1]], r"is not a 4x4 matrix of numbers"),
+    ]
+    for i, (frame, matrix, reason) in enumerate(cases):
+        scene = tmp_path / f"scene {i}"
+        shutil.copytree(scenes[0].parent, scene)
+        meta = json.loads((scene / "transforms.json").read_text())
+        meta["frames"][frame]["transform_matrix"] = np.asarray(matrix).tolist()
+        (scene / "transforms.json").write_text(json.dumps(meta))
+        name = re.escape(meta["frames"][frame]["file_path"])
+        with pytest.raises(DatasetError, match=rf"transforms\.json: frame {frame} \({name}\) transform_matrix {reason}.*; write a rigid"):
+            load_scene(scene / "transforms.json")
+    meta["frames"][1]["transform_matrix"] = off.tolist()
+    (scene / "transforms.json").write_text(json.dumps(meta))
+    assert load_scene(scene / "transforms.json").camera_to_worlds.shape == (5, 4, 4)
+
+
+def test_frame_0_at_the_pivot_is_a_dataset_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    frames = []
+    for i, yaw in enumerate((0.0, 10.0)):
+        Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        frames.append({"file_path": f"images/{i}.png", "transform_matrix": synth.orbit_camera_to_world(yaw, 0).tolist()})
+    camera0 = synth.orbit_camera_to_world(0.0, 0)[:3, 3].tolist()
+    transforms = {"fl_x": 8.0, "fl_y": 8.0, "cx": 4.0, "cy": 4.0, "w": 8, "h": 8, "pivot": camera0, "frames": frames}
+    (tmp_path / "transforms.json").write_text(json.dumps(transforms))
+    with pytest.raises(DatasetError, match=r"0\.png: frame 0's camera sits at the pivot"):
+        evaluate_scene(load_scene(tmp_path / "transforms.json"), None, 2.0, load_rgb, load_rgb)
+
+
+def test_eval_depth_without_a_valid_pixel_is_a_bad_file(scenes, tmp_path):
+    import shutil
+
+    scene = tmp_path / "negative depth"
+    shutil.copytree(scenes[0].parent, scene)
+    meta = json.loads((scene / "transforms.json").read_text())
+    depth = scene / meta["frames"][2]["depth_file_path"]
+    np.save(depth, -np.load(depth))  # OpenGL camera-space z
+    with pytest.raises(DatasetError, match=rf"{re.escape(depth.name)}: depth has no valid pixel .*OpenGL camera-space z"):
+        evaluate_scene(load_scene(scene / "transforms.json"), oracle_for(scenes[0]), 2.0, load_rgb, load_rgb)

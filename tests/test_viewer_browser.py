@@ -58,7 +58,7 @@ def trained_run_module(synth_dir, tmp_path_factory):
     subprocess.run([cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(out), "--experiment-name", "v",
                     "--max-num-iterations", "3", "--vis", "tensorboard", "--pipeline.datamanager.num-workers", "0",
                     "--pipeline.datamanager.images-per-batch", "2", "--pipeline.datamanager.rays-per-image", "32",
-                    "--pipeline.datamanager.dataparser.eval-fraction", "0.3"],
+                    "vq3d-images", "--eval-fraction", "0.3"],
                    env=env, check=True, capture_output=True, timeout=600)
     (config,) = out.glob("v/vq3d-tiny/*/config.yml")
     return config, env

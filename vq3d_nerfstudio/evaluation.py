@@ -22,6 +22,27 @@ import torch
 from vq3d_nerfstudio.data.dataparser import DatasetError
 
 PSNR_CAP = 100.0  # reported for a perfect match (MSE 0)
+POSE_TOLERANCE = 1e-3
+"""How far a camera-to-world rotation may be from orthonormal (largest entry of ``R^T R - I``):
+JSON files written in single precision are off by ~1e-7; a scaled or sheared matrix by far more."""
+
+
+def pose_problem(pose: np.ndarray) -> Optional[str]:
+    """Why ``pose`` is not a rigid camera-to-world matrix (a ``[4, 4]`` of finite numbers, rotation
+    orthonormal within :data:`POSE_TOLERANCE` with determinant +1, bottom row ``0 0 0 1``), or ``None``."""
+    if pose.shape != (4, 4):
+        return "is not a 4x4 matrix of numbers"
+    if not np.isfinite(pose).all():
+        return "holds NaN or inf"
+    if np.abs(pose[3] - np.array([0.0, 0.0, 0.0, 1.0])).max() > POSE_TOLERANCE:
+        return f"has bottom row {pose[3].tolist()}, not [0, 0, 0, 1]"
+    rotation = pose[:3, :3]
+    error = float(np.abs(rotation.T @ rotation - np.eye(3)).max())
+    if error > POSE_TOLERANCE:
+        return f"has a rotation that is not orthonormal (|R^T R - I| up to {error:.3g})"
+    if np.linalg.det(rotation) < 0:
+        return "has a mirrored rotation (determinant -1)"
+    return None
 
 
 @dataclass
@@ -68,8 +89,12 @@ def load_scene(transforms_path: Path) -> EvalScene:
             pose = np.asarray(frame["transform_matrix"], dtype=np.float64)
         except (TypeError, ValueError):
             pose = np.full(1, np.nan)
-        if pose.shape != (4, 4) or not np.isfinite(pose).all():
-            raise DatasetError(f"{transforms_path}: frame {i} transform_matrix is not a finite 4x4 matrix")
+        problem = pose_problem(pose)
+        if problem is not None:
+            raise DatasetError(
+                f"{transforms_path}: frame {i} ({frame['file_path']}) transform_matrix {problem}; write a rigid "
+                "camera-to-world matrix (orthonormal rotation, bottom row 0 0 0 1)"
+            )
         poses.append(pose)
     try:
         pivot = np.asarray(meta["pivot"], dtype=np.float64) if "pivot" in meta else None
@@ -173,16 +198,28 @@ def evaluate_scene(
 
     Raises:
         DatasetError: naming the file: a frame that cannot be read or whose size is not the scene's
-            ``w`` x ``h``, or a depth file that is not an ``h`` x ``w`` numeric ``.npy``.
+            ``w`` x ``h``, a depth file that is not an ``h`` x ``w`` numeric ``.npy`` or has no valid
+            (positive) pixel, or frame 0's camera at the pivot.
     """
-    from vq3d_nerfstudio.data.dataset import load_depth_array
+    from vq3d_nerfstudio.data.dataset import check_some_depth_valid, disparity_from_depth, load_depth_array
 
     hw = (int(scene.intrinsics["h"]), int(scene.intrinsics["w"]))
-    depth0 = load_depth_array(scene.depths[0], hw) if scene.depths[0] is not None else None
+
+    def load_z_depth(path: Path) -> np.ndarray:  # a depth file with no valid pixel is a bad file
+        depth = load_depth_array(path, hw)
+        check_some_depth_valid(path, depth, disparity_from_depth(depth, "z-depth")[1], "z-depth")
+        return depth
+
+    depth0 = load_z_depth(scene.depths[0]) if scene.depths[0] is not None else None
     usable = depth0[np.isfinite(depth0) & (depth0 > 0)] if depth0 is not None else np.zeros(0)
     median = float(np.median(usable)) if usable.size else None
     if scene.pivot is None and median is None:
         raise DatasetError(f"{scene.images[0]}: scene has neither a pivot nor depth for frame 0; add a \"pivot\"")
+    if scene.pivot is not None and not np.linalg.norm(scene.camera_to_worlds[0][:3, 3] - scene.pivot) > 0:
+        raise DatasetError(
+            f"{scene.images[0]}: frame 0's camera sits at the pivot {scene.pivot.tolist()}; the pivot is the point "
+            "it looks at (set \"pivot\" to it, or remove it to scale by frame 0's depth)"
+        )
     world_to_cam0, scale = canonical_alignment(scene.camera_to_worlds[0], distance, scene.pivot, median)
     poses = [align_pose(c2w, world_to_cam0, scale, distance) for c2w in scene.camera_to_worlds]
     outputs = render(load_input(scene.images[0]), poses, scene.intrinsics)
@@ -215,7 +252,7 @@ def evaluate_scene(
                 if i > 0 and still:
                     row["still_lpips"] = float(lpips(to_batch(input_gt), to_batch(gt))[0])
         if depth is not None:
-            gt_depth = torch.from_numpy(load_depth_array(depth, hw).astype(np.float64) * scale)
+            gt_depth = torch.from_numpy(load_z_depth(depth).astype(np.float64) * scale)
             row.update(depth_errors(out["z_depth"], gt_depth))
             if "weights" in out:
                 spread = depth_spread(out["weights"], out["sample_z"], gt_depth)

@@ -444,7 +444,7 @@ class Vq3dModel(Model):
         fake_d, real_d = rgb * 2 - 1, real * 2 - 1
         if cfg.discriminator_sees_disparity:
             if "input_disparity" not in batch:
-                raise ValueError("discriminator_sees_disparity needs depth in the data (see --pipeline.datamanager.dataparser.depth-kind)")
+                raise ValueError("discriminator_sees_disparity needs depth in the data (see vq3d-images --depth-kind)")
             real_disp = point_sample(batch["input_disparity"][:num].float())
             fake_d = torch.cat([fake_d, gan.normalize_disparity(disparity)], 1)
             real_d = torch.cat([real_d, gan.normalize_disparity(real_disp)], 1)

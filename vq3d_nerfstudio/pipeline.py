@@ -7,6 +7,7 @@ cameras without their image; VQ3D needs the image to build the NeRF, so this sub
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
@@ -18,6 +19,7 @@ from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.cuda.amp.grad_scaler import GradScaler
 
+from vq3d_nerfstudio.checks import check_nerfstudio_command_line
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
 from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, EditControls, SampleControls, SceneControls
@@ -38,12 +40,34 @@ class Vq3dPipelineConfig(VanillaPipelineConfig):
     ns-viewer on an existing run."""
 
 
-def check_scene_choice(choice: str) -> None:
+def check_image_sizes(config: Vq3dPipelineConfig) -> None:
+    """``ValueError`` when the data and the model disagree on the image size. The data's size is
+    vq3d-images' own --image-size, else the datamanager's image_size (any other nerfstudio
+    dataparser), else none is set (the model's is used)."""
+    data_size = getattr(config.datamanager.dataparser, "image_size", None) or config.datamanager.image_size
+    if data_size is not None and data_size != config.model.image_size:
+        raise ValueError(
+            f"dataparser image size {data_size} != model image size {config.model.image_size}; "
+            "set both (vq3d-images --image-size / --pipeline.model.image-size)"
+        )
+
+
+def check_scene_choice(choice: str, split_sizes: Optional[Dict[str, int]] = None) -> None:
     """Stop with one line if ``VQ3D_SCENE`` (which scene ns-render / ns-export / the viewer show
-    first) is neither ``eval:N``, ``train:N`` nor an existing image file."""
+    first) is neither ``eval:N``, ``train:N`` (``N`` below that split's size, when ``split_sizes``
+    gives it) nor an existing image file."""
     choice = choice.strip()
     split, _, index = choice.partition(":")
-    if not choice or (split in ("train", "eval") and index.isdigit()) or Path(choice).is_file():
+    if split in ("train", "eval") and index.isdigit():
+        size = (split_sizes or {}).get(split)
+        if size is not None and int(index) >= size:
+            valid = {0: "none", 1: f"only {split}:0"}.get(size, f"{split}:0 to {split}:{size - 1}")
+            raise SystemExit(
+                f"vq3d: error: VQ3D_SCENE={choice}: the {split} split has {size} image{'s' if size != 1 else ''} "
+                f"({valid}); give an index in range, or a photo's path"
+            )
+        return
+    if not choice or Path(choice).is_file():
         return
     raise SystemExit(f"vq3d: error: VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
 
@@ -89,14 +113,14 @@ class Vq3dPipeline(VanillaPipeline):
         local_rank: int = 0,
         grad_scaler: Optional[GradScaler] = None,
     ):
-        data_size = config.datamanager.dataparser.image_size
-        if data_size != config.model.image_size:
-            raise ValueError(
-                f"dataparser image size {data_size} != model image size {config.model.image_size}; "
-                "set both (--pipeline.datamanager.dataparser.image-size / --pipeline.model.image-size)"
-            )
+        check_image_sizes(config)
+        if not hasattr(config.datamanager.dataparser, "image_size") and config.datamanager.image_size is None:
+            config.datamanager.image_size = config.model.image_size  # a nerfstudio dataparser: the model's size
+        check_nerfstudio_command_line(sys.argv)  # ns-render / ns-export options, before the model loads
         check_scene_choice(os.environ.get("VQ3D_SCENE", ""))
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        sizes = {"train": len(self.datamanager.train_dataset), "eval": len(self.datamanager.eval_dataset)}
+        check_scene_choice(os.environ.get("VQ3D_SCENE", ""), sizes)
         self.model.image_loader = self.load_image
         # Viewer controls: the viewer installs the pipeline's ViewerElement attributes (in name order).
         self._scene_controls = SceneControls(self)

@@ -26,6 +26,7 @@ import functools
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Tuple, Type
 
 import torch
@@ -36,6 +37,7 @@ from nerfstudio.utils import colormaps, writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from vq3d_nerfstudio.checks import check_options, output_path_problem
 from vq3d_nerfstudio.quantizer import reset_optimizer_rows
 
 DISCRIMINATOR = "discriminator"
@@ -55,6 +57,22 @@ class Vq3dTrainerConfig(TrainerConfig):
 
     _target: Type = field(default_factory=lambda: Vq3dTrainer)
 
+    def save_config(self) -> None:
+        """Check the options before ns-train makes the run folder (finite floats, a writable
+        --output-dir, the data and model image sizes agreeing): a mistake stops in one line and
+        leaves nothing behind. Then nerfstudio's save of config.yml."""
+        from vq3d_nerfstudio.pipeline import check_image_sizes
+
+        check_options(self, "vq3d")
+        problem = output_path_problem(Path(self.output_dir), is_folder=True)
+        if problem is not None:
+            raise SystemExit(f"vq3d: error: --output-dir: {problem}")
+        try:
+            check_image_sizes(self.pipeline)
+        except ValueError as err:
+            raise SystemExit(f"vq3d: error: {err}") from None
+        super().save_config()
+
 
 def _finite_grads(params: List[torch.nn.Parameter]) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
@@ -66,7 +84,20 @@ class Vq3dTrainer(Trainer):
     config: Vq3dTrainerConfig
 
     def setup(self, test_mode="val") -> None:
-        super().setup(test_mode)
+        """nerfstudio's setup; a data error found while building the pipeline (no images, an empty
+        folder, a file as --data, ...) stops in one line, and the run folder, which then holds only
+        config.yml, is removed."""
+        from vq3d_nerfstudio.data.dataparser import DatasetError
+        from vq3d_nerfstudio.data.datamanager import dataset_error_message
+
+        try:
+            super().setup(test_mode)
+        except DatasetError as err:
+            self._remove_unused_run_folder()
+            raise SystemExit(f"vq3d: error: {dataset_error_message(err)}") from None
+        except SystemExit:
+            self._remove_unused_run_folder()
+            raise
         self.skipped_steps = {"generator": 0, DISCRIMINATOR: 0}
         model = self.pipeline.model
         if hasattr(model, "prepare_training") and test_mode == "val":
@@ -84,6 +115,20 @@ class Vq3dTrainer(Trainer):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+
+    def _remove_unused_run_folder(self) -> None:
+        """Delete this run's folder if it holds nothing but config.yml, and the experiment / method
+        folders above it if that leaves them empty (never above --output-dir)."""
+        folder, top = Path(self.base_dir), Path(self.config.output_dir)
+        try:
+            if {p.name for p in folder.iterdir()} - {"config.yml"}:
+                return
+            (folder / "config.yml").unlink(missing_ok=True)
+            while folder != top and top in folder.parents and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+        except OSError:  # another rank removed it first, or it was never made
+            pass
 
     def _on_interrupt(self, signum, frame) -> None:
         if self.stop_training:

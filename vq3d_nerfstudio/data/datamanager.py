@@ -24,6 +24,13 @@ bad file with one line naming it instead. (Prepared shards were validated by ``v
 Under DDP the rank is ``torch.distributed``'s global rank (nerfstudio passes the *local* rank, which
 repeats across machines).
 
+Any nerfstudio dataparser can feed it (``ns-train vq3d-tiny nerfstudio-data --data <capture>``,
+``blender-data``, ``colmap``, ...): its images become single training images
+(:func:`~vq3d_nerfstudio.data.views.single_image_outputs`). With ``multiview_supervision`` and posed
+data (those dataparsers, or ``vq3d synth`` scene folders) every input image brings other views of
+its scene, and their rays are rendered from their own cameras relative to the input view
+(:class:`~vq3d_nerfstudio.data.views.MultiviewDataset`, :meth:`Vq3dDataManager._multiview_rays`).
+
 Outside training (``eval_setup`` puts the pipeline in eval mode), ``next_train`` is what
 ``ns-export pointcloud`` / ``poisson`` draw rays from: it returns rays of random cameras orbiting the
 pivot, without ``batch_idx``, so the model renders its shown scene from all around the input view.
@@ -38,7 +45,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
 
 import torch
-from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import DataManager, VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.pixel_samplers import PixelSamplerConfig
@@ -47,7 +55,7 @@ from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig
-from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, Vq3dImageDataset
+from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, DepthCoverage, Vq3dImageDataset
 
 
 @dataclass
@@ -55,8 +63,26 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     """Streams B images per step from disk and samples rays from each."""
 
     _target: Type = field(default_factory=lambda: Vq3dDataManager)
-    dataparser: Vq3dImagesDataParserConfig = field(default_factory=Vq3dImagesDataParserConfig)
-    """The image-collection dataparser."""
+    dataparser: AnnotatedDataParserUnion = field(default_factory=Vq3dImagesDataParserConfig)
+    """vq3d-images (folders of images or `vq3d synth` scenes, the default), or any nerfstudio dataparser
+    (nerfstudio-data, blender-data, colmap, ...: each of its images one training input). Choose one
+    by its subcommand after the method, e.g. `ns-train vq3d-tiny nerfstudio-data --data <capture>`;
+    its options follow it (`vq3d-images --eval-fraction 0`)."""
+    image_size: Optional[int] = None
+    """Side images from a nerfstudio dataparser are cropped and resized to; None: the model's image
+    size (the pipeline fills it in). vq3d-images has its own --image-size."""
+    multiview_supervision: bool = False
+    """Beyond the paper: with posed data (`vq3d synth` scene folders, nerfstudio dataparsers) encode one
+    view and supervise renders from other views of its scene as well, their cameras relative to the
+    input view (the canonical alignment and scale of `vq3d eval`). The rays per image are shared
+    between the input view and the supervising views."""
+    multiview_views: int = 2
+    """Multi-view supervision: other views of the scene drawn per input image each step."""
+    train_num_rays_per_batch: int = -1
+    """nerfstudio's knob, honoured when set (> 0): rays per step, shared between the images of the
+    step (at least one each); -1: images_per_batch x rays_per_image."""
+    train_num_images_to_sample_from: int = -1
+    """nerfstudio's knob, honoured when set (> 0): at most this many images per step; -1: images_per_batch."""
     images_per_batch: int = 8
     """Images (hence tri-planes) per training step, per device."""
     rays_per_image: int = 256
@@ -156,30 +182,116 @@ class Vq3dDataManager(VanillaDataManager):
         self.dataparser_config = self.config.dataparser
         self.dataparser = self.dataparser_config.setup()
         self.includes_time = False
-        self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
+        if isinstance(self.dataparser_config, Vq3dImagesDataParserConfig):
+            self.train_dataparser_outputs = self.dataparser.get_dataparser_outputs(split="train")
+            eval_outputs = self.dataparser.get_dataparser_outputs(split=self.test_split)
+        else:
+            self.train_dataparser_outputs = self._single_images("train")
+            eval_outputs = self._single_images(self.test_split, fallback=self.train_dataparser_outputs)
         self.shard_root: Optional[Path] = self.train_dataparser_outputs.metadata.get("shard_root")
         dataset_class = Vq3dImageDataset
         if self.shard_root is not None:
             from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset
 
             dataset_class = ShardImageDataset
-        self.train_dataset = dataset_class(self.train_dataparser_outputs)
-        self.eval_dataset = dataset_class(self.dataparser.get_dataparser_outputs(split=self.test_split))
+        self.train_dataset = self._multiview_dataset() if config.multiview_supervision else dataset_class(self.train_dataparser_outputs)
+        self.eval_dataset = dataset_class(eval_outputs)
         for dataset in (self.train_dataset, self.eval_dataset):
             if isinstance(dataset, Vq3dImageDataset):
                 dataset.strict = config.strict
         self.skipped_files: Dict[str, str] = {}
         """Files skipped so far (path -> the reason), met by any DataLoader worker of this process."""
+        self.depth_coverage = DepthCoverage(self.train_dataparser_outputs.metadata.get("depth_kind", "none"))
         self.iter_train_image_dataloader: Optional[Iterator[Dict]] = None
         # Read by ns-export (it sets num_rays_per_batch); training samples pixels itself.
         self.train_pixel_sampler = PixelSamplerConfig(
-            num_rays_per_batch=config.images_per_batch * max(1, config.rays_per_image)
+            num_rays_per_batch=self.images_per_step * max(1, self.rays_per_image)
         ).setup()
         self.exclude_batch_keys_from_device = []
         DataManager.__init__(self)
 
+    @property
+    def images_per_step(self) -> int:
+        """``images_per_batch``, capped by nerfstudio's ``train_num_images_to_sample_from`` when set."""
+        cap = self.config.train_num_images_to_sample_from
+        return min(self.config.images_per_batch, cap) if cap > 0 else self.config.images_per_batch
+
+    @property
+    def rays_per_image(self) -> int:
+        """``rays_per_image``, or nerfstudio's ``train_num_rays_per_batch`` shared by the step's images when set."""
+        total = self.config.train_num_rays_per_batch
+        return max(1, total // self.images_per_step) if total > 0 else self.config.rays_per_image
+
+    def canonical(self) -> Tuple[int, float, float]:
+        """``(image_size, camera_distance, fov_deg)`` of the canonical camera: vq3d-images' own, else
+        the model's image size and the convention's defaults (DESIGN.md)."""
+        parser = self.config.dataparser
+        if isinstance(parser, Vq3dImagesDataParserConfig):
+            return parser.image_size, parser.camera_distance, parser.fov_deg
+        size = self.config.image_size or Vq3dImagesDataParserConfig.image_size
+        return size, Vq3dImagesDataParserConfig.camera_distance, Vq3dImagesDataParserConfig.fov_deg
+
+    def _dataparser_name(self) -> str:
+        from nerfstudio.configs.dataparser_configs import all_dataparsers
+
+        kind = type(self.config.dataparser)
+        return next((name for name, cfg in all_dataparsers.items() if type(cfg) is kind), kind.__name__)
+
+    def _single_images(self, split: str, fallback=None):
+        """A nerfstudio dataparser's ``split`` as single images (an empty eval split: ``fallback``,
+        the training images, as vq3d-images evaluates a one-image folder on its image). Its failures
+        and a dataparser without images end the run in one line."""
+        from vq3d_nerfstudio.data.views import single_image_outputs
+
+        name = self._dataparser_name()
+        try:
+            outputs = self.dataparser.get_dataparser_outputs(split=split)
+        except (AssertionError, OSError, KeyError, ValueError, IndexError, RuntimeError) as err:
+            raise SystemExit(
+                f"vq3d: error: {name} could not read {self.config.dataparser.data} ({type(err).__name__}: "
+                f"{' '.join(str(err).split()) or 'no message'}); check --data, or pick the dataparser that fits the data"
+            ) from None
+        if fallback is not None and not outputs.image_filenames:
+            return fallback
+        if split == "train":
+            self._posed_train_outputs = outputs  # the dataparser's own, for multi-view's camera check
+        try:
+            return single_image_outputs(outputs, name, *self.canonical())
+        except DatasetError as err:
+            raise SystemExit(f"vq3d: error: {err}") from None
+
+    def _multiview_dataset(self) -> Vq3dImageDataset:
+        """The training images with the supervising views of their scenes; one line when the data
+        has no poses (a folder of single images, prepared shards) or no pinhole cameras."""
+        from vq3d_nerfstudio.data.views import MultiviewDataset, check_perspective, posed_views_from_scene_files
+
+        outputs, config = self.train_dataparser_outputs, self.config
+        metadata = outputs.metadata
+        try:
+            if isinstance(config.dataparser, Vq3dImagesDataParserConfig):
+                scene_files = metadata.get("scene_files")
+                if not scene_files:
+                    raise DatasetError(
+                        f"{config.dataparser.data}: --pipeline.datamanager.multiview-supervision needs posed views: "
+                        "`vq3d synth` scene folders (`--num-views` > 1) or a nerfstudio dataparser "
+                        "(nerfstudio-data, blender-data, colmap, ...); this data holds single images"
+                    )
+                views = posed_views_from_scene_files(scene_files)
+                firsts = [i for i in range(len(views.images)) if i == 0 or views.scene_ids[i] != views.scene_ids[i - 1]]
+                metadata["posed_views"], metadata["input_views"] = views, firsts  # frame 0: the input, as in vq3d eval
+                if metadata.get("depth_kind") == "z-depth":
+                    distance = self.canonical()[1]
+                    metadata["depth_scales"] = [views.depth_scale * views.alignment(v, distance)[1] for v in firsts]
+            else:
+                check_perspective(self._posed_train_outputs, self._dataparser_name())
+            if config.multiview_views < 1:
+                raise DatasetError("--pipeline.datamanager.multiview-views must be >= 1")
+            return MultiviewDataset(outputs, config.multiview_views)
+        except DatasetError as err:
+            raise SystemExit(f"vq3d: error: {err}") from None
+
     def _loader(self, dataset: Vq3dImageDataset, num_workers: int) -> Iterator[Dict]:
-        batch_size = self.config.images_per_batch
+        batch_size = self.images_per_step
         if self.world_size > 1:
             sampler = DistributedSampler(
                 dataset, num_replicas=self.world_size, rank=global_rank(self.local_rank), shuffle=True,
@@ -214,7 +326,7 @@ class Vq3dDataManager(VanillaDataManager):
         num_workers = self.config.num_workers
         loader = DataLoader(
             stream,
-            batch_size=self.config.images_per_batch,
+            batch_size=self.images_per_step,
             num_workers=num_workers,
             drop_last=True,
             worker_init_fn=_ignore_sigint,
@@ -224,7 +336,7 @@ class Vq3dDataManager(VanillaDataManager):
         raise DatasetError(
             f"{self.shard_root}: rank {rank} of {self.world_size} has no training images to stream"
             f"{f' in any of its {num_workers} loader workers' if num_workers > 1 else ''}; prepare more "
-            "images, lower --pipeline.datamanager.dataparser.eval-fraction, or use fewer ranks or workers"
+            "images, lower vq3d-images --eval-fraction, or use fewer ranks or workers"
         )
 
     def setup_train(self):
@@ -249,6 +361,7 @@ class Vq3dDataManager(VanillaDataManager):
             hint = " (--pipeline.datamanager.strict True; without it bad files are skipped and reported)"
             raise SystemExit(f"vq3d: error: {dataset_error_message(err)}{hint if self.config.strict else ''}") from None
         self.report_skipped(item[1] if isinstance(item, tuple) else item, step)
+        self.depth_coverage.add(item[1] if isinstance(item, tuple) else item)  # warns once if almost none is valid
         return item
 
     def report_skipped(self, batch: Dict, step: int) -> None:
@@ -279,7 +392,7 @@ class Vq3dDataManager(VanillaDataManager):
     def _rays_for_images(self, images: Dict, ray_generator: RayGenerator) -> Tuple[RayBundle, Dict]:
         image = images["image"].to(self.device)  # (B, S, S, 3)
         num_images, height, width = image.shape[:3]
-        per_image = self.config.rays_per_image
+        per_image = self.rays_per_image
         if per_image <= 0 or per_image >= height * width:
             pixels = torch.arange(height * width, device=self.device).expand(num_images, -1)
         else:
@@ -303,13 +416,60 @@ class Vq3dDataManager(VanillaDataManager):
             batch["input_disparity_mask"] = images["disparity_mask"].to(self.device).permute(0, 3, 1, 2)
         return ray_bundle, batch
 
+    def _multiview_rays(self, images: Dict) -> Tuple[RayBundle, Dict]:
+        """Rays of every view of every input image (view 0 the input, then its supervising views; see
+        :class:`~vq3d_nerfstudio.data.views.MultiviewDataset`), each from its own camera in the input's
+        canonical frame, at random pixels of its own image; all carry the input's ``batch_idx``.
+        ``rays_per_image`` is shared by the ``V`` views (at least one ray each)."""
+        views = images["view_images"].to(self.device)  # (B, V, S, S, 3)
+        num_images, num_views, height, width = views.shape[:4]
+        cams = num_images * num_views
+        intrinsics = images["view_intrinsics"].to(self.device).reshape(cams, 4)
+        cameras = Cameras(
+            camera_to_worlds=images["view_poses"].to(self.device).reshape(cams, 3, 4),
+            fx=intrinsics[:, 0:1], fy=intrinsics[:, 1:2], cx=intrinsics[:, 2:3], cy=intrinsics[:, 3:4],
+            width=torch.full((cams, 1), width, dtype=torch.long), height=torch.full((cams, 1), height, dtype=torch.long),
+            camera_type=CameraType.PERSPECTIVE,
+        ).to(self.device)
+        per_image = self.rays_per_image
+        if per_image <= 0 or per_image >= num_views * height * width:
+            pixels = torch.arange(height * width, device=self.device).expand(cams, -1)
+        else:
+            pixels = torch.randint(0, height * width, (cams, max(1, per_image // num_views)), device=self.device)
+        per_view = pixels.shape[1]
+        camera_idx = torch.arange(cams, device=self.device).repeat_interleave(per_view)  # b * V + v
+        rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
+        ray_bundle = RayGenerator(cameras)(torch.stack([camera_idx, rows, cols], dim=-1))
+        batch_idx = camera_idx // num_views
+        ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
+        flat = views.reshape(cams, height, width, 3)
+        input_image = views[:, 0]
+        batch = {
+            "input_images": input_image.permute(0, 3, 1, 2).contiguous(),
+            "image": flat[camera_idx, rows, cols],
+            "image_idx": images["image_idx"],
+            "class_id": images["class_id"],
+            "view_idx": camera_idx % num_views,
+        }
+        if "view_disparity" in images:
+            disparity = images["view_disparity"].to(self.device).reshape(cams, height, width, 1)
+            mask = images["view_disparity_mask"].to(self.device).reshape(cams, height, width, 1)
+            batch["disparity"] = disparity[camera_idx, rows, cols]
+            batch["disparity_mask"] = mask[camera_idx, rows, cols]
+            batch["input_disparity"] = images["view_disparity"][:, 0].to(self.device).permute(0, 3, 1, 2)  # (B, 1, S, S)
+            batch["input_disparity_mask"] = images["view_disparity_mask"][:, 0].to(self.device).permute(0, 3, 1, 2)
+        return ray_bundle, batch
+
     def next_train(self, step: int) -> Tuple[RayBundle, Dict]:
         self.train_count += 1
         if not self.training:
             return self.orbit_rays(self.train_pixel_sampler.num_rays_per_batch), {}
         if self.iter_train_image_dataloader is None and self.shard_root is not None:
             self.iter_train_image_dataloader = self._shard_loader(self._epoch_at(step))
-        return self._rays_for_images(self._next(self.iter_train_image_dataloader, step), self.train_ray_generator)
+        images = self._next(self.iter_train_image_dataloader, step)
+        if "view_images" in images:
+            return self._multiview_rays(images)
+        return self._rays_for_images(images, self.train_ray_generator)
 
     def _epoch_at(self, step: int) -> int:
         """The shard epoch a run (resumed) at ``step`` has reached, estimated from the index, so a
@@ -326,12 +486,11 @@ class Vq3dDataManager(VanillaDataManager):
         from vq3d_nerfstudio.data.dataparser import square_pinhole_cameras
         from vq3d_nerfstudio.gan import sample_novel_poses
 
-        parser = self.config.dataparser
-        size = parser.image_size
+        size, distance, fov_deg = self.canonical()
         poses = sample_novel_poses(
-            num_cameras, parser.camera_distance, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg
+            num_cameras, distance, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg
         )
-        cameras = square_pinhole_cameras(poses, size, parser.fov_deg).to(self.device)
+        cameras = square_pinhole_cameras(poses, size, fov_deg).to(self.device)
         index = torch.stack(
             [torch.randint(0, num_cameras, (num_rays,)), torch.randint(0, size, (num_rays,)), torch.randint(0, size, (num_rays,))],
             dim=-1,
@@ -349,7 +508,7 @@ class Vq3dDataManager(VanillaDataManager):
         return camera, batch
 
     def get_train_rays_per_batch(self) -> int:
-        return self.config.images_per_batch * self.config.rays_per_image
+        return self.images_per_step * self.rays_per_image
 
     def get_eval_rays_per_batch(self) -> int:
         return self.get_train_rays_per_batch()

@@ -11,6 +11,11 @@ at the origin, pinhole, square, ``fov_deg`` horizontal field of view). Four layo
   outputs list only a bounded eval set and a training preview (see
   :mod:`vq3d_nerfstudio.data.shard_dataset`).
 
+A folder that is itself one nerfstudio scene (``transforms.json`` at its top) is refused in one line
+pointing at ``nerfstudio-data`` (:mod:`vq3d_nerfstudio.data.views` turns any nerfstudio dataparser into
+single images). For scene folders ``metadata["scene_files"]`` lists each image's ``transforms.json``
+(multi-view supervision reads the other frames from it).
+
 Depth is an ``.npy`` beside each image with the same stem (z-depth in world units, or relative
 disparity, larger = nearer); its kind comes from ``--depth-kind``, ``vq3d_meta.json`` in the data
 folder, or the scenes' ``transforms.json``. The train/eval split hashes each image's relative path,
@@ -94,6 +99,7 @@ class ImageRecord:
     depth: Optional[Path]
     class_id: int
     key: str  # path relative to the data folder, POSIX form
+    scene: Optional[Path] = None  # the scene's transforms.json (scene folders only)
 
 
 def is_image_file(path: Path) -> bool:
@@ -124,7 +130,7 @@ def _scan_scenes(root: Path, scene_files: List[Path]) -> Tuple[List[ImageRecord]
         if "depth_kind" in meta:
             kinds.add(meta["depth_kind"])
         scene_classes.append(meta.get("class_name"))
-        records.append(ImageRecord(image, depth, -1, _relative_key(image, root)))
+        records.append(ImageRecord(image, depth, -1, _relative_key(image, root), transforms_path))
     if len(kinds) > 1:
         raise DatasetError(f"{root}: scenes disagree on depth_kind {sorted(kinds)}; make them agree")
     names: List[str] = []
@@ -151,6 +157,8 @@ def scan_image_folder(root: Path) -> Tuple[List[ImageRecord], List[str], Optiona
         DatasetError: no such folder, nothing that looks like an image in it, an unreadable
             ``vq3d_meta.json`` or scene, or a folder that cannot be listed.
     """
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root}: is a file, not a folder; pass --data <folder of images> (e.g. {root.parent})")
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; pass --data <folder of images>")
     try:
@@ -161,6 +169,13 @@ def scan_image_folder(root: Path) -> Tuple[List[ImageRecord], List[str], Optiona
 
 
 def _scan(root: Path) -> Tuple[List[ImageRecord], List[str], Optional[str]]:
+    if (root / "transforms.json").is_file():
+        raise DatasetError(
+            f"{root}: is one nerfstudio scene (transforms.json at its top), not a folder of images or of scenes; "
+            f"train on its views with `ns-train <method> nerfstudio-data --data {root}` (each view one input; "
+            "--depth-unit-scale-factor 1 when its depth files are in world units), or pass the folder that holds "
+            "the scene folders"
+        )
     scene_files = sorted(root.glob("*/transforms.json"))
     meta_kind = None
     meta_file = root / "vq3d_meta.json"
@@ -266,6 +281,7 @@ class Vq3dImagesDataParser(DataParser):
             "image_keys": [r.key for r in chosen],
             "camera_distance": self.config.camera_distance,
             "fov_deg": self.config.fov_deg,
+            "scene_files": [r.scene for r in chosen] if all(r.scene is not None for r in chosen) else None,
         }
         return DataparserOutputs(
             image_filenames=[r.image for r in chosen],

@@ -18,6 +18,7 @@ readable image and the skipped file travels with the item, see ``SKIPPED_KEY``) 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import IO, Dict, List, Optional, Tuple, Union
 
@@ -282,6 +283,24 @@ def load_depth_array(path: Path, image_hw: Tuple[int, int]) -> np.ndarray:
         return depth.astype(np.float32)
 
 
+def load_depth_image(path: Path, image_hw: Tuple[int, int]) -> np.ndarray:
+    """A depth image (16-bit PNG, 32-bit TIFF: what nerfstudio's captures store, in the units their
+    dataparser states) as ``[H, W]`` float32, checked against its image's ``(height, width)``."""
+    try:
+        with Image.open(path) as pil:
+            depth = np.asarray(pil).astype(np.float32)
+    except Exception as err:  # noqa: BLE001 - as read_rgb
+        raise DatasetError(f"{path}: cannot read depth image ({_one_line(err)}); save depth as a 16-bit PNG or .npy") from err
+    if depth.ndim == 3:
+        depth = depth[..., 0]
+    if depth.shape != tuple(image_hw):
+        raise DatasetError(
+            f"{path}: depth has shape {depth.shape} but its image is {image_hw[0]}x{image_hw[1]} (height x width); "
+            "save depth at the image's resolution"
+        )
+    return depth
+
+
 def disparity_from_depth(depth: np.ndarray, kind: str) -> Tuple[np.ndarray, np.ndarray]:
     """``(disparity, valid)`` from a float32 depth array, both ``[H, W]`` (float32, bool).
 
@@ -308,16 +327,54 @@ def disparity_from_depth(depth: np.ndarray, kind: str) -> Tuple[np.ndarray, np.n
     return disparity.astype(np.float32), valid
 
 
-def load_disparity(path: Path, kind: str, image_hw: Tuple[int, int], size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def check_some_depth_valid(path: Path, depth: np.ndarray, valid: np.ndarray, kind: str) -> None:
+    """``DatasetError`` naming ``path`` when no pixel of ``depth`` is valid (``valid``, by the rule of
+    :func:`disparity_from_depth`): such a file supervises nothing, so it is a bad file, not a silent
+    depth loss of 0. The message says what the values are; for negative z-depth, that it looks like
+    OpenGL camera-space z (the camera looks down -z, so everything in front of it is negative)."""
+    if valid.any():
+        return
+    with np.errstate(invalid="ignore"):
+        counts = {
+            "NaN": int(np.isnan(depth).sum()), "-inf": int(np.isneginf(depth).sum()),
+            "+inf": int(np.isposinf(depth).sum()), "zero": int((depth == 0).sum()),
+            "negative": int((np.isfinite(depth) & (depth < 0)).sum()),
+        }
+    counts["positive but too small"] = depth.size - sum(counts.values())
+    found = {name: n for name, n in counts.items() if n}
+    if len(found) == 1:
+        what = f"all {depth.size} values are {next(iter(found))}"
+    else:
+        what = ", ".join(f"{n} {name}" for name, n in found.items()) + f" of {depth.size} values"
+    if kind == "z-depth" and counts["negative"] + counts["-inf"]:
+        fix = ("negative z-depth looks like OpenGL camera-space z, where the camera looks down -z; save -z "
+               "(the distance in front of the camera, > 0)")
+    elif kind == "z-depth":
+        fix = "save z-depth > 0 where measured (0 or NaN only where unknown), or remove this image and its depth"
+    else:
+        fix = "save finite disparity (larger = nearer) where known, or remove this image and its depth"
+    raise DatasetError(f"{path}: depth has no valid pixel ({what}); {fix}")
+
+
+def load_disparity(
+    path: Path, kind: str, image_hw: Tuple[int, int], size: int, depth_scale: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Read a depth ``.npy`` (:func:`load_depth_array`) and return disparity ``[size, size, 1]``
     float32 (finite everywhere, 0 where unknown) and its validity mask ``[size, size, 1]`` bool, on the
-    same centre crop as the image.
+    same centre crop as the image. ``depth_scale`` multiplies z-depth first (e.g. millimetres to world
+    units, then into an image's canonical frame); a 16-bit PNG/TIFF depth image is read as z-depth too.
 
     ``kind`` and the validity rule: :func:`disparity_from_depth`. Resizing averages valid pixels only
     (area when shrinking, bilinear when enlarging); an output pixel is valid when every source pixel
     that contributes to it is.
     """
-    disparity, valid = disparity_from_depth(load_depth_array(path, image_hw), kind)
+    depth = load_depth_array(path, image_hw) if Path(path).suffix.lower() == ".npy" else load_depth_image(path, image_hw)
+    if depth_scale != 1.0:
+        if kind != "z-depth":
+            raise ValueError("depth_scale applies to z-depth only")
+        depth = depth * np.float32(depth_scale)
+    disparity, valid = disparity_from_depth(depth, kind)
+    check_some_depth_valid(path, depth, valid, kind)
     height, width = image_hw
     left, top, right, bottom = center_crop_box(width, height)
     disp = torch.from_numpy(np.ascontiguousarray(disparity[top:bottom, left:right]))[None, None]
@@ -331,6 +388,44 @@ def load_disparity(path: Path, kind: str, image_hw: Tuple[int, int], size: int) 
         mask = coverage > 1.0 - 1e-6
         disp = torch.where(mask, weighted / coverage.clamp_min(1e-12), torch.zeros_like(weighted))
     return disp[0].permute(1, 2, 0).float(), mask[0].permute(1, 2, 0)
+
+
+MIN_VALID_DEPTH_FRACTION = 0.01
+"""Below this fraction of valid depth pixels in the batches seen so far, training warns (once): the
+depth loss then hardly sees any depth although the dataset declares it."""
+
+
+class DepthCoverage:
+    """Counts valid depth pixels in the batches of a dataset that declares depth and warns once, on
+    stderr, when fewer than :data:`MIN_VALID_DEPTH_FRACTION` of them are valid (per file, a depth with
+    no valid pixel at all is already refused by :func:`check_some_depth_valid`)."""
+
+    def __init__(self, depth_kind: str = "none"):
+        self.depth_kind = depth_kind
+        self.valid = 0
+        self.total = 0
+        self.warned = False
+
+    def add(self, batch: Dict) -> None:
+        """Count ``batch``'s input-image depth mask (``disparity_mask``, or view 0 of ``view_disparity_mask``)."""
+        mask = batch.get("disparity_mask")
+        if mask is None and "view_disparity_mask" in batch:
+            mask = batch["view_disparity_mask"][:, 0]
+        if mask is None or mask.numel() == 0:
+            return
+        self.valid += int(mask.sum())
+        self.total += mask.numel()
+        fraction = self.valid / self.total
+        if not self.warned and fraction < MIN_VALID_DEPTH_FRACTION:
+            self.warned = True
+            hint = ""
+            if self.depth_kind == "z-depth":
+                hint = " (z-depth must be > 0; negative values look like OpenGL camera-space z: save -z)"
+            print(
+                f"vq3d: warning: only {fraction:.2%} of the depth pixels in the batches so far are valid "
+                f"({self.valid} of {self.total}); the depth loss sees almost no depth - check the depth files{hint}",
+                file=sys.stderr, flush=True,
+            )
 
 
 class Vq3dImageDataset(InputDataset):
@@ -372,7 +467,9 @@ class Vq3dImageDataset(InputDataset):
         }
         if self.depth_filenames is not None:
             depth_path = self.depth_filenames[image_idx]
-            disp, mask = load_disparity(depth_path, self.depth_kind, image_size_of(path), self.image_size)
+            scales = self.metadata.get("depth_scales")  # set for posed data: into each image's canonical frame
+            scale = 1.0 if scales is None else float(scales[image_idx])
+            disp, mask = load_disparity(depth_path, self.depth_kind, image_size_of(path), self.image_size, scale)
             data["disparity"] = disp
             data["disparity_mask"] = mask
         return data

@@ -176,7 +176,7 @@ def check_resolution(root: Path, index: Dict[str, Any], image_size: int) -> None
             f"{Path(root) / INDEX_NAME}: the shards hold {resolution} px images but the model's image size is "
             f"{image_size} px; prepare them again at the model's size (`vq3d prepare --input ... --output ... "
             f"--resolution {image_size}`), or train at {resolution} px (--pipeline.model.image-size {resolution} "
-            f"--pipeline.datamanager.dataparser.image-size {resolution})"
+            f"vq3d-images --image-size {resolution})"
         )
 
 

@@ -7,6 +7,7 @@ from typing import Union
 import tyro
 from typing_extensions import Annotated
 
+from vq3d_nerfstudio.checks import check_options
 from vq3d_nerfstudio.scripts.compose import Compose
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.export_splats import ExportSplats
@@ -18,23 +19,26 @@ from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
 from vq3d_nerfstudio.scripts.sample import Sample
 from vq3d_nerfstudio.scripts.synth import Synth
 
-Commands = Union[
-    Annotated[Synth, tyro.conf.subcommand("synth")],
-    Annotated[Reconstruct, tyro.conf.subcommand("reconstruct")],
-    Annotated[RenderOrbit, tyro.conf.subcommand("render-orbit")],
-    Annotated[Evaluate, tyro.conf.subcommand("eval")],
-    Annotated[Prepare, tyro.conf.subcommand("prepare")],
-    Annotated[Sample, tyro.conf.subcommand("sample")],
-    Annotated[Fid, tyro.conf.subcommand("fid")],
-    Annotated[Interpolate, tyro.conf.subcommand("interpolate")],
-    Annotated[Compose, tyro.conf.subcommand("compose")],
-    Annotated[ExportSplats, tyro.conf.subcommand("export-splats")],
-]
+SUBCOMMANDS = {
+    "synth": Synth, "reconstruct": Reconstruct, "render-orbit": RenderOrbit, "eval": Evaluate, "prepare": Prepare,
+    "sample": Sample, "fid": Fid, "interpolate": Interpolate, "compose": Compose, "export-splats": ExportSplats,
+}
+Commands = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls in SUBCOMMANDS.items())]  # type: ignore[misc]
+
+#: subcommand names by class name (a script run as ``python -m`` has its class under ``__main__``)
+NAMES = {cls.__name__: name for name, cls in SUBCOMMANDS.items()}
+
+
+def run(command) -> None:
+    """Check a parsed subcommand's options (:func:`~vq3d_nerfstudio.checks.check_options`: finite
+    floats, positive counts, writable outputs), then run it."""
+    check_options(command, f"vq3d {NAMES[type(command).__name__]}")
+    command.main()
 
 
 def entrypoint() -> None:
     """Parse ``vq3d <subcommand> ...`` and run it."""
-    tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, reconstruction of photos, rendering and evaluation tools.").main()
+    run(tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, reconstruction of photos, rendering and evaluation tools."))
 
 
 if __name__ == "__main__":

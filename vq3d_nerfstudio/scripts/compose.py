@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+
 
 @dataclass
 class Compose:
@@ -37,15 +39,15 @@ class Compose:
     object_mask: Optional[Path] = None
     """Foreground mask of the object photo (white = object; same framing as the photo): keep only
     what lies inside it, e.g. from a segmentation tool."""
-    output_dir: Path = Path("composite")
+    output_dir: OutputDir = Path("composite")
     """Where the outputs go (created if missing)."""
-    num_frames: int = 48
+    num_frames: PositiveInt = 48
     """Frames in the orbit video."""
     max_yaw_deg: float = 20.0
     """Largest yaw of the orbit and of the novel views (degrees)."""
     max_elevation_deg: float = 8.0
     """Largest elevation of the orbit (degrees)."""
-    fps: int = 24
+    fps: PositiveInt = 24
     """Video frame rate."""
     resolution: int = 0
     """Render size in pixels; 0 uses the model's image size."""
@@ -76,7 +78,7 @@ class Compose:
         if not self.load_config.exists():
             raise SystemExit(f"vq3d compose: error: {self.load_config} does not exist; pass the run's config.yml")
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
-        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        model = pipeline.model
         size = self.resolution or model.config.image_size
         try:
             scene = encode_image(model, load_image(self.scene, model.config.image_size))
@@ -95,11 +97,11 @@ class Compose:
             if not mask.any():
                 raise SystemExit(f"vq3d compose: error: {self.object_mask}: the mask is empty (white marks the object)")
         placement = Placement(obj.planes, tuple(self.position), self.scale, box, mask,
-                              parser.camera_distance, parser.fov_deg)
+                              model.camera_distance, model.fov_deg)
         yaw = self.max_yaw_deg
         views = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)]
         orbit = orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
-        cameras = orbit_cameras(views + orbit, size, parser.camera_distance, parser.fov_deg).to(model.device)
+        cameras = orbit_cameras(views + orbit, size, model.camera_distance, model.fov_deg).to(model.device)
         with Progress() as progress:
             task = progress.add_task("Rendering the composite", total=2 + len(views) + len(orbit))
             model.set_scene_planes(scene.planes)
@@ -120,4 +122,6 @@ class Compose:
 
 
 if __name__ == "__main__":
-    tyro.cli(Compose).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Compose))

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Tuple
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputFile
+
 
 @dataclass
 class Evaluate:
@@ -24,7 +26,7 @@ class Evaluate:
     """The run's config.yml."""
     scenes: Path
     """A folder of scenes (`*/transforms.json`), or one scene folder."""
-    output: Path = Path("eval_results.json")
+    output: OutputFile = Path("eval_results.json")
     """Where to write per-view and grouped results (JSON)."""
     load_step: Optional[int] = None
     """Score the checkpoint of this step (default: the latest)."""
@@ -104,7 +106,7 @@ def evaluate_run(
             raise SystemExit(f"vq3d eval: error: {checkpoint} does not exist; pick a step saved in that folder")
     _, pipeline, _, _ = eval_setup(load_config, test_mode="inference", update_config_callback=pick_step)
     model = pipeline.model
-    distance = pipeline.config.datamanager.dataparser.camera_distance
+    distance = pipeline.model.camera_distance
     lpips, why_not = load_lpips_if_available("alex", lpips_weights)
     if lpips is None:
         print(f"LPIPS skipped: {why_not}")
@@ -165,4 +167,6 @@ def evaluate_run(
 
 
 if __name__ == "__main__":
-    tyro.cli(Evaluate).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Evaluate))

@@ -10,6 +10,8 @@ from typing import List, Literal, Optional, Tuple
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputFile, PositiveInt
+
 
 def export_poses(num_cameras: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:
     """(yaw, elevation) of the cameras whose rays place the splats: the canonical view, then the
@@ -44,7 +46,7 @@ class ExportSplats:
 
     load_config: Path
     """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
-    output: Path = Path("splats.ply")
+    output: OutputFile = Path("splats.ply")
     """Where to write the .ply."""
     image: Optional[Path] = None
     """A photo (centre-cropped and resized to the model's size); without it, --split/--image-index."""
@@ -52,9 +54,9 @@ class ExportSplats:
     """Which dataset split the image comes from (when no --image)."""
     image_index: int = 0
     """Index of the image within the split."""
-    num_gaussians: int = 20000
+    num_gaussians: PositiveInt = 20000
     """Most splats to write (the CPU renderer of the report stays quick up to ~20k at 64 px)."""
-    num_cameras: int = 8
+    num_cameras: PositiveInt = 8
     """Cameras whose rays place the splats: the canonical view and others round the orbit range."""
     max_yaw_deg: float = 20.0
     """Yaw range of those cameras (degrees); VQ3D's NeRFs hold up for limited motion."""
@@ -84,9 +86,9 @@ class ExportSplats:
     """Yaws (degrees, elevation 0) of the views in the report and the PNG; 0 is the input view."""
     report_resolution: int = 0
     """Pixels on a side of the report's renders (0: the model's image size)."""
-    timing_repeats: int = 3
+    timing_repeats: PositiveInt = 3
     """Renders per view timed for the report (after one untimed render)."""
-    comparison: Optional[Path] = None
+    comparison: Optional[OutputFile] = None
     """Where to write the side-by-side PNG (default: beside the .ply, <name>_compare.png)."""
     seed: int = 0
     """Random seed."""
@@ -104,12 +106,10 @@ class ExportSplats:
         torch.manual_seed(self.seed)
         if not self.load_config.exists():
             raise SystemExit(f"vq3d export-splats: error: {self.load_config} does not exist; pass the run's config.yml")
-        if self.num_gaussians < 1 or self.num_cameras < 1 or not self.report_views:
-            raise SystemExit("vq3d export-splats: error: --num-gaussians and --num-cameras must be at least 1, "
-                             "and --report-views must name a view")
+        if not self.report_views:
+            raise SystemExit("vq3d export-splats: error: --report-views must name a view")
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
         model = pipeline.model.eval()
-        parser = pipeline.config.datamanager.dataparser
         try:
             if self.image is not None:
                 image = load_image(self.image, model.config.image_size)
@@ -124,7 +124,7 @@ class ExportSplats:
 
         # 1. splats from the rendering weights along the rays of orbit cameras
         poses = export_poses(self.num_cameras, self.max_yaw_deg, self.max_elevation_deg)
-        cameras = export_cameras(poses, self.ray_resolution or size, parser.camera_distance, parser.fov_deg, self.margin_deg)
+        cameras = export_cameras(poses, self.ray_resolution or size, model.camera_distance, model.fov_deg, self.margin_deg)
         cameras = cameras.to(model.device)
         samples = []
         for i in range(len(poses)):
@@ -132,7 +132,7 @@ class ExportSplats:
             for chunk in range(0, len(rays), 4096):
                 samples.append(splats.nerf_samples(model, rays[chunk : chunk + 4096], planes))
         gaussians = splats.gaussians_from_samples(
-            samples, self.num_gaussians, parser.camera_distance, self.min_weight, self.background_radius,
+            samples, self.num_gaussians, model.camera_distance, self.min_weight, self.background_radius,
             self.scale_mult, self.cell_depth_ratio,
         )
         del samples
@@ -145,7 +145,7 @@ class ExportSplats:
             print("No CUDA GPU: skipping the gsplat refinement; the report shows the initialisation.")
         elif self.refine_steps > 0:
             res = self.refine_resolution or size
-            fit_cameras = orbit_cameras(poses, res, parser.camera_distance, parser.fov_deg).to(model.device)
+            fit_cameras = orbit_cameras(poses, res, model.camera_distance, model.fov_deg).to(model.device)
             targets = torch.stack(
                 [model.get_outputs_for_camera(fit_cameras[i : i + 1])["rgb"].clamp(0, 1) for i in range(len(poses))]
             )
@@ -160,7 +160,7 @@ class ExportSplats:
 
         # 3. report: splat render vs NeRF render, and time per frame
         res = self.report_resolution or size
-        report = orbit_cameras([(yaw, 0.0) for yaw in self.report_views], res, parser.camera_distance, parser.fov_deg)
+        report = orbit_cameras([(yaw, 0.0) for yaw in self.report_views], res, model.camera_distance, model.fov_deg)
         report = report.to(model.device)
         viewmats, Ks = splats.cameras_to_viewmats(report)
         rasterize_fn, device = (splats.gsplat_rasterize, "cuda") if cuda else (splats.rasterize, "cpu")
@@ -203,4 +203,6 @@ class ExportSplats:
 
 
 if __name__ == "__main__":
-    tyro.cli(ExportSplats).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(ExportSplats))

@@ -9,6 +9,8 @@ from typing import Literal, Optional
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
+
 
 @dataclass
 class Fid:
@@ -37,7 +39,7 @@ class Fid:
     per sample) at the canonical elevation."""
     temperature: float = 1.0
     """Sampling temperature (see vq3d sample)."""
-    top_k: Optional[int] = None
+    top_k: Optional[PositiveInt] = None
     """Top-k sampling (see vq3d sample)."""
     top_p: Optional[float] = None
     """Nucleus sampling (see vq3d sample)."""
@@ -47,7 +49,7 @@ class Fid:
     """Sampling seed."""
     stage1_config: Optional[Path] = None
     """The stage-1 run's config.yml; default: the one recorded in the stage-2 checkpoint."""
-    samples_dir: Optional[Path] = None
+    samples_dir: Optional[OutputDir] = None
     """Keep the rendered samples here (<dir>/canonical, <dir>/novel); default: a temporary folder."""
     inception_weights: Optional[Path] = None
     """The FID Inception weights, pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache,
@@ -57,13 +59,13 @@ class Fid:
     feature_dim: Literal[64, 192, 768, 2048] = 2048
     """Inception pool whose features are compared (pytorch-fid's --dims). 2048 is the standard FID,
     the only one comparable with papers, and the only one that also gives the Inception Score."""
-    batch_size: int = 50
+    batch_size: PositiveInt = 50
     """Images per forward pass."""
-    num_splits: int = 10
+    num_splits: PositiveInt = 10
     """Chunks the Inception Score is averaged over (its std is across them)."""
     device: str = "auto"
     """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
-    output: Path = Path("fid_results.json")
+    output: OutputFile = Path("fid_results.json")
     """Where to write the scores (JSON)."""
 
     def main(self) -> None:
@@ -84,10 +86,6 @@ class Fid:
         def fail(message: str) -> SystemExit:
             return SystemExit(f"vq3d fid: error: {message}")
 
-        if self.batch_size < 1:
-            raise fail(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.num_splits < 1:
-            raise fail(f"--num-splits must be >= 1, got {self.num_splits}")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         try:
             device = torch.device(device)
@@ -172,7 +170,7 @@ class Fid:
         except CheckpointError as err:
             raise fail(str(err)) from None
         _, pipeline, _, _ = eval_setup(config, test_mode="inference")
-        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        model = pipeline.model
         try:
             sampler = SceneSampler(transformer, info, model)
             classes = balanced_classes(self.num_samples, self.class_label, sampler.class_names, sampler.num_classes)
@@ -187,7 +185,7 @@ class Fid:
             half = self.num_samples // 2
             for sign, part in ((1.0, classes[:half]), (-1.0, classes[half:])):
                 poses = [(0.0, 0.0), (sign * self.novel_yaw_deg, 0.0)]
-                cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
+                cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
                 render_sample_views(
                     sampler, cameras, ["canonical", "novel"], dirs, part, settings, seed=self.seed + (sign < 0),
                     prefix="left" if sign > 0 else "right", on_sample=lambda: progress.advance(task),
@@ -196,4 +194,6 @@ class Fid:
 
 
 if __name__ == "__main__":
-    tyro.cli(Fid).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Fid))

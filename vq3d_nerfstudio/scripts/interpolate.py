@@ -8,6 +8,7 @@ from typing import List
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt
 from vq3d_nerfstudio.edits import InterpolationSpace
 
 
@@ -21,7 +22,7 @@ class Interpolate:
     """The stage-1 run's config.yml."""
     images: List[Path]
     """Exactly two photos: the start and the end."""
-    output_dir: Path = Path("interpolation")
+    output_dir: OutputDir = Path("interpolation")
     """Where the outputs go (created if missing)."""
     steps: int = 48
     """Frames from the first scene to the second (the video then comes back: 2 x steps frames)."""
@@ -32,7 +33,7 @@ class Interpolate:
     """Largest yaw of the orbit (degrees)."""
     max_elevation_deg: float = 5.0
     """Largest elevation of the orbit (degrees)."""
-    fps: int = 24
+    fps: PositiveInt = 24
     """Video frame rate."""
     resolution: int = 0
     """Render size in pixels; 0 uses the model's image size."""
@@ -55,7 +56,7 @@ class Interpolate:
         if not self.load_config.exists():
             raise SystemExit(f"vq3d interpolate: error: {self.load_config} does not exist; pass the run's config.yml")
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
-        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        model = pipeline.model
         try:
             ends = [encode_image(model, load_image(path, model.config.image_size)) for path in self.images]
         except DatasetError as err:
@@ -64,8 +65,8 @@ class Interpolate:
         ts = [i / (self.steps - 1) for i in range(self.steps)]
         ts = ts + ts[::-1]
         poses = orbit_path(len(ts), self.max_yaw_deg, self.max_elevation_deg)
-        cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
-        canonical = orbit_cameras([(0.0, 0.0)], size, parser.camera_distance, parser.fov_deg).to(model.device)
+        cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
+        canonical = orbit_cameras([(0.0, 0.0)], size, model.camera_distance, model.fov_deg).to(model.device)
         rgb, disparity = [], []
         with Progress() as progress:
             task = progress.add_task("Rendering the interpolation", total=len(ts) + 5)
@@ -88,4 +89,6 @@ class Interpolate:
 
 
 if __name__ == "__main__":
-    tyro.cli(Interpolate).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Interpolate))

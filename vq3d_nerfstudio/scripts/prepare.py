@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+
 DepthKindOption = Literal["auto", "z-depth", "disparity", "none"]
 
 
@@ -531,7 +533,7 @@ class Prepare:
     """A folder of images (flat, ImageNet-style class subfolders, or `vq3d synth` scenes), or a text
     file listing image paths, one a line, optionally followed by a TAB and a class name (relative
     paths are relative to the list file)."""
-    output: Path
+    output: OutputDir
     """Folder for the shards, index.json and bad_files.txt (created if needed)."""
     resolution: int = 256
     """Images are centre-cropped to a square and resized to this size (pixels)."""
@@ -544,9 +546,9 @@ class Prepare:
     """Existing depth files beside the images (<image stem>.npy), carried over instead of running a
     model: 'z-depth' (world units), 'disparity' (larger = nearer), 'none' (ignore them), or 'auto'
     (the kind in vq3d_meta.json or the scenes' transforms.json). Stored as disparity."""
-    depth_batch_size: int = 16
+    depth_batch_size: PositiveInt = 16
     """Images per batch through the depth model."""
-    shard_size: int = 1000
+    shard_size: PositiveInt = 1000
     """Input images per shard (fewer samples where files are bad). Around 1000 at 256 px with depth
     gives ~400 MB shards; the last shard holds the remainder."""
     strict: bool = False
@@ -557,10 +559,6 @@ class Prepare:
     def _check(self) -> Optional[str]:
         if self.resolution < 8:
             return f"--resolution must be >= 8, got {self.resolution}"
-        if self.shard_size < 1:
-            return f"--shard-size must be >= 1, got {self.shard_size}"
-        if self.depth_batch_size < 1:
-            return f"--depth-batch-size must be >= 1, got {self.depth_batch_size}"
         if self.num_workers is not None and self.num_workers < 0:
             return f"--num-workers must be >= 0, got {self.num_workers}"
         return None
@@ -587,4 +585,6 @@ class Prepare:
 
 
 if __name__ == "__main__":
-    tyro.cli(Prepare).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Prepare))

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
+
 
 def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray) -> None:
     """Binary little-endian PLY with float xyz, float normals and uchar RGB (what ns-export and
@@ -102,11 +104,11 @@ class Reconstruct:
     image: List[Path]
     """Photos, or folders of photos (jpg, png, webp, bmp, tif); each is centre-cropped to a square
     and resized to the model's input size."""
-    output_dir: Path = Path("reconstructions")
+    output_dir: OutputDir = Path("reconstructions")
     """Where the outputs go (created if missing)."""
-    num_frames: int = 48
+    num_frames: PositiveInt = 48
     """Frames in the orbit loop."""
-    fps: int = 24
+    fps: PositiveInt = 24
     """Video frame rate."""
     max_yaw_deg: float = 20.0
     """Largest yaw of the orbit and of the novel views in <name>_views.png (degrees)."""
@@ -118,9 +120,9 @@ class Reconstruct:
     """Points in each .ply (0 skips the point cloud)."""
     max_point_radius: float = 4.0
     """Drop points farther than this from the pivot (world units; the camera is 2 away): the sky."""
-    contact_sheet: Optional[Path] = None
+    contact_sheet: Optional[OutputFile] = None
     """Also stack every photo's views strip into this one image (a row per photo)."""
-    contact_sheet_scale: int = 2
+    contact_sheet_scale: PositiveInt = 2
     """Pixel-repeat factor of the contact sheet (small renders stay crisp on screen)."""
 
     def main(self) -> None:
@@ -136,11 +138,11 @@ class Reconstruct:
         if not self.load_config.exists():
             raise SystemExit(f"vq3d reconstruct: error: {self.load_config} does not exist; pass the run's config.yml")
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
-        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        model = pipeline.model
         size = self.resolution or model.config.image_size
         poses = [(0.0, 0.0), (-self.max_yaw_deg, 0.0), (self.max_yaw_deg, 0.0)]
         poses += orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
-        cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
+        cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
         to_u8 = to_uint8
         self.output_dir.mkdir(parents=True, exist_ok=True)
         failed, strips = [], []
@@ -171,7 +173,7 @@ class Reconstruct:
         if self.contact_sheet is not None and strips:
             self.contact_sheet.parent.mkdir(parents=True, exist_ok=True)
             sheet = np.concatenate(strips, axis=0)
-            scale = max(1, self.contact_sheet_scale)
+            scale = self.contact_sheet_scale
             imageio.imwrite(self.contact_sheet, sheet.repeat(scale, axis=0).repeat(scale, axis=1))
             print(f"Wrote {self.contact_sheet}")
         if failed:
@@ -179,4 +181,6 @@ class Reconstruct:
 
 
 if __name__ == "__main__":
-    tyro.cli(Reconstruct).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Reconstruct))

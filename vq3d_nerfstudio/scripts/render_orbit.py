@@ -8,6 +8,8 @@ from typing import Literal, Optional
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+
 
 @dataclass
 class RenderOrbit:
@@ -16,7 +18,7 @@ class RenderOrbit:
 
     load_config: Path
     """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
-    output_dir: Path = Path("renders")
+    output_dir: OutputDir = Path("renders")
     """Where to write <split>_<index>_orbit.mp4, _disparity.mp4, _canonical.png and _input.png."""
     split: Literal["eval", "train"] = "eval"
     """Which split the image comes from; eval images were held out of training."""
@@ -25,9 +27,9 @@ class RenderOrbit:
     image: Optional[Path] = None
     """Any photo instead of a dataset image (centre-cropped and resized to the model's size);
     outputs are then named after the file."""
-    num_frames: int = 48
+    num_frames: PositiveInt = 48
     """Frames in the loop."""
-    fps: int = 24
+    fps: PositiveInt = 24
     """Video frame rate."""
     max_yaw_deg: float = 20.0
     """Largest yaw of the orbit (degrees); VQ3D supports limited camera motion around the input view."""
@@ -47,7 +49,6 @@ class RenderOrbit:
             raise SystemExit(f"vq3d render-orbit: error: {self.load_config} does not exist; pass the run's config.yml")
         _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
         model = pipeline.model
-        dataparser = pipeline.config.datamanager.dataparser
         from vq3d_nerfstudio.data.dataparser import DatasetError
         from vq3d_nerfstudio.data.dataset import load_image
 
@@ -63,7 +64,7 @@ class RenderOrbit:
         model.set_scene_images(image)
         size = self.resolution or model.config.image_size
         poses = [(0.0, 0.0)] + orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
-        cameras = orbit_cameras(poses, size, dataparser.camera_distance, dataparser.fov_deg).to(model.device)
+        cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
         with Progress() as progress:
             task = progress.add_task("Rendering orbit", total=len(poses))
             rgb, disparity = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
@@ -77,4 +78,6 @@ class RenderOrbit:
 
 
 if __name__ == "__main__":
-    tyro.cli(RenderOrbit).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(RenderOrbit))

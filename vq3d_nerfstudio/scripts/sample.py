@@ -8,6 +8,8 @@ from typing import Optional
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+
 
 @dataclass
 class Sample:
@@ -20,13 +22,13 @@ class Sample:
     """A vq3d-train-stage2 run folder (its latest checkpoint) or one of its checkpoints/step-* folders."""
     class_label: str = "0"
     """Class id, class name (a folder name of the training data), or 'none' for unconditional samples."""
-    num_samples: int = 4
+    num_samples: PositiveInt = 4
     """How many scenes."""
-    output_dir: Path = Path("samples")
+    output_dir: OutputDir = Path("samples")
     """Where the outputs go (created if missing)."""
     temperature: float = 1.0
     """Divides the logits: below 1 is more conservative, 0 always takes the most likely code."""
-    top_k: Optional[int] = None
+    top_k: Optional[PositiveInt] = None
     """Sample only among the k most likely codes at each position."""
     top_p: Optional[float] = None
     """Nucleus sampling: only among the most likely codes whose probabilities sum to p."""
@@ -39,9 +41,9 @@ class Sample:
     """Keep attention keys/values between steps (much faster; --no-use-kv-cache recomputes the prefix)."""
     stage1_config: Optional[Path] = None
     """The stage-1 run's config.yml; default: the one recorded in the stage-2 checkpoint."""
-    num_frames: int = 48
+    num_frames: PositiveInt = 48
     """Frames in the orbit loop."""
-    fps: int = 24
+    fps: PositiveInt = 24
     """Video frame rate."""
     max_yaw_deg: float = 20.0
     """Largest yaw of the orbit (degrees)."""
@@ -67,15 +69,13 @@ class Sample:
             stage1_config_of,
         )
 
-        if self.num_samples <= 0:
-            raise SystemExit("vq3d sample: error: --num-samples must be positive")
         try:
             transformer, info, folder = load_model(self.stage2_checkpoint)
             stage1_config = stage1_config_of(info, self.stage1_config)
         except CheckpointError as err:
             raise SystemExit(f"vq3d sample: error: {err}") from None
         _, pipeline, _, _ = eval_setup(stage1_config, test_mode="inference")
-        model, parser = pipeline.model, pipeline.config.datamanager.dataparser
+        model = pipeline.model
         try:
             sampler = SceneSampler(transformer, info, model)
             class_id = sampler.resolve(self.class_label)
@@ -86,7 +86,7 @@ class Sample:
         generator = torch.Generator().manual_seed(self.seed)
         size = self.resolution or model.config.image_size
         poses = [(0.0, 0.0)] + orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
-        cameras = orbit_cameras(poses, size, parser.camera_distance, parser.fov_deg).to(model.device)
+        cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         print(f"Sampling {self.num_samples} scene(s) of {label} from {folder}")
         with Progress() as progress:
@@ -111,4 +111,6 @@ class Sample:
 
 
 if __name__ == "__main__":
-    tyro.cli(Sample).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Sample))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import tyro
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt
 from vq3d_nerfstudio.data.synth import VIEW_OFFSETS_DEG, scene_dir_name, write_scenes
 
 
@@ -15,10 +15,10 @@ from vq3d_nerfstudio.data.synth import VIEW_OFFSETS_DEG, scene_dir_name, write_s
 class Synth:
     """Write procedural scenes with exact depth (nerfstudio-format scene folders)."""
 
-    output_dir: tyro.conf.Positional[Path]
+    output_dir: tyro.conf.Positional[OutputDir]
     """Directory to write scene_XXXXX/ folders and synth_meta.json into (created if needed;
     existing complete scenes are kept, so an interrupted run can be resumed)."""
-    num_scenes: int = 200
+    num_scenes: PositiveInt = 200
     """Number of scenes to write (>= 1)."""
     resolution: int = 64
     """Square image size R in pixels (>= 8)."""
@@ -30,8 +30,6 @@ class Synth:
     """Worker processes (default: min(2, number of CPUs))."""
 
     def _check(self) -> Optional[str]:
-        if self.num_scenes < 1:
-            return f"--num-scenes must be >= 1, got {self.num_scenes}"
         if self.resolution < 8:
             return f"--resolution must be >= 8, got {self.resolution}"
         if not 1 <= self.num_views <= len(VIEW_OFFSETS_DEG):
@@ -68,4 +66,6 @@ class Synth:
 
 
 if __name__ == "__main__":
-    tyro.cli(Synth).main()
+    from vq3d_nerfstudio.scripts.cli import run
+
+    run(tyro.cli(Synth))

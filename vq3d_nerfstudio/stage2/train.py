@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt, check_options
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import (
     CACHE_VERSION,
@@ -58,7 +59,7 @@ class Stage2TrainConfig:
     """Images to encode (the same folder layouts ns-train reads); default: the stage-1 run's data."""
     token_cache: Optional[Path] = None
     """Where the encoded dataset lives; default: <stage-1 run>/token_cache-<hash of the data path>."""
-    output_dir: Path = Path("outputs/stage2")
+    output_dir: OutputDir = Path("outputs/stage2")
     """Run folder: checkpoints/, tensorboard/, log.jsonl. A run already there is resumed."""
     resume: bool = True
     """Continue from the latest checkpoint in --output-dir when there is one."""
@@ -67,9 +68,9 @@ class Stage2TrainConfig:
     paper 24/16/1024."""
     dropout: float = 0.0
     """Dropout inside the transformer (0.1 helps on small datasets that it would otherwise memorise)."""
-    max_steps: int = 2000
+    max_steps: PositiveInt = 2000
     """Optimizer steps in total (a resumed run stops here too)."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Scenes per step over all processes (must be divisible by the number of processes)."""
     learning_rate: float = 3e-4
     """Peak learning rate (after warm-up)."""
@@ -88,21 +89,21 @@ class Stage2TrainConfig:
     class_dropout: float = 0.1
     """Probability of replacing a label by the null class: trains unconditional generation and
     classifier-free guidance."""
-    eval_every: int = 250
+    eval_every: PositiveInt = 250
     """Held-out bits per token every this many steps (and at the end)."""
     max_eval_scenes: int = 512
     """Score at most this many held-out scenes per evaluation (0: all)."""
-    eval_batch_size: int = 64
+    eval_batch_size: PositiveInt = 64
     """Scenes per forward pass when evaluating."""
-    save_every: int = 500
+    save_every: PositiveInt = 500
     """Checkpoint every this many steps (and at the end, and on Ctrl-C)."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: PositiveInt = 3
     """Keep the newest this many checkpoints."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Training loss to tensorboard and log.jsonl every this many steps."""
-    encode_batch_size: int = 32
+    encode_batch_size: PositiveInt = 32
     """Images per stage-1 forward pass while building the token cache."""
-    encode_chunk_size: int = 1024
+    encode_chunk_size: PositiveInt = 1024
     """Images per cache chunk: an interrupted encoding resumes at the first unfinished chunk."""
     num_workers: int = 2
     """Image-decoding worker processes while building the token cache."""
@@ -208,8 +209,14 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
 
     stage1, pipeline, checkpoint_path, stage1_step = eval_setup(cfg.stage1_config, test_mode="inference")
     model = pipeline.model.to(dist.device)
-    data = Path(cfg.data or stage1.pipeline.datamanager.dataparser.data)
-    parser_config = dataclasses.replace(stage1.pipeline.datamanager.dataparser, data=data, depth_kind="none")
+    from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+
+    stage1_parser = stage1.pipeline.datamanager.dataparser
+    data = Path(cfg.data or stage1_parser.data)
+    if isinstance(stage1_parser, Vq3dImagesDataParserConfig):
+        parser_config = dataclasses.replace(stage1_parser, data=data, depth_kind="none")
+    else:  # stage 1 trained through another nerfstudio dataparser: read its images as a plain folder
+        parser_config = Vq3dImagesDataParserConfig(data=data, image_size=model.config.image_size, depth_kind="none")
     from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
 
     try:
@@ -351,8 +358,7 @@ class _StopFlag:
 
 def train(cfg: Stage2TrainConfig) -> Path:
     """Build or reuse the token cache, then train; returns the last checkpoint folder."""
-    if cfg.batch_size <= 0 or cfg.max_steps <= 0:
-        raise SystemExit("vq3d-train-stage2: error: --batch-size and --max-steps must be positive")
+    check_options(cfg, "vq3d-train-stage2")  # finite floats, positive counts, a writable --output-dir
     dist = init_distributed(cfg.device)
     try:
         return _train(cfg, dist)

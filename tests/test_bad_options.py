@@ -1,0 +1,289 @@
+"""Mistakes on the command line and in the data given to the commands: each stops in one line
+(exit status not 0, no traceback) before any long work, or is skipped with a warning, never a silent
+wrong result. Through the real commands where the README promises the message; the shared checks
+(``vq3d_nerfstudio.checks``) by hand where a subprocess would add nothing."""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FAST, cli, run, write_image
+from vq3d_nerfstudio.checks import check_nerfstudio_command_line, check_options, json_file_problem, output_path_problem
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fails_in_one_line(args, env, prefix, timeout=300):
+    """Run a command that must fail: its last stderr line, checked to be its only error output."""
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(prefix), result.stderr[-3000:]
+    return errors[0]
+
+
+# ---- non-finite floats: every float option of every command -----------------------------------------------
+
+
+def every_command():
+    from vq3d_nerfstudio.scripts.cli import SUBCOMMANDS
+    from vq3d_nerfstudio.stage2.train import Stage2TrainConfig
+
+    return [*SUBCOMMANDS.values(), Stage2TrainConfig]
+
+
+def instance_of(cls, folder: Path):
+    """``cls`` with every required option set to an existing folder (a list of one, for list options)."""
+    required = {f.name: ([folder] if "List" in str(f.type) else folder) for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return cls(**required)
+
+
+def float_options(config):
+    """``(field name, how to set it to a value)`` for every float option (plain, optional, tuple, list)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), str(hints[f.name])
+        if isinstance(value, float) or (value is None and "float" in hint):
+            yield f.name, lambda v: v
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(x, float) for x in value):
+            yield f.name, lambda v, value=value: type(value)([v, *value[1:]])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_float_option_of_every_command_refuses_nan_and_inf(tmp_path, bad):
+    seen = 0
+    for cls in every_command():
+        config = instance_of(cls, tmp_path)
+        check_options(config, "cmd")  # the defaults pass
+        for name, value_of in float_options(config):
+            broken = dataclasses.replace(config, **{name: value_of(bad)})
+            with pytest.raises(SystemExit) as caught:
+                check_options(broken, "cmd")
+            option = "--" + name.replace("_", "-")
+            assert str(caught.value) == f"cmd: error: {option} is {bad}; give a finite number"
+            seen += 1
+    assert seen >= 37  # counted by hand: compose 5, reconstruct 3, render-orbit 2, sample 5, fid 4,
+    # interpolate 2, export-splats 8, vq3d-train-stage2 8 (eval, prepare, synth have none)
+
+
+def test_non_finite_float_on_the_command_line_is_one_line(tmp_path, cli_env):
+    out = tmp_path / "composite"
+    line = fails_in_one_line([cli("vq3d"), "compose", "--load-config", str(tmp_path / "config.yml"), "--scene", "a.png",
+                              "--object", "b.png", "--position", "nan", "0", "0", "--output-dir", str(out)],
+                             cli_env, "vq3d compose: error: ")
+    assert line == "vq3d compose: error: --position is nan; give a finite number" and not out.exists()
+
+
+def test_ns_train_refuses_a_non_finite_option_before_making_a_run_folder(tmp_path):
+    from nerfstudio.scripts.train import main as ns_train
+
+    from vq3d_nerfstudio.method_configs import build_trainer_config
+
+    config = build_trainer_config("vq3d-tiny")
+    config.optimizers["field"]["optimizer"].lr = float("inf")  # a dict of configs: named as tyro spells it
+    config.output_dir = tmp_path / "runs"
+    with pytest.raises(SystemExit, match=r"^vq3d: error: --optimizers\.field\.optimizer\.lr is inf; give a finite number$"):
+        ns_train(config)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- counts that must be positive ------------------------------------------------------------------------
+
+
+def test_counts_below_one_are_refused(tmp_path, cli_env):
+    from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
+    from vq3d_nerfstudio.stage2.train import Stage2TrainConfig
+
+    with pytest.raises(SystemExit, match=r"^cmd: error: --num-frames must be >= 1, got 0$"):
+        check_options(RenderOrbit(load_config=tmp_path, num_frames=0), "cmd")
+    with pytest.raises(SystemExit, match=r"^cmd: error: --keep-checkpoints must be >= 1, got -1$"):
+        check_options(Stage2TrainConfig(output_dir=tmp_path, keep_checkpoints=-1), "cmd")
+    check_options(RenderOrbit(load_config=tmp_path, resolution=0), "cmd")  # 0 = the model's size: allowed
+    line = fails_in_one_line([cli("vq3d"), "render-orbit", "--load-config", str(tmp_path / "config.yml"), "--fps", "0"],
+                             cli_env, "vq3d render-orbit: error: ")
+    assert line == "vq3d render-orbit: error: --fps must be >= 1, got 0"
+
+
+def test_nerfstudio_command_lines_are_checked_before_the_work(tmp_path):
+    for argv in (["ns-export", "pointcloud", "--num-points", "0"], ["/bin/ns-export", "poisson", "--num_points=0"]):
+        with pytest.raises(SystemExit, match=r"^ns-export: error: --num-points must be >= 1, got 0$"):
+            check_nerfstudio_command_line(argv)
+    with pytest.raises(SystemExit, match=r"^ns-export: error: --num-rays-per-batch must be >= 1, got -5$"):
+        check_nerfstudio_command_line(["ns-export", "pointcloud", "--num-rays-per-batch", "-5"])
+    check_nerfstudio_command_line(["ns-export", "pointcloud", "--num-points", "10", "--output-dir", str(tmp_path)])
+    a_file = tmp_path / "cloud.ply"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match=rf"^ns-export: error: --output-dir: {a_file} is a file, not a folder; pass a folder$"):
+        check_nerfstudio_command_line(["ns-export", "pointcloud", "--output-dir", str(a_file)])
+    check_nerfstudio_command_line(["vq3d", "reconstruct", "--num-points", "0"])  # 0 skips the cloud there
+    check_nerfstudio_command_line([])
+
+
+# ---- output paths ----------------------------------------------------------------------------------------
+
+
+def test_output_paths_that_cannot_be_written(tmp_path, monkeypatch):
+    a_file = tmp_path / "a file"
+    a_file.write_text("x")
+    assert output_path_problem(a_file, is_folder=True) == f"{a_file} is a file, not a folder; pass a folder"
+    assert output_path_problem(a_file / "sub" / "out", is_folder=True) == (
+        f"{a_file} is a file, so {a_file / 'sub' / 'out'} cannot be created; pass another path")
+    assert output_path_problem(tmp_path, is_folder=False) == f"{tmp_path} is a folder; pass a file name"
+    assert output_path_problem(tmp_path / "new" / "deeper", is_folder=True) is None
+    assert output_path_problem(tmp_path / "new.json", is_folder=False) is None
+    # a folder without write permission (as root every folder is writable: simulate what access() says)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert output_path_problem(tmp_path, is_folder=True) == (
+        f"cannot write in {tmp_path} (permission denied); pass a folder you can write to")
+    assert output_path_problem(tmp_path / "new", is_folder=True) == (
+        f"cannot create {tmp_path / 'new'}: {tmp_path} is not writable (permission denied); pass a folder you can write to")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder, so there is no unwritable folder to try")
+def test_a_read_only_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert "permission denied" in output_path_problem(locked, is_folder=True)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_an_output_dir_that_is_a_file_fails_first(tmp_path, cli_env):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me")
+    photo = write_image(tmp_path / "photo.png")
+    missing_config = tmp_path / "config.yml"  # would fail later, after the output check
+    line = fails_in_one_line([cli("vq3d"), "reconstruct", "--load-config", str(missing_config), "--image", str(photo),
+                              "--output-dir", str(a_file)], cli_env, "vq3d reconstruct: error: ")
+    assert line == f"vq3d reconstruct: error: --output-dir: {a_file} is a file, not a folder; pass a folder"
+    assert a_file.read_text() == "keep me"
+
+
+# ---- ns-train: input errors are one line, and leave no run folder ----------------------------------------
+
+
+def test_ns_train_input_errors_are_one_line_without_a_run_folder(tmp_path, synth_dir, cli_env):
+    a_file = write_image(tmp_path / "photo.png")
+    runs = tmp_path / "runs"
+    base = [cli("ns-train"), "vq3d-tiny", "--output-dir", str(runs), "--max-num-iterations", "1", *FAST]
+    line = fails_in_one_line(base + ["--data", str(a_file)], cli_env, "vq3d: error: ")
+    assert line == f"vq3d: error: {a_file}: is a file, not a folder; pass --data <folder of images> (e.g. {tmp_path})"
+    assert not list(runs.rglob("*"))  # the run folder that held only config.yml is gone
+    line = fails_in_one_line(base + ["--data", str(synth_dir), "--pipeline.model.image-size", "32"], cli_env, "vq3d: error: ")
+    assert "image size 64 != model image size 32" in line
+    assert not list(runs.rglob("config.yml"))
+
+
+@pytest.mark.parametrize("contents, reason", [
+    ((), r"no images found \(it is empty\)"),
+    (("notes.txt",), r"no images found \(it holds 1 other entry \(notes\.txt\), none an image\)"),
+])
+def test_ns_train_without_images_stops_in_one_line(tmp_path, contents, reason):
+    """nerfstudio's ns-train main, in this process (the command line only adds parsing)."""
+    from nerfstudio.scripts.train import main as ns_train
+
+    from vq3d_nerfstudio.method_configs import build_trainer_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in contents:
+        (data / name).write_text("x")
+    config = build_trainer_config("vq3d-tiny")
+    config.pipeline.datamanager.data = data
+    config.output_dir = tmp_path / "runs"
+    config.vis = "tensorboard"
+    with pytest.raises(SystemExit) as caught:
+        ns_train(config)
+    assert str(caught.value).startswith(f"vq3d: error: {data}: ") and "\n" not in str(caught.value)
+    assert re.search(reason, str(caught.value))
+    assert not list((tmp_path / "runs").rglob("*"))
+
+
+def test_ns_train_strict_stops_at_a_depth_without_valid_pixels(tmp_path, cli_env):
+    data = tmp_path / "tiefe"
+    data.mkdir()
+    (data / "vq3d_meta.json").write_text('{"depth_kind": "z-depth"}')
+    for i in range(2):  # whichever split an image falls in, its depth is the first one met
+        write_image(data / f"{i}.png", size=(16, 16))
+        np.save(data / f"{i}.npy", np.full((16, 16), -2.0, np.float32))  # OpenGL camera-space z
+    line = fails_in_one_line([cli("ns-train"), "vq3d-tiny", "--data", str(data), "--output-dir", str(tmp_path / "runs"),
+                              "--max-num-iterations", "2", *FAST, "--pipeline.datamanager.strict", "True"],
+                             cli_env, "vq3d: error: ")
+    assert ".npy: depth has no valid pixel (all 256 values are negative); negative z-depth looks like OpenGL " \
+           "camera-space z" in line and f"vq3d: error: {data}" in line
+    assert line.endswith("(--pipeline.datamanager.strict True; without it bad files are skipped and reported)")
+
+
+# ---- camera paths ----------------------------------------------------------------------------------------
+
+
+def test_camera_path_json_problems_name_the_file(tmp_path):
+    for shipped in sorted((REPO / "configs" / "camera_paths").glob("*.json")):
+        assert json_file_problem(shipped) is None
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"camera_path": [{"fov": 50')  # 27 characters: the parser stops just after them
+    assert json_file_problem(cut) == f"{cut}: truncated (Expecting ',' delimiter at line 1 column 28)"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,}')
+    assert json_file_problem(bad) == f"{bad}: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 9)"
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    assert json_file_problem(empty) == f"{empty}: empty file, not JSON"
+    assert json_file_problem(tmp_path / "none.json").startswith(f"{tmp_path / 'none.json'}: cannot read it (No such file")
+
+
+# ---- through the real commands, on a trained run -----------------------------------------------------------
+
+
+def test_ns_render_and_ns_export_stop_in_one_line_before_the_work(trained_run, tmp_path):
+    config, env = trained_run
+    video = tmp_path / "orbit.mp4"
+    orbit = REPO / "configs" / "camera_paths" / "orbit.json"
+    render = [cli("ns-render"), "camera-path", "--load-config", str(config), "--output-path", str(video)]
+    cut = tmp_path / "pfad.json"
+    cut.write_text(orbit.read_text()[:300])
+    line = fails_in_one_line(render + ["--camera-path-filename", str(cut)], env, "ns-render: error: ")
+    assert line.startswith(f"ns-render: error: {cut}: truncated (")
+    # the synth fixture's 24 scenes hold out a few: eval:99999 is past the end
+    line = fails_in_one_line(render + ["--camera-path-filename", str(orbit)], dict(env, VQ3D_SCENE="eval:99999"),
+                             "vq3d: error: VQ3D_SCENE=eval:99999: the eval split has ")
+    assert "give an index in range, or a photo's path" in line and not video.exists()
+    export = [cli("ns-export"), "pointcloud", "--load-config", str(config)]
+    line = fails_in_one_line(export + ["--num-points", "0", "--output-dir", str(tmp_path / "cloud")], env, "ns-export: error: ")
+    assert line == "ns-export: error: --num-points must be >= 1, got 0"
+    assert not list((tmp_path / "cloud").glob("*"))  # nerfstudio makes the folder; nothing is written into it
+
+
+def test_vq3d_eval_skips_scenes_with_degenerate_cameras(trained_run, synth_dir, tmp_path):
+    config, env = trained_run
+    scenes = tmp_path / "scenes"
+    for i in range(3):
+        shutil.copytree(synth_dir / f"scene_{i:05d}", scenes / f"scene {i}")
+    for i, frame in ((1, 1), (2, 0)):  # an all-zero novel frame, and an all-zero input frame
+        path = scenes / f"scene {i}" / "transforms.json"
+        meta = json.loads(path.read_text())
+        meta["frames"][frame]["transform_matrix"] = np.zeros((4, 4)).tolist()
+        path.write_text(json.dumps(meta))
+    out = tmp_path / "eval.json"
+    result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(scenes), "--output", str(out)], env)
+    report = json.loads(out.read_text())
+    assert [s["scene"] for s in report["scenes"]] == ["scene 0"]
+    assert [Path(s["scene"]).parent.name for s in report["skipped"]] == ["scene 1", "scene 2"]
+    for (scene, frame), skipped in zip(((1, 1), (2, 0)), report["skipped"]):
+        assert f"frame {frame} (images/frame_{frame:05d}.png) transform_matrix has bottom row" in skipped["error"]
+        assert f"vq3d eval: warning: skipped scene scene {scene}: " in result.stderr
+    # scene 0 alone: its input view is the only 0-degree view (3 views: 0 and +-offsets)
+    assert report["summary_by_offset_deg"]["0"]["count"] == 1
