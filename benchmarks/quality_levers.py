@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import statistics
@@ -31,9 +32,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, cli_env, git_revision, machine, update_section  # noqa: E402
+from common import BENCHMARKS_MD, BIN, cli_env, git_revision, machine, update_section  # noqa: E402
 from quality_over_budget import summary_row, train_iter_events  # noqa: E402
 
 M = "--pipeline.model."
@@ -45,15 +47,17 @@ BASELINE = [M + "triplane-layout", "world", M + "num-depth-frequencies", "0", M 
             M + "patch-size", "8", M + "decoder-upsampler", "linear"]
 
 
-def flags(**changes: str) -> list:
-    """BASELINE with some flags changed (keys: flag names without the prefix, '-' as '_')."""
+def flags(**changes) -> list:
+    """BASELINE with some flags changed (keys: flag names without the prefix, '-' as '_'; a tuple
+    value is several arguments)."""
     out = list(BASELINE)
     for key, value in changes.items():
         name = M + key.replace("_", "-")
+        values = list(value) if isinstance(value, tuple) else [value]
         if name in out:
-            out[out.index(name) + 1] = value
+            out[out.index(name) + 1] = values[0]  # only single-valued flags are in BASELINE
         else:
-            out += [name, value]
+            out += [name, *values]
     return out
 
 
@@ -70,6 +74,9 @@ ROWS = [
     ("fsq", "depth-input", "FSQ (8,5,5,5) instead of VQ", flags(**FSQ)),
     ("patch4", "fsq", "+ 16x16 tokens (patch 4)", flags(**FSQ, patch_size="4")),
     ("conv-decoder", "patch4", "+ convolutional upsampler", flags(**FSQ, patch_size="4", decoder_upsampler="conv")),
+    # Second session: the 2D ceiling of these tokens (benchmarks/token_capacity.py) says the codes,
+    # not the 3D part, bound canonical PSNR; 14 bits a token instead of 10 (the vq3d preset's levels).
+    ("fsq-15k", "patch4", "FSQ (8,8,8,6,5) = 15,360 codes", flags(**FSQ, patch_size="4", fsq_levels=("8", "8", "8", "6", "5"))),
 ]
 
 def make_relative_folder(scenes: Path, out: Path, seed: int = 0) -> Path:
@@ -181,11 +188,39 @@ COLUMNS = [
 ]
 
 
-def table(rows: list) -> str:
+def published_lines(section: str) -> dict:
+    """Row name -> its table line in BENCHMARKS.md's ``section`` as published (rows not rerun keep it)."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    match = re.search(f"<!-- {section} -->(.*?)<!-- /{section} -->", text, re.S)
+    lines = match.group(1).splitlines() if match else []
+    return {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and line.count("|") > 3}
+
+
+def published_relative_revision(section: str = "quality-levers-final") -> str:
+    """The revision the published relative-depth run was made at (its column header says it once kept)."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    match = re.search(f"<!-- {section} -->(.*?)<!-- /{section} -->", text, re.S)
+    body = match.group(1) if match else ""
+    kept = re.search(r"relative depth \(revision (\w+)", body) or re.search(r"Revision (\w+)", body)
+    return kept.group(1) if kept else "unknown"
+
+
+def published_goal_column(section: str, labels: list, keys: list) -> dict:
+    """The last column (relative depth) of the goal table in BENCHMARKS.md's ``section``, by key."""
+    lines = published_lines(section)
+    return {key: float(lines[label].rstrip(" |").split("|")[-1]) for label, key in zip(labels, keys)}
+
+
+def table(rows: list, published: Optional[dict] = None) -> str:
+    """Markdown table; a row whose result is None takes its line from ``published``."""
     head = "| row | vs | change | " + " | ".join(c[0] for c in COLUMNS) + " |\n"
     head += "|---" * (3 + len(COLUMNS)) + "|\n"
     lines = []
     for name, versus, change, row in rows:
+        if row is None:
+            if name in (published or {}):
+                lines.append(published[name])
+            continue
         row = dict(row, novel_gain=row["novel_psnr"] - row["still_psnr"])
         cells = [fmt.format(row[key]) for _, key, fmt in COLUMNS]
         lines.append(f"| {name} | {versus or '-'} | {change} | " + " | ".join(cells) + " |")
@@ -202,6 +237,8 @@ def main() -> None:
     parser.add_argument("--final", action="store_true", help="train (or score) the chosen preset at the full budget")
     parser.add_argument("--budget-min", type=float, default=15.0, help="--final: wall-clock training budget")
     parser.add_argument("--final-run", type=Path, default=None, help="--final: score this run folder instead of training")
+    parser.add_argument("--keep-published-relative", action="store_true",
+                        help="--final: keep BENCHMARKS.md's relative-depth row instead of training it again")
     args = parser.parse_args()
 
     from vq3d_nerfstudio.data.synth import write_scenes
@@ -214,11 +251,14 @@ def main() -> None:
         return
     done = []
     for name, versus, change, extra in ROWS:
-        if args.rows is None or name in args.rows:
+        if args.rows is None or name in args.rows or (args.out / name / "result.json").exists():
             done.append((name, versus, change, run_row(name, extra, args.data, args)))
+        else:
+            done.append((name, versus, change, None))  # not rerun: its published line stays
+    ran = [name for name, _, _, row in done if row is not None and (args.rows is None or name in args.rows)]
     body = (
         "## Quality levers (`vq3d-tiny`, issue 14's ablation)\n\n"
-        f"{table(done)}\n\n"
+        f"{table(done, published_lines('quality-levers'))}\n\n"
         f"Each row: `ns-train vq3d-tiny` for {args.steps} steps (8 images a step) on 1000 `vq3d synth` scenes "
         "(input views only, seed 0), then `vq3d eval` on 20 unseen scenes (`--seed 1`, 7 views at 64 px: the "
         "input and novel views 10 and 20 degrees away). 'vs' names the row it changes one thing of; "
@@ -227,7 +267,8 @@ def main() -> None:
         "the first 500 training images' tokens. s/step is the median training step; minutes are the "
         "wall-clock of `ns-train` (start-up included) on 2 cores (the baseline row shared the cores with a "
         "2-minute test run for part of its training, so its s/step is slightly high).\n\n"
-        f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
+        f"Machine: {machine()}. Revision {git_revision()} for the rows run this time ({', '.join(ran) or 'none'}); "
+        "the other rows keep their published lines (the first seven: revision 2334302). Run here (CPU).\n\n"
         f"Command: `.venv/bin/python benchmarks/quality_levers.py --steps {args.steps}`\n"
     )
     print(body)
@@ -249,8 +290,12 @@ def final(args, relative_data: Path) -> None:
         elif result_file.exists():
             rows.append((name, json.loads(result_file.read_text())))
             continue
-        else:
-            meta = train(out, data, [], budget_min=args.budget_min)
+        elif args.keep_published_relative:
+            rows.append((name, None))
+            continue
+        else:  # the relative-depth run gets the metric run's steps (or, with no steps known, the budget)
+            steps = rows[0][1]["steps"] + 1 if rows else 0  # a checkpoint is named by its last step, from 0
+            meta = train(out, data, [], steps=steps, budget_min=0.0 if steps else args.budget_min)
             run_dir = out / "run" / "vq3d-tiny" / "run"
         checkpoint = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))[-1]
         meta["steps"] = int(checkpoint.stem.split("-")[1])
@@ -265,22 +310,32 @@ def final(args, relative_data: Path) -> None:
         ("input-view depth delta<1.25", "delta1_input", ">= 0.85", lambda r: r["delta1_input"] - 0.85, "{:+.3f}"),
     ]
     metric = dict(rows[0][1], novel_gain=rows[0][1]["novel_psnr"] - rows[0][1]["still_psnr"])
-    relative = dict(rows[1][1], novel_gain=rows[1][1]["novel_psnr"] - rows[1][1]["still_psnr"])
-    lines = ["| goal | target | metric depth | margin | relative depth |", "|---|---|---|---|---|"]
+    kept = rows[1][1] is None
+    if kept:  # the published relative-depth figures stay (and say so)
+        relative = published_goal_column("quality-levers-final", [g[0] for g in goals], [g[1] for g in goals])
+    else:
+        relative = dict(rows[1][1], novel_gain=rows[1][1]["novel_psnr"] - rows[1][1]["still_psnr"])
+    header = f"relative depth (revision {published_relative_revision()}, not rerun)" if kept else "relative depth"
+    lines = [f"| goal | target | metric depth | margin | {header} |", "|---|---|---|---|---|"]
     for label, key, target, margin, fmt in goals:
         lines.append(f"| {label} | {target} | {metric[key]:.3f} | {fmt.format(margin(metric))} | {relative[key]:.3f} |")
     lines.append(f"| relative-depth δ<1.25 within 0.1 of metric | >= -0.1 | | | {relative['delta1_input'] - metric['delta1_input']:+.3f} |")
     body = (
         "## The chosen `vq3d-tiny` preset at the full budget\n\n"
-        + "\n".join(lines) + "\n\n" + table([(n, None, "chosen preset" + (", relative depth" if "relative" in n else ""), r) for n, r in rows])
-        + f"\n\nBoth runs: `ns-train vq3d-tiny` with the preset's defaults on 2 cores, to its last step (1650, "
-        f"inside the {args.budget_min:.0f}-minute budget); scored as in the table above. "
+        + "\n".join(lines) + "\n\n"
+        + table([(n, None, "chosen preset" + (", relative depth" if "relative" in n else ""), r) for n, r in rows],
+                published_lines("quality-levers-final"))
+        + f"\n\nBoth runs: `ns-train vq3d-tiny` with the preset's defaults on 2 cores, to its last step "
+        f"({rows[0][1]['steps'] + 1}; the relative-depth run for the same steps); scored as in the table above. "
         + ("The metric-depth run is `make demo`'s (minutes: first to last logged step). " if args.final_run else "")
         + "The relative-depth run trains on the same images as a flat folder with depth `a / z + b` "
-        "(random a in [0.2, 5], b in [-1, 1] per image, depth_kind disparity).\n\n"
+        "(random a in [0.2, 5], b in [-1, 1] per image, depth_kind disparity)."
+        + (" It was not rerun this time (`--keep-published-relative`): its row and column are the published "
+           f"run's, made at revision {published_relative_revision()} with that revision's preset." if kept else "") + "\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
         f"Command: `.venv/bin/python benchmarks/quality_levers.py --final --budget-min {args.budget_min:.0f}`"
-        + (f" `--final-run {args.final_run}`" if args.final_run else "") + "\n"
+        + (f" `--final-run {args.final_run}`" if args.final_run else "")
+        + (" `--keep-published-relative`" if kept else "") + "\n"
     )
     print(body)
     update_section("quality-levers-final", body)

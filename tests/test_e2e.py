@@ -332,13 +332,13 @@ def test_ns_train_skips_a_corrupt_image_and_strict_stops_at_it(synth_dir, tmp_pa
     (data / "kaputt.png").write_bytes((data / "gut 0.png").read_bytes()[:100])
     (data / "leer.jpg").write_bytes(b"")
     args = [cli("ns-train"), "vq3d-tiny", "--data", str(data), "--output-dir", str(tmp_path / "runs"),
-            "--max-num-iterations", "4", *FAST, "--pipeline.datamanager.num-workers", "1",
-            "--pipeline.datamanager.dataparser.eval-fraction", "0"]
-    result = run(args, cli_env)
+            "--max-num-iterations", "4", *FAST, "--pipeline.datamanager.num-workers", "1"]
+    parser = ["vq3d-images", "--eval-fraction", "0"]  # the dataparser's options follow its subcommand
+    result = run(args + parser, cli_env)
     assert "kaputt.png: cannot read image" in result.stderr and "leer.jpg: cannot read image" in result.stderr
     assert "2 bad file(s) were skipped in this run" in result.stderr
     assert list((tmp_path / "runs").glob("**/nerfstudio_models/step-000000003.ckpt"))
-    strict = subprocess.run(args + ["--pipeline.datamanager.strict", "True"], env=cli_env, capture_output=True,
+    strict = subprocess.run(args + ["--pipeline.datamanager.strict", "True"] + parser, env=cli_env, capture_output=True,
                             text=True, timeout=300)
     last = strict.stderr.strip().splitlines()[-1]
     assert strict.returncode != 0 and "Traceback" not in strict.stderr
@@ -373,11 +373,12 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_run, tmp_
 
     config, env = trained_run
     loaded = yaml.load(config.read_text(), Loader=yaml.Loader)
-    loaded.pipeline.model.fsq_levels = (8, 5, 5, 5, 2)  # trained with another codebook: 4 FSQ channels, not 5
+    channels = len(loaded.pipeline.model.fsq_levels)
+    loaded.pipeline.model.fsq_levels = (*loaded.pipeline.model.fsq_levels, 2)  # another codebook: one FSQ channel more
     wrong = tmp_path / "config.yml"
     wrong.write_text(yaml.dump(loaded))
     result = subprocess.run([cli("vq3d"), "render-orbit", "--load-config", str(wrong), "--output-dir", str(tmp_path / "out")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "does not fit this config.yml" in result.stderr and "quantizer.project_in.bias is [4] in the checkpoint but [5]" in result.stderr
+    assert "does not fit this config.yml" in result.stderr and f"quantizer.project_in.bias is [{channels}] in the checkpoint but [{channels + 1}]" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -43,13 +43,14 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
         train=dict(lr=1e-4, d_lr=2e-4, max_steps=500_000, warmup=5_000, device_type="cuda", steps_per_save=2_000, steps_per_eval=1_000),
     ),
     # A CPU model that learns something visible in minutes: 64 px, 4 px patches -> 16x16 tokens of
-    # FSQ (8, 5, 5, 5) = 1000 codes; 1650 steps take about 15 minutes on 2 cores. Chosen by the
-    # ablation in BENCHMARKS.md (quality levers): frustum planes + depth input + FSQ + 16x16 tokens;
-    # the convolutional upsampler lost there, so the decoder keeps its linear head.
+    # FSQ (8, 8, 8, 6, 5) = 15,360 codes (the vq3d preset's); 1650 steps take 13-19 minutes on 2
+    # cores. Chosen by the ablation in BENCHMARKS.md (quality levers): frustum planes + depth input +
+    # FSQ + 16x16 tokens + 14-bit codes (the tokens, not the 3D part, bound its canonical PSNR: token
+    # capacity); the convolutional upsampler lost there, so the decoder keeps its linear head.
     "vq3d-tiny": dict(
         model=dict(
             image_size=64, patch_size=4, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
-            quantizer="fsq", fsq_levels=(8, 5, 5, 5), codebook_size=1000, code_dim=32,
+            quantizer="fsq", fsq_levels=(8, 8, 8, 6, 5), codebook_size=15_360, code_dim=32,
             triplane_resolution=64, triplane_margin=3, triplane_channels=16, field_hidden_dim=64,
             num_coarse_samples=24, num_fine_samples=24,
             # GAN off by default (turn on with --pipeline.model.adversarial-loss-mult 0.1): on 2
