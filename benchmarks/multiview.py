@@ -91,7 +91,9 @@ def main() -> None:
         "of its scene (yaw +-10/+-20, elevation +-10 degrees), with their depth. Scored by `vq3d eval` on 20 "
         "unseen scenes (`--seed 1`, 7 views at 64 px: the input and novel views 10 and 20 degrees away); "
         "'floor' is the PSNR of the unmoved input image against the novel frames. s/step: median training "
-        "step; minutes: wall-clock of `ns-train` on 2 cores.\n\n"
+        "step; minutes: wall-clock of `ns-train` on 2 cores."
+        + "".join(f" The {name} row is the run of {r['source']}, reused." for name, _, r in rows if "source" in r)
+        + "\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
         f"Command: `.venv/bin/python benchmarks/multiview.py --steps {args.steps}`\n"
     )
