@@ -39,12 +39,23 @@ def git_revision() -> str:
         return "unknown"
 
 
+def _section_pattern(name: str) -> "re.Pattern[str]":
+    return re.compile(re.escape(f"<!-- {name} -->") + r"(.*?)" + re.escape(f"<!-- /{name} -->"), re.S)
+
+
+def read_section(name: str) -> str:
+    """The published body of BENCHMARKS.md's section ``name`` ('' when there is none)."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    match = _section_pattern(name).search(text)
+    return match.group(1) if match else ""
+
+
 def update_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name -->`` markers in BENCHMARKS.md."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     block = f"{start}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    pattern = _section_pattern(name)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
 

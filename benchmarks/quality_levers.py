@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCHMARKS_MD, BIN, cli_env, git_revision, machine, update_section  # noqa: E402
+from common import BIN, cli_env, read_section, git_revision, machine, update_section  # noqa: E402
 from quality_over_budget import summary_row, train_iter_events  # noqa: E402
 
 M = "--pipeline.model."
@@ -190,17 +190,13 @@ COLUMNS = [
 
 def published_lines(section: str) -> dict:
     """Row name -> its table line in BENCHMARKS.md's ``section`` as published (rows not rerun keep it)."""
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
-    match = re.search(f"<!-- {section} -->(.*?)<!-- /{section} -->", text, re.S)
-    lines = match.group(1).splitlines() if match else []
+    lines = read_section(section).splitlines()
     return {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and line.count("|") > 3}
 
 
 def published_relative_revision(section: str = "quality-levers-final") -> str:
     """The revision the published relative-depth run was made at (its column header says it once kept)."""
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
-    match = re.search(f"<!-- {section} -->(.*?)<!-- /{section} -->", text, re.S)
-    body = match.group(1) if match else ""
+    body = read_section(section)
     kept = re.search(r"relative depth \(revision (\w+)", body) or re.search(r"Revision (\w+)", body)
     return kept.group(1) if kept else "unknown"
 
