@@ -66,6 +66,8 @@ readme-picture: install
 test: install
 	# the browser tests drive Debian's chromium through Playwright (no browser download)
 	test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	# lint first (nerfstudio's ruff settings, pyproject.toml): a lint error fails make test and CI
+	$(BIN)/ruff check vq3d_nerfstudio tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

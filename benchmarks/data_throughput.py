@@ -26,16 +26,13 @@ import argparse
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCHMARKS_MD, REPO, git_revision, machine, update_section  # noqa: E402
+from common import BENCHMARKS_MD, REPO, git_revision, machine, update_section
 
 TINY_IMAGES_PER_S = 27.6  # fallback when BENCHMARKS.md has no train-tiny section
 
@@ -114,7 +111,7 @@ def tree_cpu(proc: psutil.Process) -> float:
 
 
 def measure_prepare(photos: Path, out: Path, resolution: int, num_images: int) -> dict:
-    from vq3d_nerfstudio.scripts.prepare import prepare_shards
+    from vq3d_nerfstudio.data.prepare import prepare_shards
 
     workers = min(4, os.cpu_count() or 1)  # `vq3d prepare`'s default
     warm = out.parent / f"{out.name}_warmup"  # first-call costs (imports, codecs) are not throughput
@@ -134,7 +131,7 @@ def measure_datamanager(data: Path, preset: str, resolution: int, num_batches: i
     """next_train batches/s x images per batch, with the preset's datamanager at ``resolution``."""
     import torch
 
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config(preset).pipeline.datamanager
     config.data = data

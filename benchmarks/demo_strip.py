@@ -23,7 +23,7 @@ def main() -> None:
 
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from vq3d_nerfstudio.orbit import orbit_cameras
+    from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
     _, pipeline, _, step = eval_setup(args.load_config, test_mode="inference")
     model = pipeline.model

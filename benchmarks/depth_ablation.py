@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, cli_env, git_revision, machine, update_section  # noqa: E402
-from quality_over_budget import novel_mean  # noqa: E402
+from common import BIN, cli_env, git_revision, machine, update_section
+from quality_over_budget import novel_mean
 
 LOSSES = ("pointwise", "accumulated")
 

@@ -24,24 +24,21 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, update_section  # noqa: E402
-from quality_over_budget import novel_mean  # noqa: E402
+from common import git_revision, machine, update_section
+from quality_over_budget import novel_mean
 
 
 def ensure_alexnet_for_nerfstudio() -> str:
     """Make nerfstudio's LPIPS constructible offline; returns a note for the report."""
     import torchvision
 
-    from vq3d_nerfstudio.perceptual import default_weights_path
+    from vq3d_nerfstudio.stage1.perceptual import default_weights_path
 
     if default_weights_path("alex").is_file():
         return "torch hub's AlexNet weights were present"
@@ -54,7 +51,7 @@ def ensure_alexnet_for_nerfstudio() -> str:
 
 
 def psnr_of(rgb: torch.Tensor, gt: torch.Tensor) -> float:
-    from vq3d_nerfstudio.evaluation import psnr
+    from vq3d_nerfstudio.evaluation.metrics import psnr
 
     return psnr(rgb.clamp(0, 1), gt)
 
@@ -68,7 +65,7 @@ class PerScene:
         from nerfstudio.engine.callbacks import TrainingCallbackAttributes
         from nerfstudio.engine.optimizers import Optimizers
 
-        from vq3d_nerfstudio.data.dataparser import pinhole_cameras
+        from vq3d_nerfstudio.geometry.cameras import pinhole_cameras
 
         torch.manual_seed(0)
         config = copy.deepcopy(method_configs[method])
@@ -160,8 +157,10 @@ def main() -> None:
     from PIL import Image
 
     from vq3d_nerfstudio.data.dataset import load_image
+    from vq3d_nerfstudio.data.scenes import load_scene
     from vq3d_nerfstudio.data.synth import write_scenes
-    from vq3d_nerfstudio.evaluation import align_pose, canonical_alignment, evaluate_scene, load_scene, summarize
+    from vq3d_nerfstudio.evaluation.protocol import evaluate_scene, summarize
+    from vq3d_nerfstudio.geometry.poses import align_pose, canonical_alignment
     from vq3d_nerfstudio.scripts.evaluate import evaluate_run
 
     torch.set_num_threads(2)
@@ -222,7 +221,7 @@ def main() -> None:
             )
 
             def render(_image, poses, intrinsics, trained=trained):
-                from vq3d_nerfstudio.data.dataparser import pinhole_cameras
+                from vq3d_nerfstudio.geometry.cameras import pinhole_cameras
 
                 cams = pinhole_cameras(
                     torch.tensor(np.stack(poses)[:, :3], dtype=torch.float32),

@@ -19,16 +19,13 @@ import argparse
 import json
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, cli_env, git_revision, machine, update_section  # noqa: E402
-from quality_over_budget import novel_mean  # noqa: E402
+from common import BIN, cli_env, git_revision, machine, update_section
+from quality_over_budget import novel_mean
 
 # The tiny preset starts the adversarial loss at step 500; a GAN step costs ~2.8x a reconstruction
 # step on 2 cores (the extra renders and D), so within this budget a GAN run makes ~370 steps: the

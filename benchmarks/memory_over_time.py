@@ -17,15 +17,12 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, REPO, cli_env, git_revision, machine, update_section  # noqa: E402
+from common import BIN, REPO, cli_env, git_revision, machine, update_section
 
 
 def tree_memory(proc: psutil.Process) -> tuple:

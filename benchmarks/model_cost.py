@@ -16,15 +16,11 @@ images/s and memory for `vq3d` need a GPU; none was available to this run, so th
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import git_revision, machine, update_section
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, update_section  # noqa: E402
 
 
 def count_flops(fn) -> int:
@@ -36,7 +32,7 @@ def count_flops(fn) -> int:
 def build(name: str):
     from nerfstudio.data.scene_box import SceneBox
 
-    from vq3d_nerfstudio.method_configs import PRESETS, build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import PRESETS, build_trainer_config
 
     torch.manual_seed(0)
     cfg = build_trainer_config(name).pipeline.model
@@ -45,7 +41,7 @@ def build(name: str):
 
 
 def rays_for(model, count: int):
-    from vq3d_nerfstudio.data.dataparser import canonical_cameras
+    from vq3d_nerfstudio.geometry.cameras import canonical_cameras
 
     size = model.config.image_size
     rays = canonical_cameras(1, size, 2.0, 50.0).generate_rays(camera_indices=0, keep_shape=True).flatten()
@@ -73,7 +69,7 @@ def measure(name: str) -> dict:
         planes = to_nerf()
         frame_rays = rays_for(model, 0)
         zeros = torch.zeros(len(frame_rays), dtype=torch.long)
-        render_frame = count_flops(lambda: model.render_rays(model.collider(frame_rays), planes, zeros, keep_samples=False))
+        render_frame = count_flops(lambda: model.render_rays(frame_rays, planes, zeros, keep_samples=False))
         to_nerf()
         times = []
         for _ in range(5):
@@ -87,7 +83,7 @@ def measure(name: str) -> dict:
 
     def train_image():
         quantized, _, vq = model.encode(image)
-        out = model.render_rays(model.collider(train_rays), model.decoder(quantized), batch_idx, keep_samples=True)
+        out = model.render_rays(train_rays, model.decoder(quantized), batch_idx, keep_samples=True)
         (out["rgb"].square().mean() + out["rgb_coarse"].square().mean() + vq["codebook"] + vq["commitment"]).backward()
 
     train = count_flops(train_image)
@@ -100,9 +96,9 @@ def measure(name: str) -> dict:
         "size": size,
         "tokens": model.grid_size,
         "rays_per_image": preset["data"]["rays_per_image"],
-        "coarse": model.config.num_coarse_samples,
+        "coarse": model.config.coarse_samples_per_ray,
         # the fine pass evaluates the coarse samples again with the PDF ones (include_original)
-        "fine": model.config.num_coarse_samples + model.config.num_fine_samples,
+        "fine": model.config.coarse_samples_per_ray + model.config.fine_samples_per_ray,
     }
 
 

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, update_section  # noqa: E402
-from quality_levers import seconds_per_step, train  # noqa: E402
-from quality_over_budget import summary_row  # noqa: E402
+from common import git_revision, machine, update_section
+from quality_levers import seconds_per_step, train
+from quality_over_budget import summary_row
 
 ROWS = [
     ("single-view", "the preset: input views only", []),

@@ -29,14 +29,12 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, cli_env, read_section, git_revision, machine, update_section  # noqa: E402
-from quality_over_budget import summary_row, train_iter_events  # noqa: E402
+from common import BIN, cli_env, git_revision, machine, read_section, update_section
+from quality_over_budget import summary_row, train_iter_events
 
 M = "--pipeline.model."
 # Today's preset before this ablation: world-axis tri-plane, features-only field, VQ with random
@@ -128,9 +126,9 @@ def codes_in_use(config: Path, data: Path, num_images: int = 500) -> dict:
     import torch
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from vq3d_nerfstudio.data.dataparser import scan_image_folder
     from vq3d_nerfstudio.data.dataset import load_image
-    from vq3d_nerfstudio.quantizer import code_perplexity
+    from vq3d_nerfstudio.data.folders import scan_image_folder
+    from vq3d_nerfstudio.stage1.quantizer import code_perplexity
 
     _, pipeline, _, step = eval_setup(config, test_mode="inference")
     model = pipeline.model

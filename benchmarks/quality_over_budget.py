@@ -89,7 +89,7 @@ def plot(rows: list, path: Path) -> None:
 
 def score_and_report(args, out: Path) -> None:
     from vq3d_nerfstudio.data.synth import write_scenes
-    from vq3d_nerfstudio.method_configs import PRESETS
+    from vq3d_nerfstudio.ns.method_configs import PRESETS
 
     meta = json.loads((out / "bench_meta.json").read_text())
     run_dir = out / "bench" / "vq3d-tiny" / "run"

@@ -15,14 +15,10 @@ Weights are random: throughput does not depend on them. Prints a table and updat
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, update_section  # noqa: E402
+from common import git_revision, machine, update_section
 
 
 def median_time(fn, repeats: int = 5) -> float:
@@ -52,15 +48,15 @@ def main() -> None:
     from nerfstudio.fields.vanilla_nerf_field import NeRFField
     from nerfstudio.model_components.ray_samplers import UniformSampler
 
-    from vq3d_nerfstudio.method_configs import build_trainer_config
-    from vq3d_nerfstudio.orbit import orbit_cameras
+    from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     torch.manual_seed(0)
     cfg = build_trainer_config("vq3d-tiny").pipeline.model
     model = cfg.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1, metadata={}).eval()
     model.set_scene_images(torch.rand(cfg.image_size, cfg.image_size, 3))
     planes = model.current_planes()
-    samples_per_ray = cfg.num_coarse_samples + (cfg.num_coarse_samples + cfg.num_fine_samples + 1)
+    samples_per_ray = cfg.coarse_samples_per_ray + (cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1)
 
     rows = []
     for size in (64, 256):
@@ -69,7 +65,7 @@ def main() -> None:
         rows.append((f"vq3d-tiny full render, {size}x{size}", f"{seconds * 1e3:.1f} ms/frame", f"{size * size / seconds:,.0f}"))
 
     camera = orbit_cameras([(0.0, 0.0)], 64, 2.0, 50.0)
-    bundle = model.collider(camera.generate_rays(camera_indices=0).flatten())
+    bundle = model.renderer.collider(camera.generate_rays(camera_indices=0).flatten())
     samples = UniformSampler(num_samples=samples_per_ray)(bundle)
     num_rays = len(bundle)
     batch_idx = torch.zeros(num_rays, dtype=torch.long)
@@ -107,7 +103,7 @@ def main() -> None:
         f"{sample_flops} bilinear FLOPs = {flops} FLOPs; bytes = 2 x 4 x {activations} activation floats + {texel_bytes} texel bytes "
         f"= {bytes_per_eval} B. Floor = rays x {samples_per_ray} samples x max(FLOPs / rate, bytes / bandwidth).\n"
         f"- Full renders add the coarse pass, PDF resampling and compositing: {samples_per_ray} field evaluations per ray "
-        f"({cfg.num_coarse_samples} coarse + {cfg.num_coarse_samples + cfg.num_fine_samples + 1} fine).\n\n"
+        f"({cfg.coarse_samples_per_ray} coarse + {cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1} fine).\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Median of 5 (3 for the slow rows) after a warm-up. Run here (CPU).\n\n"
         "Command: `.venv/bin/python benchmarks/render_throughput.py`\n"
     )

@@ -13,12 +13,10 @@ import argparse
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, REPO, cli_env, git_revision, machine, update_section  # noqa: E402
+from common import BIN, REPO, cli_env, git_revision, machine, update_section
 
 ROW = re.compile(r"^(input view|yaw [\d.]+ deg)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$")
 

@@ -23,15 +23,12 @@ import argparse
 import json
 import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, REPO, cli_env, git_revision, machine, update_section  # noqa: E402
+from common import BIN, REPO, cli_env, git_revision, machine, update_section
 
 
 def time_sampling(preset: str, vocab: int, grid: int, batch: int, use_cache: bool, max_tokens: int = 0) -> dict:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_revision, machine, update_section  # noqa: E402
+from common import git_revision, machine, update_section
 
 # (name, compared with, what changed, model overrides, no quantizer: None / "identity" / "unrounded")
 ROWS = [
@@ -54,7 +52,7 @@ def eval_images(eval_scenes: Path, size: int):
 
 def psnr(pred, gt) -> float:
     """Mean over images of each image's PSNR (`vq3d eval`'s, averaged over scenes as it does)."""
-    from vq3d_nerfstudio.evaluation import psnr as image_psnr
+    from vq3d_nerfstudio.evaluation.metrics import psnr as image_psnr
 
     return sum(image_psnr(p, g) for p, g in zip(pred.clamp(0, 1), gt)) / len(gt)
 
@@ -71,7 +69,7 @@ def train_row(overrides: dict, bypass, data: Path, images, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from vq3d_nerfstudio.method_configs import PRESETS, build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import PRESETS, build_trainer_config
 
     torch.manual_seed(0)
     config = build_trainer_config("vq3d-tiny")

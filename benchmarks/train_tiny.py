@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import shutil
+import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, cli_env  # noqa: E402
+from common import BIN, cli_env
 
 
 def tree_rss(proc: psutil.Process) -> int:

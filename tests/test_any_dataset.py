@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, cli, run
+from nerfstudio_reduced_config import set_reduced_config
 from PIL import Image
 
-from conftest import FAST, cli, run
 from vq3d_nerfstudio.data.synth import write_scenes
-from vq3d_nerfstudio.method_configs import build_trainer_config
+from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
 
 def look_at(centre, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)) -> np.ndarray:
@@ -46,40 +47,14 @@ def write_blender_scene(root: Path, size: int = 16, views: int = 3) -> Path:
     return root
 
 
-def set_reduced_config(config, data: Path, tmp_path: Path):
-    """nerfstudio 1.1.5's ``tests/test_train.py`` ``set_reduced_config`` (from its sdist), on our data:
-    CPU, no mixed precision, 2 steps, the Blender dataparser, 1 image and 4 rays a step,
-    tensorboard. (Its assertion that a config with ``num_coarse_samples`` is nerfstudio's
-    vanilla-nerf is left out: ours has the field too; its 4 samples are kept.)"""
-    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
-
-    config.machine.device_type = "cpu"
-    if hasattr(config.pipeline.model, "implementation"):
-        setattr(config.pipeline.model, "implementation", "torch")
-    config.mixed_precision = False
-    config.use_grad_scaler = False
-    config.max_num_iterations = 2
-    config.pipeline.datamanager.dataparser = BlenderDataParserConfig(data=data)
-    config.pipeline.datamanager.train_num_images_to_sample_from = 1
-    config.pipeline.datamanager.train_num_rays_per_batch = 4
-    config.vis = "tensorboard"
-    config.logging.relative_log_dir = Path("/")
-    if hasattr(config.pipeline.model, "num_coarse_samples"):
-        config.pipeline.model.num_coarse_samples = 4
-    if hasattr(config.pipeline.model, "num_importance_samples"):
-        config.pipeline.model.num_importance_samples = 4
-    config.viewer.quit_on_train_completion = True
-    config.set_timestamp()
-    config.output_dir = tmp_path / "outputs"
-    return config
-
-
 @pytest.mark.parametrize("method", ["vq3d-tiny", "vq3d"])
 def test_nerfstudio_reduced_config_trains(method, tmp_path, monkeypatch):
     from nerfstudio.scripts.train import train_loop
 
-    data = write_blender_scene(tmp_path / "lego_test")
-    config = set_reduced_config(build_trainer_config(method), data, tmp_path)
+    # nerfstudio's own function, verbatim: it reads tests/data/lego_test under the working directory.
+    write_blender_scene(tmp_path / "tests" / "data" / "lego_test")
+    monkeypatch.chdir(tmp_path)
+    config = set_reduced_config(build_trainer_config(method), tmp_path)
     # vq3d's LPIPS needs torchvision's VGG16 weights, which this offline machine lacks.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights"))
     config.pipeline.model.perceptual_if_missing = "skip"
@@ -176,10 +151,16 @@ def test_multiview_step_renders_each_ray_from_its_own_camera_and_image(tmp_path)
     ray_bundle, batch = dm.next_train(0)
     code = torch.round(batch["image"] * 255).long()
     col, row, view, scene = code[:, 0] // 4, code[:, 1] // 4, code[:, 2] // 100, (code[:, 2] % 100) // 20
-    assert torch.equal(view, batch["view_idx"]) and set(view.tolist()) == {0, 1, 2}  # every view supervises
+    assert set(view.tolist()) == {0, 1, 2}  # every view supervises
     # each ray uses the tri-plane of its own scene's input image
     input_scene = batch["image_idx"][ray_bundle.metadata["batch_idx"][:, 0]]
     assert torch.equal(input_scene, scene) and set(scene.tolist()) == {0, 1}
+    # an image's camera slots (view_idx): slot 0 is its input view, each other slot one supervising
+    # view (drawn in random order, so a slot names a position, not a frame)
+    slot = batch["view_idx"]
+    assert set(view[slot == 0].tolist()) == {0}
+    for s in range(2):
+        assert sorted(view[(scene == s) & (slot == k)].unique().item() for k in (1, 2)) == [1, 2]
     for v in range(3):
         rays = view == v
         rotation = torch.tensor(poses[v][:3, :3], dtype=torch.float32)
@@ -197,8 +178,8 @@ def test_without_the_option_losses_are_bit_identical(synth_dir):
     bit for bit."""
     from nerfstudio.model_components.ray_generators import RayGenerator
 
-    from vq3d_nerfstudio.data.dataparser import canonical_cameras
     from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
+    from vq3d_nerfstudio.geometry.cameras import canonical_cameras
 
     dm = multiview_datamanager(synth_dir, multiview_supervision=False)
     assert type(dm.train_dataset) is Vq3dImageDataset
@@ -237,8 +218,9 @@ def test_a_dataparser_without_images_is_one_line():
     from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
     from nerfstudio.data.scene_box import SceneBox
 
-    from vq3d_nerfstudio.data.dataparser import DatasetError, canonical_cameras
     from vq3d_nerfstudio.data.views import single_image_outputs
+    from vq3d_nerfstudio.errors import DatasetError
+    from vq3d_nerfstudio.geometry.cameras import canonical_cameras
 
     empty = DataparserOutputs(image_filenames=[], cameras=canonical_cameras(1, 8, 2.0, 50.0),
                               scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])))

@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from helpers import write_image
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from conftest import write_image
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig, dataset_error_message
-from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig, scan_image_folder
+from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset, image_size_of, load_disparity, load_image
+from vq3d_nerfstudio.data.folders import scan_image_folder
+from vq3d_nerfstudio.errors import DatasetError
 
 PROPERTY_SETTINGS = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

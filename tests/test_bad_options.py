@@ -15,9 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAST, cli, run, write_image
 
-from conftest import FAST, cli, run, write_image
-from vq3d_nerfstudio.checks import check_nerfstudio_command_line, check_options, json_file_problem, output_path_problem
+from vq3d_nerfstudio.checks import (
+    UNPREFIXED,
+    check_nerfstudio_command_line,
+    check_options,
+    json_file_problem,
+    output_path_problem,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,14 +56,20 @@ def instance_of(cls, folder: Path):
 
 
 def float_options(config):
-    """``(field name, how to set it to a value)`` for every float option (plain, optional, tuple, list)."""
-    hints = typing.get_type_hints(type(config))
+    """``(option name, config with that option set to a value)`` for every float option (plain, optional,
+    tuple, list), those of option groups (nested dataclasses, spelled without prefix when UNPREFIXED) included."""
+    hints = typing.get_type_hints(type(config), include_extras=True)
     for f in dataclasses.fields(config):
-        value, hint = getattr(config, f.name), str(hints[f.name])
-        if isinstance(value, float) or (value is None and "float" in hint):
-            yield f.name, lambda v: v
+        value, hint = getattr(config, f.name), hints[f.name]
+        set_field = lambda v, name=f.name: dataclasses.replace(config, **{name: v})  # noqa: E731
+        if dataclasses.is_dataclass(value):
+            prefix = "" if UNPREFIXED in getattr(hint, "__metadata__", ()) else f"{f.name}."
+            for name, set_option in float_options(value):
+                yield prefix + name, lambda v, set_field=set_field, set_option=set_option: set_field(set_option(v))
+        elif isinstance(value, float) or (value is None and "float" in str(hint)):
+            yield f.name, set_field
         elif isinstance(value, (tuple, list)) and value and all(isinstance(x, float) for x in value):
-            yield f.name, lambda v, value=value: type(value)([v, *value[1:]])
+            yield f.name, lambda v, set_field=set_field, value=value: set_field(type(value)([v, *value[1:]]))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -66,8 +78,8 @@ def test_every_float_option_of_every_command_refuses_nan_and_inf(tmp_path, bad):
     for cls in every_command():
         config = instance_of(cls, tmp_path)
         check_options(config, "cmd")  # the defaults pass
-        for name, value_of in float_options(config):
-            broken = dataclasses.replace(config, **{name: value_of(bad)})
+        for name, set_to in float_options(config):
+            broken = set_to(bad)
             with pytest.raises(SystemExit) as caught:
                 check_options(broken, "cmd")
             option = "--" + name.replace("_", "-")
@@ -88,7 +100,7 @@ def test_non_finite_float_on_the_command_line_is_one_line(tmp_path, cli_env):
 def test_ns_train_refuses_a_non_finite_option_before_making_a_run_folder(tmp_path):
     from nerfstudio.scripts.train import main as ns_train
 
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny")
     config.optimizers["field"]["optimizer"].lr = float("inf")  # a dict of configs: named as tyro spells it
@@ -102,14 +114,14 @@ def test_ns_train_refuses_a_non_finite_option_before_making_a_run_folder(tmp_pat
 
 
 def test_counts_below_one_are_refused(tmp_path, cli_env):
-    from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
+    from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit, RenderOrbitLoop
     from vq3d_nerfstudio.stage2.train import Stage2TrainConfig
 
     with pytest.raises(SystemExit, match=r"^cmd: error: --num-frames must be >= 1, got 0$"):
-        check_options(RenderOrbit(load_config=tmp_path, num_frames=0), "cmd")
+        check_options(RenderOrbit(load_config=tmp_path, orbit=RenderOrbitLoop(num_frames=0)), "cmd")
     with pytest.raises(SystemExit, match=r"^cmd: error: --keep-checkpoints must be >= 1, got -1$"):
         check_options(Stage2TrainConfig(output_dir=tmp_path, keep_checkpoints=-1), "cmd")
-    check_options(RenderOrbit(load_config=tmp_path, resolution=0), "cmd")  # 0 = the model's size: allowed
+    check_options(RenderOrbit(load_config=tmp_path, orbit=RenderOrbitLoop(resolution=0)), "cmd")  # 0 = the model's size: allowed
     line = fails_in_one_line([cli("vq3d"), "render-orbit", "--load-config", str(tmp_path / "config.yml"), "--fps", "0"],
                              cli_env, "vq3d render-orbit: error: ")
     assert line == "vq3d render-orbit: error: --fps must be >= 1, got 0"
@@ -195,7 +207,7 @@ def test_ns_train_without_images_stops_in_one_line(tmp_path, contents, reason):
     """nerfstudio's ns-train main, in this process (the command line only adds parsing)."""
     from nerfstudio.scripts.train import main as ns_train
 
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     data = tmp_path / "data"
     data.mkdir()

@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import write_image
 from PIL import Image
 
-from conftest import write_image
-from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig
+from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset, load_disparity, load_image
+from vq3d_nerfstudio.errors import DatasetError
 
 
 def parse(data, split="train", **kwargs):

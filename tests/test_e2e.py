@@ -8,10 +8,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, cli, run
 
-from conftest import FAST, cli, run
-from vq3d_nerfstudio.method_configs import build_trainer_config
-from vq3d_nerfstudio.orbit import orbit_cameras
+from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,8 +189,8 @@ def test_ns_export_pointcloud_of_the_shown_scene(trained_run, tmp_path):
 
 
 def test_vq3d_scene_env_picks_a_photo_or_fails_in_one_line(trained_run, tmp_path):
-    from skimage import data as skdata
     from PIL import Image
+    from skimage import data as skdata
 
     config, env = trained_run
     photo = tmp_path / "coffee.png"

@@ -5,17 +5,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cli, run
 from nerfstudio.field_components.field_heads import FieldHeadNames
 
-from conftest import cli, run
-from vq3d_nerfstudio.edits import ComposedField, Placement, composite, encode_image, interpolate, slerp
-from vq3d_nerfstudio.orbit import orbit_cameras
+from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+from vq3d_nerfstudio.stage1.edits import ComposedField, Placement, composite, encode_image, interpolate, slerp
 
 
 @pytest.fixture(scope="module", params=["vq", "fsq"])
 def model(synth_dir, request):
     """The tiny model with either quantizer: edits snap latents with the quantizer's own rounding."""
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny").pipeline
     config.datamanager.data = synth_dir
@@ -119,7 +119,7 @@ class AnalyticField:
 
 def test_an_object_in_front_of_the_camera_occludes_what_is_behind_it(model):
     camera = canonical(model, size=9)
-    rays = model.collider(camera.generate_rays(0).flatten())
+    rays = camera.generate_rays(0).flatten()
     scene_planes, object_planes = torch.zeros(1, 3, 1, 2, 2), torch.ones(1, 3, 1, 2, 2)
     batch = torch.zeros(len(rays), dtype=torch.long)
     alone = model.render_rays(rays, scene_planes, batch, keep_samples=False, field=AnalyticField())

@@ -10,16 +10,11 @@ import torch
 from PIL import Image
 
 from vq3d_nerfstudio.data import synth
-from vq3d_nerfstudio.data.dataparser import DatasetError
-from vq3d_nerfstudio.evaluation import (
-    PSNR_CAP,
-    depth_spread,
-    evaluate_scene,
-    load_scene,
-    psnr,
-    summarize,
-    view_offset_deg,
-)
+from vq3d_nerfstudio.data.scenes import load_scene
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.evaluation.metrics import PSNR_CAP, depth_spread, psnr
+from vq3d_nerfstudio.evaluation.protocol import evaluate_scene, summarize
+from vq3d_nerfstudio.geometry.poses import orbit_matrix, view_offset_deg
 
 
 def load_rgb(path):
@@ -94,7 +89,7 @@ def test_shifted_image_scores_the_hand_computed_psnr(tmp_path):
     frames = []
     for i, yaw in enumerate((0.0, 10.0)):
         Image.fromarray(gray).save(tmp_path / "images" / f"{i}.png")
-        frames.append({"file_path": f"images/{i}.png", "transform_matrix": synth.orbit_camera_to_world(yaw, 0).tolist()})
+        frames.append({"file_path": f"images/{i}.png", "transform_matrix": orbit_matrix(yaw, 0).tolist()})
     transforms = {"fl_x": 8.0, "fl_y": 8.0, "cx": 4.0, "cy": 4.0, "w": 8, "h": 8, "pivot": [0, 0, 0], "frames": frames}
     (tmp_path / "transforms.json").write_text(json.dumps(transforms))
 
@@ -114,7 +109,7 @@ def test_shifted_image_scores_the_hand_computed_psnr(tmp_path):
 
 def test_psnr_and_offset_hand_values():
     assert psnr(torch.zeros(4), torch.full((4,), 0.1)) == pytest.approx(20.0)
-    assert view_offset_deg(synth.orbit_camera_to_world(0, 0), synth.orbit_camera_to_world(-20, 0)) == pytest.approx(20)
+    assert view_offset_deg(orbit_matrix(0, 0), orbit_matrix(-20, 0)) == pytest.approx(20)
 
 
 def test_invalid_scenes_name_the_file(tmp_path):
@@ -197,7 +192,7 @@ def test_degenerate_camera_matrices_are_refused_naming_the_frame(scenes, tmp_pat
     view angle, scored as a 0-degree view (frame 0 included: the same refusal, not a pivot question)."""
     import shutil
 
-    rigid = synth.orbit_camera_to_world(10, 0)
+    rigid = orbit_matrix(10, 0)
     off = rigid.copy()
     off[:3, :3] += 1e-5  # single-precision JSON rounding is within the tolerance
     scaled = rigid.copy()
@@ -231,8 +226,8 @@ def test_frame_0_at_the_pivot_is_a_dataset_error(tmp_path):
     frames = []
     for i, yaw in enumerate((0.0, 10.0)):
         Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "images" / f"{i}.png")
-        frames.append({"file_path": f"images/{i}.png", "transform_matrix": synth.orbit_camera_to_world(yaw, 0).tolist()})
-    camera0 = synth.orbit_camera_to_world(0.0, 0)[:3, 3].tolist()
+        frames.append({"file_path": f"images/{i}.png", "transform_matrix": orbit_matrix(yaw, 0).tolist()})
+    camera0 = orbit_matrix(0.0, 0)[:3, 3].tolist()
     transforms = {"fl_x": 8.0, "fl_y": 8.0, "cx": 4.0, "cy": 4.0, "w": 8, "h": 8, "pivot": camera0, "frames": frames}
     (tmp_path / "transforms.json").write_text(json.dumps(transforms))
     with pytest.raises(DatasetError, match=r"0\.png: frame 0's camera sits at the pivot"):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cli
 from PIL import Image
 
-from conftest import cli
-from vq3d_nerfstudio.stage2.fid import (
+from vq3d_nerfstudio.evaluation.fid import (
     WEIGHTS_HASH_PREFIX,
     WEIGHTS_URL,
     FIDInceptionV3,

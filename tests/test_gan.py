@@ -6,15 +6,16 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, cli
 from torch import nn
 
-from conftest import cli
-from vq3d_nerfstudio import gan
+from vq3d_nerfstudio.geometry import cameras
+from vq3d_nerfstudio.stage1 import gan
 
 
 # ---- pure pieces, against hand computations --------------------------------------------------------
 def test_novel_cameras_orbit_the_pivot_within_the_ranges():
-    poses = gan.sample_novel_poses(500, 2.0, 30.0, 15.0, radius_jitter=0.1, generator=torch.Generator().manual_seed(0))
+    poses = cameras.sample_novel_poses(500, 2.0, 30.0, 15.0, radius_jitter=0.1, generator=torch.Generator().manual_seed(0))
     assert poses.shape == (500, 3, 4)
     pos = poses[:, :, 3].double()
     radius = pos.norm(dim=1)
@@ -30,7 +31,7 @@ def test_novel_cameras_orbit_the_pivot_within_the_ranges():
     rot = poses[:, :, :3].double()
     assert torch.allclose(rot.transpose(1, 2) @ rot, torch.eye(3, dtype=torch.float64).expand(500, 3, 3), atol=1e-5)
     assert rot[:, 1, 0].abs().max() < 1e-5
-    exact = gan.sample_novel_poses(64, 2.0, 30.0, 15.0)
+    exact = cameras.sample_novel_poses(64, 2.0, 30.0, 15.0)
     assert torch.allclose(exact[:, :, 3].norm(dim=1), torch.full((64,), 2.0), atol=1e-5)
 
 
@@ -95,7 +96,7 @@ GAN_MODEL = dict(
 
 
 def make_trainer(data, out, load_dir=None, **model):
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny")
     config.data = data
@@ -139,9 +140,9 @@ def test_generator_and_discriminator_steps_leave_each_other_bit_identical(synth_
     seen = {}
     original = model.get_discriminator_loss_dict
 
-    def spy(step):  # runs between the generator step and the discriminator step
+    def spy(step, inputs):  # runs between the generator step and the discriminator step
         seen["d"], seen["g"] = snapshot(model.discriminator), generator_state(model)
-        return original(step)
+        return original(step, inputs)
 
     model.get_discriminator_loss_dict = spy
     _, loss_dict, metrics = trainer.train_iteration(1)
@@ -204,7 +205,7 @@ def test_checkpoint_mid_gan_resumes_the_same_discriminator(synth_dir, tmp_path):
 def test_discriminator_can_see_disparity(synth_dir, tmp_path):
     trainer = make_trainer(synth_dir, tmp_path, discriminator_sees_disparity=True, discriminator="patch")
     _, loss_dict, _ = trainer.train_iteration(0)
-    cache = trainer.pipeline.model.gan_cache
+    cache = trainer.gan_inputs
     assert cache["fake"].shape == (4, 4, 8, 8) and cache["real"].shape == (2, 4, 8, 8)
     # both disparity channels are normalised per image
     assert torch.allclose(cache["real"][:, 3].flatten(1).mean(1), torch.zeros(2), atol=1e-4)
@@ -212,10 +213,6 @@ def test_discriminator_can_see_disparity(synth_dir, tmp_path):
 
 
 # ---- through the real CLI -------------------------------------------------------------------------
-FAST = ["--vis", "tensorboard", "--pipeline.datamanager.images-per-batch", "2",
-        "--pipeline.datamanager.rays-per-image", "16", "--pipeline.datamanager.num-workers", "0"]
-
-
 def test_ns_train_with_adversarial_losses(synth_dir, tmp_path, cli_env):
     result = subprocess.run(
         [cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "g",

@@ -6,8 +6,7 @@ import subprocess
 import time
 
 import torch
-
-from conftest import FAST, cli, run
+from helpers import FAST, cli, run
 
 GAN = [
     "--pipeline.model.adversarial-loss-mult", "0.1", "--pipeline.model.adversarial-start-step", "0",

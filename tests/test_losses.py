@@ -4,7 +4,7 @@ import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.model_components.renderers import DepthRenderer
 
-from vq3d_nerfstudio.losses import (
+from vq3d_nerfstudio.stage1.losses import (
     accumulated_depth_loss,
     canonical_disparity,
     disparity_anchors,
@@ -128,7 +128,7 @@ def test_relative_target_masks_images_without_depth_spread():
 
 
 def test_warmup_cosine_factor_hand_values():
-    from vq3d_nerfstudio.schedulers import warmup_cosine_factor
+    from vq3d_nerfstudio.ns.schedulers import warmup_cosine_factor
 
     assert warmup_cosine_factor(0, 10, 110, 0.1) == 0.0
     assert warmup_cosine_factor(5, 10, 110, 0.1) == 0.5

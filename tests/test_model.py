@@ -1,24 +1,18 @@
 """The stage-1 model: shapes, the stage-2 interface, scene selection, gradients."""
 
+import helpers
 import pytest
 import torch
 from nerfstudio.data.scene_box import SceneBox
 
-from vq3d_nerfstudio.model import Vq3dModelConfig
-from vq3d_nerfstudio.orbit import orbit_cameras
+from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
 
 SIZE = 16
 
 
 def tiny_model(**overrides):
-    config = Vq3dModelConfig(
-        image_size=SIZE, patch_size=4, hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=2,
-        codebook_size=32, code_dim=8, triplane_resolution=8, triplane_channels=4, field_hidden_dim=16,
-        num_coarse_samples=8, num_fine_samples=8, **overrides,
-    )
-    torch.manual_seed(0)
-    return config.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=4,
-                        metadata={"depth_kind": "z-depth"})
+    return helpers.tiny_model(SIZE, metadata={"depth_kind": "z-depth"}, **overrides)
 
 
 def train_batch(model, num_images=2, rays=10):
@@ -106,7 +100,7 @@ def test_accumulated_depth_loss_option():
 
 
 def test_image_size_mismatch_is_refused():
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny")
     config.pipeline.model.image_size = 32
@@ -116,7 +110,7 @@ def test_image_size_mismatch_is_refused():
 
 def test_paper_scale_preset_shapes():
     """`vq3d` follows ViT-VQGAN: 256 px, 8 px patches -> 32x32 tokens, here of FSQ (8, 8, 8, 6, 5) codes."""
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d").pipeline.model
     model = config.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1,
@@ -152,7 +146,7 @@ def test_viewer_camera_renders_the_clicked_training_image():
     state = CameraState(fov=np.radians(50), aspect=1.5, c2w=c2w, camera_type=CameraType.PERSPECTIVE, idx=3)
     outputs = model.get_outputs_for_camera(get_camera(state, 12, 18))
     assert outputs["rgb"].shape == (12, 18, 3) and outputs["disparity"].shape == (12, 18, 1)
-    assert model._scene_key == ("train", 3)
+    assert model.scene.key == ("train", 3)
 
 
 def test_fsq_model_round_trip_and_codebook_size():
@@ -207,3 +201,17 @@ def test_relative_depth_target_ignores_the_render():
     assert torch.allclose(model.get_loss_dict(outputs, moved)["depth_loss"], loss, atol=1e-5)
     target, _ = model._depth_target(dict(outputs, disparity=torch.zeros_like(outputs["disparity"])), batch)
     assert float(target.std()) > 0.05
+
+
+def test_config_saved_before_the_sample_fields_were_renamed_loads_their_values():
+    """A run's config.yml from before the rename (num_coarse_samples / num_fine_samples) keeps its
+    sample counts: nerfstudio loads config.yml with yaml.Loader, as here."""
+    import yaml
+
+    text = yaml.dump(Vq3dModelConfig(coarse_samples_per_ray=32, fine_samples_per_ray=32))
+    assert "coarse_samples_per_ray: 32" in text and "fine_samples_per_ray: 32" in text
+    old = text.replace("coarse_samples_per_ray: 32", "num_coarse_samples: 7").replace(
+        "fine_samples_per_ray: 32", "num_fine_samples: 5")
+    loaded = yaml.load(old, Loader=yaml.Loader)
+    assert (loaded.coarse_samples_per_ray, loaded.fine_samples_per_ray) == (7, 5)
+    assert not hasattr(loaded, "num_coarse_samples")

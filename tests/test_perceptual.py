@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from vq3d_nerfstudio.perceptual import LPIPS, LPIPSUnavailable, default_weights_path, load_lpips_if_available
+from vq3d_nerfstudio.stage1.perceptual import LPIPS, LPIPSUnavailable, default_weights_path, load_lpips_if_available
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """`vq3d prepare` and the shard reader: robust decoding, bad-file reports, byte-identical resumption,
-rank splitting, shuffling, checksums, and pseudo-depth through a tiny randomly initialised
-`transformers` model."""
+rank splitting, shuffling, checksums, pseudo-depth through a tiny randomly initialised
+`transformers` model, and the shards streamed through webdataset over http, `pipe:` and brace patterns."""
 
 import json
 import subprocess
@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli, write_image
 from PIL import Image
 
-from conftest import cli, write_image
+from vq3d_nerfstudio import files
 from vq3d_nerfstudio.data import shards
 from vq3d_nerfstudio.data.dataset import load_image
+from vq3d_nerfstudio.data.prepare import DepthEstimator, PrepareError, prepare_shards
 from vq3d_nerfstudio.data.shards import ShardError, ShardReader, consumer_plan
-from vq3d_nerfstudio.scripts.prepare import DepthEstimator, PrepareError, prepare_shards
 
 RES = 16
 GOOD = {  # source -> class id (classes: cats = 0, dogs = 1)
@@ -143,7 +144,7 @@ def test_killed_run_resumes_to_byte_identical_shards(mixed, prepared, tmp_path, 
     def dies_in_third_shard(path, samples):
         calls.append(path.name)
         if len(calls) == 3:  # a kill mid-shard: half a temp file, no rename
-            shards.temporary_path(path).write_bytes(b"half a tar")
+            files.temporary_path(path).write_bytes(b"half a tar")
             raise KeyboardInterrupt
         return real_write(path, samples)
 
@@ -201,7 +202,7 @@ def test_shuffle_buffer_is_a_seeded_epoch_aware_permutation(prepared):
     reader.set_epoch(1)
     epoch1 = [s["key"] for s in reader]
     assert Counter(epoch0) == Counter(epoch1) == Counter(plain)
-    assert epoch0 != epoch1 and epoch0 != plain
+    assert epoch0 not in (epoch1, plain)
     assert [s["key"] for s in ShardReader(prepared, shuffle_buffer=4, seed=7)] == epoch0  # reproducible
     assert [s["key"] for s in ShardReader(prepared, shuffle_buffer=4, seed=8)] != epoch0
 
@@ -370,3 +371,134 @@ def test_tampered_or_truncated_index_is_one_clear_error(prepared, tmp_path):
     (out / "index.json").write_text(json.dumps(["not", "an", "index"]))
     with pytest.raises(ShardError, match="not a vq3d shard index"):
         read_index(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# webdataset does the tar work: the writer's bytes, and streaming over http, pipe: and brace patterns
+
+
+def test_writer_is_deterministic_ustar_byte_identical_to_the_former_writer(tmp_path):
+    import tarfile
+
+    samples = [
+        shards.EncodedSample("00000000", 3, b"\x89PNG fake image" * 7, b"\x93NUMPY fake depth" * 11, "cats/ä b.png"),
+        shards.EncodedSample("00000001", -1, bytes(range(256)) * 3, None, "dogs/x.jpg"),
+    ]
+    entry = shards.write_shard(tmp_path / "shard-000000.tar", samples)
+    # sha256 of these samples as the hand-written tarfile (ustar) writer wrote them before webdataset
+    former = "9a039c325937db2437125c1ac1564b41b472550c342fefb628f8b5e333874f5a"
+    assert entry == {"name": "shard-000000.tar", "num_samples": 2, "num_bytes": 10240, "sha256": former}
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        members = tar.getmembers()
+        assert not tar.pax_headers and all(not m.pax_headers for m in members)
+        assert [m.name for m in members] == [
+            "00000000.cls", "00000000.depth.npy", "00000000.png", "00000000.source.txt",
+            "00000001.cls", "00000001.png", "00000001.source.txt",
+        ]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) for m in members} == {
+            (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
+        }
+        assert tar.extractfile("00000000.source.txt").read().decode() == "cats/ä b.png"
+
+
+def written_samples(root: Path):
+    """``{key: (source, class_id, png bytes)}`` straight from the local tar files (tarfile, not the
+    reader under test)."""
+    import tarfile
+
+    found = {}
+    for path in sorted(root.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".cls"):
+                key = name[: -len(".cls")]
+                found[key] = (members[f"{key}.source.txt"].decode(), int(data), members[f"{key}.png"])
+    return found
+
+
+def assert_samples_are_the_written_ones(samples, written, mixed, keys=None):
+    """Keys, sources, class ids and pixels equal what the writer put in the shards (and what
+    ``load_image`` gives for the input): nothing lost, nothing twice, nothing else."""
+    keys = sorted(written) if keys is None else keys
+    assert sorted(s["key"] for s in samples) == keys
+    for sample in samples:
+        source, class_id, png = written[sample["key"]]
+        assert sample["source"] == source and sample["class_id"] == class_id == GOOD[source]
+        assert torch.equal(sample["image"], shards.decode_image(png))
+        assert torch.equal(sample["image"], load_image(mixed / source, RES))
+
+
+@pytest.fixture(scope="module")
+def served(prepared, tmp_path_factory):
+    """``prepared`` over http on 127.0.0.1 (a thread of http.server), plus a folder of the same
+    shards without index.json; yields the base URL."""
+    import functools
+    import shutil
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s) through curl, which is not installed")
+    site = tmp_path_factory.mktemp("site")
+    shutil.copytree(prepared, site / "prepared")
+    (site / "no-index").mkdir()
+    shutil.copy(prepared / "shard-000000.tar", site / "no-index")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_shards_stream_over_http_as_written(prepared, mixed, served):
+    written = written_samples(prepared)
+    url = f"{served}/prepared"
+    # raw members over http are the bytes in the local files
+    for path in sorted(prepared.glob("shard-*.tar")):
+        for _, raw in shards.iter_shard_raw(f"{url}/{path.name}"):
+            source, class_id, png = written[raw["__key__"]]
+            assert raw["png"] == png and raw["source.txt"].decode() == source and int(raw["cls"]) == class_id
+    # a folder URL: index.json fetched from beside the shards, every shard read
+    reader = ShardReader(url + "/", verify=True)
+    assert reader.class_names == ["cats", "dogs"] and reader.resolution == RES and len(reader) == len(GOOD)
+    assert_samples_are_the_written_ones(list(reader), written, mixed)
+    # a brace pattern: just those shards, in the pattern's order
+    subset = ShardReader(f"{url}/shard-{{000001..000002}}.tar")
+    in_subset = sorted(k for k in written if 4 <= int(k) < 12)
+    assert [address.rsplit("/", 1)[1] for address, _ in subset.shards] == ["shard-000001.tar", "shard-000002.tar"]
+    assert_samples_are_the_written_ones(list(subset), written, mixed, keys=in_subset)
+    # two ranks, shuffled: disjoint, covering, as with local shards
+    seen = [[s["key"] for s in ShardReader(url, rank=r, world_size=2, shuffle_buffer=5, epoch=2)] for r in range(2)]
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(written)
+    # shards without their index.json: one line naming the address tried and the fix
+    missing = rf"^{served}/no-index/index.json: cannot read the shard index .*beside the shards"
+    with pytest.raises(ShardError, match=missing):
+        ShardReader(f"{served}/no-index/shard-000000.tar")
+
+
+def test_shards_stream_through_pipe_and_local_brace_patterns(prepared, mixed, tmp_path):
+    import shutil
+
+    written = written_samples(prepared)
+    piped = ShardReader(f"pipe:cat '{prepared}'/shard-{{000000..000003}}.tar", shuffle_buffer=4, seed=1)
+    assert piped.source.index_url == f"pipe:cat '{prepared}'/index.json"
+    assert_samples_are_the_written_ones(list(piped), written, mixed)
+    local = ShardReader(f"{prepared}/shard-{{000000..000001}}.tar")
+    assert_samples_are_the_written_ones(list(local), written, mixed, keys=sorted(k for k in written if int(k) < 8))
+    # failures are one ShardError naming the shard or the source
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    (copy / "shard-000002.tar").unlink()
+    with pytest.raises(ShardError, match=r"shard-000002.tar: unreadable shard"):
+        list(ShardReader(f"pipe:cat {copy}/shard-{{000000..000003}}.tar"))
+    with pytest.raises(ShardError, match="pipe: source must name the shards"):
+        ShardReader(f"pipe:cat {copy}")
+    with pytest.raises(ShardError, match=r"shard-000004.tar: shard-000004.tar is not a shard listed in .*index.json"):
+        ShardReader(f"{copy}/shard-{{000003..000004}}.tar")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vq3d_nerfstudio.quantizer import (
+from vq3d_nerfstudio.stage1.quantizer import (
     FactorizedQuantizer,
     FSQuantizer,
     build_quantizer,
@@ -269,7 +269,7 @@ def test_kmeans_init_under_ddp_takes_rank_zeros_codebook(monkeypatch):
     """With collectives faked as two ranks holding the same picks (all_reduce doubles the counts) and
     rank 0's codebook arriving by broadcast, every rank keeps rank 0's codes and the global usage.
     (tests/test_shard_training.py runs the real thing over gloo.)"""
-    import vq3d_nerfstudio.quantizer as quantizer_module
+    import vq3d_nerfstudio.stage1.quantizer as quantizer_module
 
     torch.manual_seed(13)
     rank0_codebook = F.normalize(torch.randn(8, 4), dim=-1)

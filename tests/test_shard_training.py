@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, cli, run
 from PIL import Image
 
-from conftest import FAST, cli, run
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
-from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig, split_fraction
+from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
+from vq3d_nerfstudio.data.folders import split_fraction
+from vq3d_nerfstudio.data.prepare import prepare_shards
 from vq3d_nerfstudio.data.shard_dataset import HeldOut
 from vq3d_nerfstudio.data.shards import ShardError, ShardReader
-from vq3d_nerfstudio.scripts.prepare import prepare_shards
+from vq3d_nerfstudio.errors import DatasetError
 
 SIZE = 64  # vq3d-tiny's image size
 
@@ -202,7 +204,7 @@ def test_ns_train_on_shards_through_the_cli(shards_dir, tmp_path, cli_env):
 
 def _ddp_worker(rank: int, world_size: int, port: int, data: str, out: str) -> None:
     import torch.distributed as dist
-    import nerfstudio.pipelines.base_pipeline as base_pipeline
+    from nerfstudio.pipelines import base_pipeline
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     real_ddp, real_barrier = base_pipeline.DDP, dist.barrier
@@ -212,9 +214,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, data: str, out: str) -> N
             super().__init__(module, **kwargs)
 
     base_pipeline.DDP = CpuDDP
-    dist.barrier = lambda *args, device_ids=None, **kwargs: real_barrier(*args, **kwargs)
+    dist.barrier = lambda *args, device_ids=None, **kwargs: real_barrier(*args, **kwargs)  # noqa: PLW0108 - drops device_ids (gloo rejects it)
 
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny")
     config.output_dir, config.experiment_name, config.vis, config.timestamp = Path(out), "ddp", "tensorboard", "run"

@@ -3,17 +3,16 @@ from rendering weights, the refinement loop, and `vq3d export-splats` end to end
 
 import math
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from nerfstudio.data.scene_box import SceneBox
+from helpers import cli, run
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from plyfile import PlyData
 
-from conftest import cli, run
-from vq3d_nerfstudio import splats
-from vq3d_nerfstudio.model import Vq3dModelConfig
-from vq3d_nerfstudio.orbit import orbit_cameras
+from vq3d_nerfstudio.export import splats
+from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 from vq3d_nerfstudio.scripts.export_splats import export_cameras, export_poses
 
 STANDARD_NAMES = (
@@ -255,13 +254,7 @@ class SphereField(torch.nn.Module):
 
 
 def tiny_model(size=24):
-    config = Vq3dModelConfig(
-        image_size=size, patch_size=4, hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=2,
-        codebook_size=32, code_dim=8, triplane_resolution=12, triplane_channels=4, field_hidden_dim=16,
-        num_coarse_samples=24, num_fine_samples=24, output_normals=False,
-    )
-    torch.manual_seed(0)
-    model = config.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1, metadata={}).eval()
+    model = helpers.tiny_model(size, triplane_resolution=12, samples_per_ray=24, num_train_data=1, output_normals=False).eval()
     model.set_scene_images(torch.rand(size, size, 3))
     return model
 
@@ -273,7 +266,7 @@ def test_samples_are_the_ones_render_rays_composites():
     samples = splats.nerf_samples(model, rays, planes)
     batch_idx = torch.zeros(200, dtype=torch.long)
     with torch.no_grad():
-        out = model.render_rays(model.collider(rays), planes, batch_idx, keep_samples=True)
+        out = model.render_rays(rays, planes, batch_idx, keep_samples=True)
     assert torch.allclose(samples.weights[:, :-1], out["weights_fine"][:, :-1, 0], atol=1e-6)
     assert torch.allclose(samples.weights.sum(-1), torch.ones(200), atol=1e-5)  # the last sample takes the rest
     assert torch.allclose((samples.weights[..., None] * samples.rgb).sum(1), out["rgb"], atol=1e-5)

@@ -9,16 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import cli, run
 
-from conftest import cli, run
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
-from vq3d_nerfstudio.stage2.data import (
-    TokenCacheError,
-    global_batch,
-    load_token_cache,
-    rank_share,
-    write_token_cache,
-)
+from vq3d_nerfstudio.stage2.data import TokenCacheError, global_batch, load_token_cache, rank_share, write_token_cache
 from vq3d_nerfstudio.stage2.sample import SampleError, resolve_class
 from vq3d_nerfstudio.stage2.train import drop_labels, lr_at
 from vq3d_nerfstudio.stage2.transformer import (
@@ -303,7 +297,7 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
 
     # FID of sampled scenes at the canonical and a novel view (random Inception weights: the plumbing,
     # not the score; the score's maths is tested in test_fid.py)
-    from vq3d_nerfstudio.stage2.fid import FIDInceptionV3
+    from vq3d_nerfstudio.evaluation.fid import FIDInceptionV3
 
     torch.manual_seed(1)
     weights = tmp_path / "inception.pth"

@@ -20,21 +20,18 @@ import pytest
 from PIL import Image
 
 from vq3d_nerfstudio.data.synth import (
-    CANONICAL_DISTANCE,
-    CANONICAL_FOV_DEG,
     VIEW_OFFSETS_DEG,
     Box,
     Cylinder,
     Material,
     Sphere,
     SynthScene,
-    focal_length,
-    orbit_camera_to_world,
     render_view,
     sample_scene,
     scene_rng,
     write_scenes,
 )
+from vq3d_nerfstudio.geometry.poses import CANONICAL_DISTANCE, CANONICAL_FOV_DEG, focal_length, orbit_matrix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TAN25 = math.tan(math.radians(25.0))
@@ -88,7 +85,7 @@ def test_constants():
 
 def test_camera_matrices():
     for yaw, el in VIEW_OFFSETS_DEG:
-        c2w = orbit_camera_to_world(yaw, el)
+        c2w = orbit_matrix(yaw, el)
         assert c2w.shape == (4, 4)
         np.testing.assert_allclose(c2w[3], [0, 0, 0, 1], atol=0)
         rot, pos = c2w[:3, :3], c2w[:3, 3]
@@ -106,12 +103,12 @@ def test_camera_matrices():
         # "Up" is world +y: camera x axis is horizontal and camera y points upwards.
         assert abs(rot[1, 0]) < 1e-12
         assert rot[1, 1] > 0
-    np.testing.assert_array_equal(orbit_camera_to_world(0.0, 0.0), CANONICAL)
-    assert orbit_camera_to_world(20.0, 0.0)[0, 3] > 0
-    assert orbit_camera_to_world(-20.0, 0.0)[0, 3] < 0
-    assert orbit_camera_to_world(0.0, 10.0)[1, 3] > 0
-    assert orbit_camera_to_world(0.0, -10.0)[1, 3] < 0
-    np.testing.assert_allclose(orbit_camera_to_world(0.0, 0.0, distance=3.0)[:3, 3], [0, 0, 3])
+    np.testing.assert_array_equal(orbit_matrix(0.0, 0.0), CANONICAL)
+    assert orbit_matrix(20.0, 0.0)[0, 3] > 0
+    assert orbit_matrix(-20.0, 0.0)[0, 3] < 0
+    assert orbit_matrix(0.0, 10.0)[1, 3] > 0
+    assert orbit_matrix(0.0, -10.0)[1, 3] < 0
+    np.testing.assert_allclose(orbit_matrix(0.0, 0.0, distance=3.0)[:3, 3], [0, 0, 3])
 
 
 # --------------------------------------------------------------------------------------
@@ -228,7 +225,7 @@ def test_box_axis_aligned_and_rotated():
     # A box seen from the side (yaw +90): camera at (2, 0, 0) sees the +x face at x = 0.3.
     # Half extents (0.3, 0.3, 0.1): the +x face is 0.3 away from the centre.
     box = Box((0.0, -0.2, 0.0), (0.3, 0.3, 0.1), 0.0, Material(RED))
-    _, depth = render_view(empty_scene(objects=[box]), orbit_camera_to_world(90.0, 0.0), R)
+    _, depth = render_view(empty_scene(objects=[box]), orbit_matrix(90.0, 0.0), R)
     assert depth[C, C] == pytest.approx(1.7, abs=1e-6)
 
 
@@ -299,7 +296,7 @@ def test_multiview_depth_consistency():
     checked = 0
     for index in range(3):
         scene = sample_scene(scene_rng(0, index))
-        c2w0 = orbit_camera_to_world(*VIEW_OFFSETS_DEG[0])
+        c2w0 = orbit_matrix(*VIEW_OFFSETS_DEG[0])
         _, depth0 = render_view(scene, c2w0, res)
         valid = np.isfinite(depth0) & (depth0 < 6.0)
         z = depth0[valid].astype(np.float64)
@@ -308,7 +305,7 @@ def test_multiview_depth_consistency():
         # Every back-projected point is on the ground or above it.
         assert world[:, 1].min() > -0.5 - 1e-5
         for yaw, el in VIEW_OFFSETS_DEG[1:]:
-            c2w1 = orbit_camera_to_world(yaw, el)
+            c2w1 = orbit_matrix(yaw, el)
             # Project into view k; keep the points inside its image.
             cam1 = (world - c2w1[:3, 3]) @ c2w1[:3, :3]
             z1 = -cam1[:, 2]
@@ -337,7 +334,7 @@ def test_render_all_rays_vectorised_speed():
     scene = sample_scene(scene_rng(0, 3))
     start = time.perf_counter()
     for yaw, el in VIEW_OFFSETS_DEG:
-        render_view(scene, orbit_camera_to_world(yaw, el), 64)
+        render_view(scene, orbit_matrix(yaw, el), 64)
     assert time.perf_counter() - start < 1.0
 
 
@@ -426,7 +423,7 @@ def test_write_scenes_layout_and_contents(tmp_path):
             assert frame["depth_file_path"] == f"depths/frame_{k:05d}.npy"
             assert (frame["yaw_deg"], frame["elevation_deg"]) == VIEW_OFFSETS_DEG[k]
             c2w = np.array(frame["transform_matrix"])
-            np.testing.assert_allclose(c2w, orbit_camera_to_world(*VIEW_OFFSETS_DEG[k]), atol=1e-12)
+            np.testing.assert_allclose(c2w, orbit_matrix(*VIEW_OFFSETS_DEG[k]), atol=1e-12)
             img = Image.open(scene_dir / frame["file_path"])
             assert img.format == "PNG" and img.mode == "RGB" and img.size == (16, 16)
             depth = np.load(scene_dir / frame["depth_file_path"])
@@ -562,7 +559,7 @@ def test_scene_class_is_the_kind_of_the_object_nearest_the_camera():
 
 
 def test_dataparser_reads_synth_classes(tmp_path):
-    from vq3d_nerfstudio.data.dataparser import scan_image_folder
+    from vq3d_nerfstudio.data.folders import scan_image_folder
     from vq3d_nerfstudio.data.synth import sample_scene, scene_class, scene_rng
 
     write_scenes(tmp_path, num_scenes=6, resolution=8, num_views=1, seed=0, num_workers=1, progress=False)

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from vq3d_nerfstudio.triplane import contract, sample_triplanes, sample_triplanes_by_index
+from vq3d_nerfstudio.stage1.triplane import (
+    PlaneLayout,
+    contract,
+    contract_1d,
+    frustum_coordinates,
+    frustum_points,
+    sample_triplanes,
+    sample_triplanes_by_index,
+    uncontract_1d,
+)
 
 RES = 9
 
@@ -70,7 +79,7 @@ def test_contraction_hand_values():
 
 def test_decoder_layout_lines_image_rows_up_with_world_y():
     """A token-grid cell at image row i, column j lands where the canonical camera sees it."""
-    from vq3d_nerfstudio.triplane_decoder import align_to_image
+    from vq3d_nerfstudio.stage1.decoder import align_to_image
 
     grids = torch.zeros(1, 3, 1, RES, RES)
     top_row, left_col = 0, 0
@@ -86,14 +95,6 @@ def test_decoder_layout_lines_image_rows_up_with_world_y():
 
 
 # ---- the frustum layout ---------------------------------------------------------------------------
-from vq3d_nerfstudio.triplane import (  # noqa: E402
-    PlaneLayout,
-    contract_1d,
-    frustum_coordinates,
-    frustum_points,
-    uncontract_1d,
-)
-
 TAN = math.tan(math.radians(25.0))  # the canonical camera's 50 degree field of view
 
 
@@ -123,7 +124,7 @@ def test_frustum_coordinates_hand_values():
 def test_pixel_centres_read_their_token_tile_at_every_depth():
     """The decoder writes token (i, j)'s tile at plane tile (i, j); every point on the ray through a
     pixel centre of that image patch samples exactly that tile's xy texel, near or far."""
-    from vq3d_nerfstudio.triplane_decoder import place_planes
+    from vq3d_nerfstudio.stage1.decoder import place_planes
 
     size, grid, margin = 16, 4, 2  # 4x4 tokens of 4x4 pixels, one texel per pixel
     layout = PlaneLayout(inner_resolution=size, margin=margin)
@@ -170,7 +171,7 @@ def test_canonical_rays_reach_most_xy_texels():
 def test_supported_novel_views_stay_inside_the_planes():
     """Orbits of +-30 degrees yaw and +-15 elevation (the GAN's range): every sample lands in the
     planes, and the scene around the pivot in the inner, image-aligned part."""
-    from vq3d_nerfstudio.orbit import orbit_cameras
+    from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
     layout = PlaneLayout(inner_resolution=64, margin=3)
     views = [(yaw, pitch) for yaw in (-30.0, 0.0, 30.0) for pitch in (-15.0, 15.0)]
@@ -205,7 +206,7 @@ def test_frustum_map_is_continuous_and_invertible():
 
 
 def test_field_depth_input_is_the_plane_coordinates_and_their_depth_frequencies():
-    from vq3d_nerfstudio.field import TriplaneField
+    from vq3d_nerfstudio.stage1.field import TriplaneField
 
     layout = PlaneLayout(inner_resolution=8, margin=1)
     field = TriplaneField(triplane_channels=2, hidden_dim=8, layout=layout, num_depth_frequencies=2)

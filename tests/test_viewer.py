@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vq3d_nerfstudio.viewer_controls import MAX_UPLOAD_BYTES, ViewerUploadButton, decode_upload
+from vq3d_nerfstudio.ns.viewer_controls import MAX_UPLOAD_BYTES, ViewerUploadButton, decode_upload
 
 
 def png_bytes(array):
@@ -59,8 +59,8 @@ def test_decode_upload_of_each_awkward_kind(monkeypatch):
 def test_picking_a_bad_dataset_image_keeps_the_scene():
     from types import SimpleNamespace
 
-    from vq3d_nerfstudio.data.dataparser import DatasetError
-    from vq3d_nerfstudio.viewer_controls import SceneControls
+    from vq3d_nerfstudio.errors import DatasetError
+    from vq3d_nerfstudio.ns.viewer_controls import SceneControls
 
     def show_image(split, index):
         raise DatasetError("/data/kaputt.png: cannot read image (image file is truncated); replace or remove the file")
@@ -75,7 +75,7 @@ def test_picking_a_bad_dataset_image_keeps_the_scene():
 
 @pytest.fixture(scope="module")
 def pipeline(synth_dir):
-    from vq3d_nerfstudio.method_configs import build_trainer_config
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny").pipeline
     config.datamanager.data = synth_dir
@@ -98,14 +98,14 @@ def test_controls_are_found_and_pick_scenes(pipeline):
     names = pipeline.datamanager.train_dataset.metadata["class_names"]
     class_id = pipeline.datamanager.train_dataset.class_ids[3]
     assert names == ["box", "cylinder", "sphere"]
-    assert model._scene_key == ("train", 3) and controls.shown.value == f"training image 3, class {names[class_id]}"
-    assert torch.equal(model._scene_image[0].permute(1, 2, 0), pipeline.load_image("train", 3))
+    assert model.scene.key == ("train", 3) and controls.shown.value == f"training image 3, class {names[class_id]}"
+    assert torch.equal(model.scene.image[0].permute(1, 2, 0), pipeline.load_image("train", 3))
     controls.index.value = 10_000
     controls._on_pick()
-    assert model._scene_key == ("train", 3) and "no train image 10000" in controls.shown.value
+    assert model.scene.key == ("train", 3) and "no train image 10000" in controls.shown.value
     controls.split.value = "eval"
     controls._on_random()
-    assert model._scene_key[0] == "eval" and 0 <= model._scene_key[1] < len(pipeline.datamanager.eval_dataset)
+    assert model.scene.key[0] == "eval" and 0 <= model.scene.key[1] < len(pipeline.datamanager.eval_dataset)
 
 
 class Uploaded:
@@ -121,12 +121,12 @@ def test_upload_shows_the_photo_and_bad_uploads_keep_the_scene(pipeline):
     photo = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     button.uploaded = Uploaded("photo.png", png_bytes(photo))
     controls._on_upload(button)
-    assert model._scene_key == ("upload", 0) and controls.shown.value == "uploaded photo photo.png"
-    assert torch.allclose(model._scene_image[0].permute(1, 2, 0), torch.from_numpy(photo / 255.0).float(), atol=1e-6)
-    before = model._scene_image.clone()
+    assert model.scene.key == ("upload", 0) and controls.shown.value == "uploaded photo photo.png"
+    assert torch.allclose(model.scene.image[0].permute(1, 2, 0), torch.from_numpy(photo / 255.0).float(), atol=1e-6)
+    before = model.scene.image.clone()
     button.uploaded = Uploaded("virus.exe", b"MZ\x90\x00")
     controls._on_upload(button)
-    assert torch.equal(model._scene_image, before) and "upload refused: virus.exe" in controls.shown.value
+    assert torch.equal(model.scene.image, before) and "upload refused: virus.exe" in controls.shown.value
 
 
 def test_nerfstudio_viewer_installs_the_controls_on_a_real_server(pipeline, tmp_path):
@@ -141,7 +141,7 @@ def test_nerfstudio_viewer_installs_the_controls_on_a_real_server(pipeline, tmp_
         assert controls.upload.gui_handle is not None and controls.index.gui_handle is not None
         controls.split.gui_handle.value, controls.index.gui_handle.value = "train", 2
         controls.index.cb_hook(controls.index)  # the hook as the viewer rewired it (pick + re-render)
-        assert pipeline.model._scene_key == ("train", 2) and controls.shown.value.startswith("training image 2, class ")
+        assert pipeline.model.scene.key == ("train", 2) and controls.shown.value.startswith("training image 2, class ")
         assert viewer.control_panel.max_res == 2 * pipeline.model.config.image_size  # CPU default, not 512
     finally:
         viewer.viser_server.stop()
@@ -167,8 +167,8 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
     from nerfstudio.viewer.utils import parse_object
     from nerfstudio.viewer.viewer_elements import ViewerElement
 
+    from vq3d_nerfstudio.ns.viewer_controls import SampleControls
     from vq3d_nerfstudio.stage2.sample import SamplingSettings, SceneSampler
-    from vq3d_nerfstudio.viewer_controls import SampleControls
 
     names = ["box", "cylinder", "sphere"]
     tiny = pipeline.model
@@ -184,16 +184,16 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
     before = model.current_planes().clone()
     controls.class_label.value = "cylinder"
     controls._on_sample()
-    assert model._scene_key == ("sample", 1)
+    assert model.scene.key == ("sample", 1)
     assert shown.value == "stage-2 sample of cylinder (seed 1)"
     expected = SceneSampler.from_checkpoint(tmp_path / "s2", model).sample(1, 1, SamplingSettings(), torch.Generator().manual_seed(1))
-    assert torch.equal(model._scene_indices[0].cpu(), expected[0])
+    assert torch.equal(model.scene.indices[0].cpu(), expected[0])
     torch.testing.assert_close(model.current_planes(), model.decode_from_indices(expected.to(model.device)))
     assert not torch.allclose(model.current_planes(), before)
     controls.class_label.value = "7"
     controls._on_sample()
     assert "cannot sample" in shown.value and "out of range" in shown.value
-    assert model._scene_key == ("sample", 1)
+    assert model.scene.key == ("sample", 1)
 
     # a checkpoint for another codebook is refused in the viewer, not with a traceback
     write_stage2_checkpoint(tmp_path / "other", tiny.config.codebook_size * 2, tiny.grid_size, names)
@@ -203,7 +203,7 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
 
 
 def test_edit_controls_blend_and_place(pipeline):
-    from vq3d_nerfstudio.edits import encode_image, interpolate
+    from vq3d_nerfstudio.stage1.edits import encode_image, interpolate
 
     torch.manual_seed(0)  # a pipeline of its own: the shared one's viewer was stopped above
     pipeline = pipeline.config.setup(device="cpu", test_mode="val").eval()
@@ -226,6 +226,6 @@ def test_edit_controls_blend_and_place(pipeline):
     assert shown.value == "A -> B at t = 0.50 (latent)"
     controls.place.value = True
     controls._on_place()
-    assert model._scene_composition is not None and model._scene_composition.position == (0.0, 0.0, 0.5)
+    assert model.scene.composition is not None and model.scene.composition.position == (0.0, 0.0, 0.5)
     torch.testing.assert_close(model.current_planes(), a.planes)
     assert shown.value.startswith("B placed into A")

@@ -11,9 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from helpers import cli
 from PIL import Image
-
-from conftest import cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

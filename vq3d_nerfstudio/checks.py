@@ -11,7 +11,7 @@
   line so that a truncated ``--camera-path-filename``, ``--num-points 0`` or an unwritable
   ``--output-dir`` is refused in one line before the model loads, not after.
 
-This module is imported by ``vq3d_nerfstudio.trainer`` (every ``ns-*`` command imports it): standard
+This module is imported by ``vq3d_nerfstudio.ns.trainer`` (every ``ns-*`` command imports it): standard
 library only.
 """
 
@@ -41,6 +41,10 @@ class _Marker:
 POSITIVE = _Marker("positive")
 OUTPUT_DIR = _Marker("output folder")
 OUTPUT_FILE = _Marker("output file")
+#: On a field holding a group of options (a nested dataclass) whose options the command line spells
+#: without the field's name (``--fps``, not ``--orbit.fps``; tyro's ``OmitArgPrefixes``), so that
+#: messages name them as the user typed them.
+UNPREFIXED = _Marker("unprefixed")
 
 PositiveInt = Annotated[int, POSITIVE]
 """A count that must be at least 1 (frames, samples, batch sizes, ...)."""
@@ -67,7 +71,7 @@ def _markers(hint: Any) -> List[_Marker]:
 def _type_hints(cls: type) -> dict:
     try:
         return typing.get_type_hints(cls, include_extras=True)
-    except Exception:  # noqa: BLE001 - a third-party config whose annotations do not resolve: no markers
+    except Exception:  # a third-party config whose annotations do not resolve: no markers
         return {}
 
 
@@ -77,7 +81,9 @@ def _leaves(value: Any, path: Tuple[str, ...], markers: List[_Marker]) -> Iterat
         hints = _type_hints(type(value))
         for f in dataclasses.fields(value):
             if not f.name.startswith("_"):
-                yield from _leaves(getattr(value, f.name), path + (f.name,), _markers(hints.get(f.name)))
+                field_markers = _markers(hints.get(f.name))
+                prefix = path if UNPREFIXED in field_markers else path + (f.name,)
+                yield from _leaves(getattr(value, f.name), prefix, field_markers)
     elif isinstance(value, dict):
         for key, item in value.items():
             yield from _leaves(item, path + (str(key),), markers)

@@ -54,8 +54,13 @@ from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader, RandIn
 from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from vq3d_nerfstudio.data.dataparser import DatasetError, Vq3dImagesDataParserConfig
-from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, DepthCoverage, Vq3dImageDataset
+from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+from vq3d_nerfstudio.data.dataset import DepthCoverage, SKIPPED_KEY, Vq3dImageDataset
+from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset, TrainingStream, num_training_samples
+from vq3d_nerfstudio.data.shards import ShardReader
+from vq3d_nerfstudio.data.views import MultiviewDataset, check_perspective, posed_views_from_scene_files, single_image_outputs
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.geometry.cameras import sample_novel_poses, square_pinhole_cameras
 
 
 @dataclass
@@ -191,8 +196,6 @@ class Vq3dDataManager(VanillaDataManager):
         self.shard_root: Optional[Path] = self.train_dataparser_outputs.metadata.get("shard_root")
         dataset_class = Vq3dImageDataset
         if self.shard_root is not None:
-            from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset
-
             dataset_class = ShardImageDataset
         self.train_dataset = self._multiview_dataset() if config.multiview_supervision else dataset_class(self.train_dataparser_outputs)
         self.eval_dataset = dataset_class(eval_outputs)
@@ -241,8 +244,6 @@ class Vq3dDataManager(VanillaDataManager):
         """A nerfstudio dataparser's ``split`` as single images (an empty eval split: ``fallback``,
         the training images, as vq3d-images evaluates a one-image folder on its image). Its failures
         and a dataparser without images end the run in one line."""
-        from vq3d_nerfstudio.data.views import single_image_outputs
-
         name = self._dataparser_name()
         try:
             outputs = self.dataparser.get_dataparser_outputs(split=split)
@@ -263,8 +264,6 @@ class Vq3dDataManager(VanillaDataManager):
     def _multiview_dataset(self) -> Vq3dImageDataset:
         """The training images with the supervising views of their scenes; one line when the data
         has no poses (a folder of single images, prepared shards) or no pinhole cameras."""
-        from vq3d_nerfstudio.data.views import MultiviewDataset, check_perspective, posed_views_from_scene_files
-
         outputs, config = self.train_dataparser_outputs, self.config
         metadata = outputs.metadata
         try:
@@ -313,9 +312,6 @@ class Vq3dDataManager(VanillaDataManager):
 
     def _shard_loader(self, start_epoch: int) -> Iterator[Dict]:
         """Batches of ``images_per_batch`` training images streamed from the prepared shards."""
-        from vq3d_nerfstudio.data.shard_dataset import TrainingStream
-        from vq3d_nerfstudio.data.shards import ShardReader
-
         metadata = self.train_dataset.metadata
         rank = global_rank(self.local_rank)
         reader = ShardReader(
@@ -474,8 +470,6 @@ class Vq3dDataManager(VanillaDataManager):
     def _epoch_at(self, step: int) -> int:
         """The shard epoch a run (resumed) at ``step`` has reached, estimated from the index, so a
         resumed run goes on with new shuffles instead of replaying epoch 0's order."""
-        from vq3d_nerfstudio.data.shard_dataset import num_training_samples
-
         metadata = self.train_dataset.metadata
         per_epoch = num_training_samples(metadata["shard_index"], metadata["shard_held_out"])
         return step * self.config.images_per_batch * self.world_size // per_epoch
@@ -483,9 +477,6 @@ class Vq3dDataManager(VanillaDataManager):
     def orbit_rays(self, num_rays: int, num_cameras: int = 64) -> RayBundle:
         """``num_rays`` rays at random pixels of ``num_cameras`` random cameras orbiting the pivot
         (at the canonical distance, within the export yaw/elevation range), no ``batch_idx``."""
-        from vq3d_nerfstudio.data.dataparser import square_pinhole_cameras
-        from vq3d_nerfstudio.gan import sample_novel_poses
-
         size, distance, fov_deg = self.canonical()
         poses = sample_novel_poses(
             num_cameras, distance, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg

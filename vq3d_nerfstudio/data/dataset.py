@@ -29,7 +29,7 @@ from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from PIL import Image
 
-from vq3d_nerfstudio.data.dataparser import DatasetError
+from vq3d_nerfstudio.errors import DatasetError
 
 ImageSource = Union[Path, str, IO[bytes]]
 
@@ -90,7 +90,7 @@ def _exif_orientation(pil: Image.Image) -> int:
     are still good: show them as stored rather than refuse the photo)."""
     try:
         value = pil.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - Pillow raises many types on a malformed EXIF block
+    except Exception:  # Pillow raises many types on a malformed EXIF block
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -191,7 +191,7 @@ def _read_rgb_image(source: ImageSource, label: Optional[str] = None) -> Image.I
         ) from err
     except MemoryError as err:
         raise DatasetError(f"{label}: cannot read image (out of memory decoding it); downscale or remove the file") from err
-    except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, ... on bad data
+    except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, ... on bad data
         reason = _one_line(f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else err)
         raise DatasetError(f"{label}: cannot read image ({reason}); replace or remove the file") from err
 
@@ -230,7 +230,7 @@ def image_size_of(path: Path) -> Tuple[int, int]:
             orientation = _exif_orientation(pil)
     except Image.DecompressionBombError as err:
         raise DatasetError(f"{path}: cannot read image ({_bomb_reason(err)})") from err
-    except Exception as err:  # noqa: BLE001 - as read_rgb
+    except Exception as err:  # as read_rgb
         raise DatasetError(f"{path}: cannot read image ({_one_line(err)}); replace or remove the file") from err
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
@@ -266,7 +266,7 @@ def load_depth_array(path: Path, image_hw: Tuple[int, int]) -> np.ndarray:
                 f"{path}: depth is an object array (Python objects, dtype=object), not numbers; {_SAVE_HINT}"
             ) from err
         raise DatasetError(f"{path}: cannot read depth (damaged or truncated: {_one_line(err)}); {_SAVE_HINT}") from err
-    except Exception as err:  # noqa: BLE001 - EOFError, OSError, ... on a damaged header
+    except Exception as err:  # EOFError, OSError, ... on a damaged header
         raise DatasetError(f"{path}: cannot read depth ({type(err).__name__}: {_one_line(err)}); {_SAVE_HINT}") from err
     if depth.dtype.kind not in "fiu":
         what = {"b": "booleans (a mask?)", "c": "complex numbers", "V": "structured records", "U": "strings",
@@ -289,7 +289,7 @@ def load_depth_image(path: Path, image_hw: Tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as pil:
             depth = np.asarray(pil).astype(np.float32)
-    except Exception as err:  # noqa: BLE001 - as read_rgb
+    except Exception as err:  # as read_rgb
         raise DatasetError(f"{path}: cannot read depth image ({_one_line(err)}); save depth as a 16-bit PNG or .npy") from err
     if depth.ndim == 3:
         depth = depth[..., 0]

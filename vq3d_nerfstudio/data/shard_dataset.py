@@ -15,6 +15,10 @@ sees two small sets that the dataparser finds by reading tar headers: the first
 ``shard_eval_images`` held-out samples (scanning forward from shard 0 up to the first training
 sample) and a preview of the last ``shard_preview_images`` training samples (scanning the last
 shards backwards). Each item is read by its byte offset when asked for; nothing is cached.
+
+**Where from.** The dataparser's sets need local files (byte offsets, ``tarfile``); the training
+stream is webdataset's and also reads shards from URLs, ``pipe:`` commands and brace patterns
+(:class:`ShardReader` takes any of them; see :mod:`vq3d_nerfstudio.data.shards`).
 """
 
 from __future__ import annotations
@@ -27,17 +31,8 @@ from typing import Any, Dict, FrozenSet, Iterator, List
 import torch
 from nerfstudio.data.datasets.base_dataset import InputDataset
 
-from vq3d_nerfstudio.data.dataparser import split_fraction
-from vq3d_nerfstudio.data.shards import (
-    FORMAT_NAME,
-    INDEX_NAME,
-    SampleLocation,
-    ShardError,
-    ShardReader,
-    decode_sample,
-    read_sample,
-    scan_shard,
-)
+from vq3d_nerfstudio.data.folders import split_fraction
+from vq3d_nerfstudio.data.shards import FORMAT_NAME, INDEX_NAME, SampleLocation, ShardError, ShardReader, decode_sample, read_sample, scan_shard
 
 
 def is_prepared_folder(root: Path) -> bool:

@@ -23,10 +23,34 @@ Members of a sample (sorted by name inside the sample):
   (256 KB) is the larger member anyway, so a sample with depth is ~370 KB;
 - ``<key>.source.txt``: the input's path relative to the input folder (or as listed), UTF-8.
 
-Tar members are written deterministically (ustar, mtime 0, uid/gid 0, mode 0644, sample order and
-member order fixed), so the same inputs give byte-identical shards. Each shard is written under a
-hidden temporary name and renamed when complete: a killed run never leaves a partial shard under a
-shard's name.
+The tar work is the ``webdataset`` library's: :func:`write_shard` writes through
+``webdataset.TarWriter`` and the streaming reader (:func:`iter_shard_raw`, :class:`ShardReader`)
+reads through ``webdataset.gopen`` and its tar iterators, so shards are what any WebDataset
+pipeline reads and any source ``gopen`` opens can be streamed. Members are written
+deterministically (ustar headers, mtime 0, uid/gid 0, empty user/group names, mode 0644, sample
+order and member order fixed), so the same inputs give byte-identical shards. Each shard is
+written under a hidden temporary name and renamed when complete: a killed run never leaves a
+partial shard under a shard's name. Random access by byte offset (:func:`scan_shard`,
+:func:`read_sample`, used for the small eval and preview sets) stays on ``tarfile`` over local
+files: webdataset only streams.
+
+Sources :class:`ShardReader` streams from (training on a cluster without a shared file system):
+
+- a local folder (a ``vq3d prepare`` output): ``index.json`` and every shard it lists;
+- a folder URL, ``http://host/data/imagenet256`` (or ``https://``): ``index.json`` is fetched from
+  ``<url>/index.json`` and every shard it lists from ``<url>/<name>``;
+- a shard pattern ending in ``.tar``, with or without braces: a URL
+  (``https://host/data/shard-{000000..000127}.tar``), a ``pipe:`` command that writes a shard to
+  its stdout (``pipe:aws s3 cp s3://bucket/data/shard-{000000..000127}.tar -``), or a local path.
+  Braces are expanded (``braceexpand``, as WebDataset does) into the shards to read, in that order;
+  a pattern may name a subset of the shards. ``index.json`` is found *beside* them: the source with
+  the shard file name replaced by ``index.json`` (``pipe:aws s3 cp s3://bucket/data/index.json -``).
+
+``index.json`` is required for every source: the resolution, class names, depth kind and per-shard
+sample counts it holds are what the rank split and the checks rely on, and guessing them from the
+first samples would be wrong for a collection whose classes or depth vary. A source without it is
+one :class:`ShardError` naming the address tried. ``http(s)://`` is read with ``curl`` (as
+webdataset does) and ``pipe:`` runs its command through the shell: use trusted sources only.
 
 ``index.json``: ``format``/``version``, ``complete``, ``resolution``, ``image_format``,
 ``num_samples``, ``num_inputs``, ``class_names``, ``depth_kind`` ("disparity" or "none"),
@@ -44,16 +68,22 @@ import json
 import math
 import os
 import random
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import webdataset
 from PIL import Image
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vq3d_nerfstudio.data.dataparser import DatasetError
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.files import atomic_path, file_sha256, write_atomic
 
 INDEX_NAME = "index.json"
 BAD_FILES_NAME = "bad_files.txt"
@@ -72,11 +102,6 @@ class ShardError(DatasetError):
 def shard_name(index: int) -> str:
     """File name of shard ``index``: ``shard-000000.tar``."""
     return f"shard-{index:06d}.tar"
-
-
-def temporary_path(path: Path) -> Path:
-    """Hidden name a file is written under before the rename that makes it visible."""
-    return path.with_name(f".{path.name}.partial")
 
 
 def sample_key(position: int) -> str:
@@ -126,60 +151,17 @@ def decode_disparity(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32, copy=True))
 
 
-def _member(name: str, data: bytes) -> Tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info, io.BytesIO(data)
-
-
-def sample_members(sample: EncodedSample) -> List[Tuple[str, bytes]]:
-    """The ``(name, bytes)`` tar members of one sample, sorted by name."""
+def webdataset_sample(sample: EncodedSample) -> Dict[str, Any]:
+    """One sample as ``webdataset.TarWriter`` takes it: ``{"__key__": key, ext: bytes}`` (the writer
+    stores the members sorted by extension, so adjacent and in a fixed order)."""
     if not sample.key or "." in sample.key or "/" in sample.key:
         raise ValueError(f"bad sample key {sample.key!r}: keys need at least one character and no '.' or '/'")
-    members = [(f"{sample.key}.cls", str(int(sample.class_id)).encode("ascii"))]
+    members: Dict[str, Any] = {"__key__": sample.key, "cls": str(int(sample.class_id)).encode("ascii")}
     if sample.depth_npy is not None:
-        members.append((f"{sample.key}.depth.npy", sample.depth_npy))
-    members.append((f"{sample.key}.png", sample.png))
-    members.append((f"{sample.key}.source.txt", sample.source.encode("utf-8")))
-    return sorted(members)
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file, fsync, and rename it over ``path``."""
-    tmp = temporary_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        members["depth.npy"] = sample.depth_npy
+    members["png"] = sample.png
+    members["source.txt"] = sample.source.encode("utf-8")
+    return members
 
 
 def write_shard(path: Path, samples: Iterable[EncodedSample]) -> Dict[str, Any]:
@@ -188,25 +170,20 @@ def write_shard(path: Path, samples: Iterable[EncodedSample]) -> Dict[str, Any]:
     Returns:
         ``{"name", "num_samples", "num_bytes", "sha256"}`` of the finished shard.
     """
-    tmp = temporary_path(path)
     count = 0
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            # Deterministic headers: mtime, mode and user/group names fixed here, uid/gid left at
+            # TarInfo's 0. TarWriter opens tarfile in its default (pax) format whatever its `format`
+            # argument says (webdataset 1.0.2 drops it), but pax writes a plain ustar header, with no
+            # extended header, for members like ours: short ASCII names, integer mtime, sizes < 8 GiB;
+            # tests/test_prepare.py checks the bytes against the former hand-written ustar writer's.
+            with webdataset.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
                 for sample in samples:
-                    for name, data in sample_members(sample):
-                        info, payload = _member(name, data)
-                        tar.addfile(info, payload)
+                    writer.write(webdataset_sample(sample))
                     count += 1
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sha256 = file_sha256(tmp)
-    num_bytes = tmp.stat().st_size
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        sha256 = file_sha256(tmp)
+        num_bytes = tmp.stat().st_size
     return {"name": path.name, "num_samples": count, "num_bytes": num_bytes, "sha256": sha256}
 
 
@@ -226,8 +203,17 @@ def read_index(root: Path, require_complete: bool = True) -> Dict[str, Any]:
     if not path.is_file():
         raise ShardError(f"{path}: no such file; prepare the dataset with `vq3d prepare --input ... --output {root}`")
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ShardError(f"{path}: not readable JSON ({err}); rerun `vq3d prepare` with the same options") from err
+    return parse_index(data, path, require_complete)
+
+
+def parse_index(data: bytes, path: Union[Path, str], require_complete: bool = True) -> Dict[str, Any]:
+    """Check the bytes of an ``index.json`` read from ``path`` (a file or a URL, named in errors)."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+    except ValueError as err:
         raise ShardError(f"{path}: not readable JSON ({err}); rerun `vq3d prepare` with the same options") from err
     found = index.get("format") if isinstance(index, dict) else type(index).__name__
     if found != FORMAT_NAME:
@@ -252,11 +238,119 @@ def verify_shards(root: Path, index: Optional[Dict[str, Any]] = None) -> None:
             raise ShardError(f"{path}: missing; rerun `vq3d prepare` with the same options to rewrite it")
         size = path.stat().st_size
         if size != entry["num_bytes"] or file_sha256(path) != entry["sha256"]:
+            raise _checksum_error(path, size, entry)
+
+
+def _checksum_error(where: Union[Path, str], size: int, entry: Dict[str, Any]) -> ShardError:
+    return ShardError(
+        f"{where}: checksum mismatch ({size} bytes, index says {entry['num_bytes']}; sha256 differs): "
+        "the shard is truncated or was modified; delete it and rerun `vq3d prepare` with the same "
+        "options to rewrite it"
+    )
+
+
+def _verify_streamed(shards: Sequence[Tuple[str, Dict[str, Any]]]) -> None:
+    """:func:`verify_shards` for shards read through ``gopen`` (URLs, ``pipe:``, patterns)."""
+    for url, entry in shards:
+        digest, size = hashlib.sha256(), 0
+        try:
+            with gopen(url, "rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 22), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except (OSError, ValueError) as err:
             raise ShardError(
-                f"{path}: checksum mismatch ({size} bytes, index says {entry['num_bytes']}; sha256 differs): "
-                "the shard is truncated or was modified; delete it and rerun `vq3d prepare` with the same "
-                "options to rewrite it"
-            )
+                f"{url}: cannot be read ({_reason(err)}); check the source, or rerun `vq3d prepare`"
+            ) from err
+        if size != entry["num_bytes"] or digest.hexdigest() != entry["sha256"]:
+            raise _checksum_error(url, size, entry)
+
+
+_REMOTE = re.compile(r"^(?:https?://|pipe:)")
+_SHARD_FILE = re.compile(r"[^/\s'\"]+\.tar(?=$|[\s'\"])")
+"""A shard's file name inside a source (a path, URL or ``pipe:`` command): the last one is the shard."""
+
+
+def _shard_file(text: str) -> Optional[re.Match]:
+    matches = list(_SHARD_FILE.finditer(text))
+    return matches[-1] if matches else None
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where :class:`ShardReader` finds ``index.json`` and the shards (see the module docstring)."""
+
+    location: str
+    """As given, for messages."""
+    index_url: str
+    """``index.json``'s local path or the URL / ``pipe:`` command ``webdataset.gopen`` opens."""
+    local: bool
+    """Shards are local files (a folder, or a pattern without a scheme)."""
+    folder: Optional[str] = None
+    """Read every shard of the index from this folder (path or URL); None for a pattern."""
+    pattern: Tuple[str, ...] = ()
+    """A pattern's shards, braces expanded, in reading order."""
+
+    def shards(self, index: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+        """``(address, index entry)`` of each shard to read, in order."""
+        if self.folder is not None:
+            join = os.path.join if self.local else (lambda folder, name: f"{folder}/{name}")
+            return [(join(self.folder, entry["name"]), entry) for entry in index["shards"]]
+        entries = {entry["name"]: entry for entry in index["shards"]}
+        found = []
+        for url in self.pattern:
+            match = _shard_file(url)
+            name = match.group(0) if match else url
+            if name not in entries:
+                raise ShardError(
+                    f"{url}: {name} is not a shard listed in {self.index_url}; fix the pattern, or keep the shards and "
+                    "index.json of one `vq3d prepare` run together"
+                )
+            found.append((url, entries[name]))
+        return found
+
+
+def shard_source(source: Union[Path, str]) -> ShardSource:
+    """Parse what :class:`ShardReader` is given: a local folder, a folder URL, or a shard pattern
+    (URL, ``pipe:`` command or path ending in ``.tar``, braces allowed) with ``index.json`` beside it."""
+    text = str(source)
+    local = not _REMOTE.match(text)
+    match = _shard_file(text)
+    if match is not None:
+        index_url = text[: match.start()] + INDEX_NAME + text[match.end() :]
+        return ShardSource(text, index_url, local, pattern=tuple(expand_urls(text)))
+    if text.startswith("pipe:"):
+        raise ShardError(
+            f"{text}: a pipe: source must name the shards it writes to stdout, e.g. "
+            "`pipe:aws s3 cp s3://bucket/data/shard-{000000..000127}.tar -`"
+        )
+    if local:
+        return ShardSource(text, str(Path(text) / INDEX_NAME), True, folder=text)
+    folder = text.rstrip("/")
+    return ShardSource(text, f"{folder}/{INDEX_NAME}", False, folder=folder)
+
+
+def read_source_index(source: ShardSource) -> Dict[str, Any]:
+    """The checked ``index.json`` of a source (local folders: :func:`read_index`, with its messages)."""
+    if source.local and source.folder is not None:
+        return read_index(Path(source.folder))
+    try:
+        with gopen(source.index_url, "rb") as stream:
+            data = stream.read()
+    except (OSError, ValueError) as err:
+        raise ShardError(
+            f"{source.index_url}: cannot read the shard index ({_reason(err)}); streaming {source.location} needs "
+            f"the {INDEX_NAME} of its `vq3d prepare` run beside the shards: copy or serve the whole output folder"
+        ) from err
+    return parse_index(data, source.index_url)
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's own message: webdataset appends the stream and URL to ``args`` (and `` @ <stream>``
+    to the message), which our messages name already."""
+    if not err.args:
+        return type(err).__name__
+    return str(err.args[0]).split(" @ <")[0]
 
 
 def _split_name(name: str) -> Tuple[str, str]:
@@ -294,28 +388,39 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 def iter_shard_raw(
-    path: Path, keep: Optional[Callable[[int], bool]] = None
+    url: Union[Path, str], keep: Optional[Callable[[int], bool]] = None
 ) -> Iterator[Tuple[int, Optional[Dict[str, bytes]]]]:
-    """Stream ``(position, sample)`` for every sample of one shard, where ``sample`` is
-    ``{ext: bytes, "__key__": key}``, or None for samples that ``keep(position) -> bool`` rejects
-    (their data is skipped, not read). Members of one sample must be adjacent (WebDataset layout).
-    Errors are :class:`ShardError` naming the shard.
+    """Stream ``(position, sample)`` for every sample of one shard (a local path, or a URL or
+    ``pipe:`` command that ``webdataset.gopen`` opens), where ``sample`` is
+    ``{ext: bytes, "__key__": key}``, or None for samples that ``keep(position) -> bool`` rejects.
+    webdataset's tar iterators group the members (they must be adjacent, WebDataset layout). Errors
+    are :class:`ShardError` naming the shard, including a ``pipe:`` command or download that failed.
     """
+    url = str(url)
+    stream = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for position, key, members in _samples_in_tar(tar):
-                if keep is not None and not keep(position):
-                    yield position, None
-                    continue
-                sample: Dict[str, Any] = {"__key__": key}
-                for ext, member in members:
-                    sample[ext] = _read_member(tar, member)
-                yield position, sample
+        stream = gopen(url, "rb")
+        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        for position, sample in enumerate(samples):
+            if keep is not None and not keep(position):
+                yield position, None
+                continue
+            sample.pop("__url__", None)
+            yield position, sample
+        opened, stream = stream, None
+        opened.close()  # a failed command or download shows here, as its exit status
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         raise ShardError(
-            f"{path}: unreadable shard ({err}); it is truncated or corrupt: delete it and rerun "
-            "`vq3d prepare` with the same options (ShardReader(verify=True) checks every sha256 up front)"
+            f"{url}: unreadable shard ({_reason(err)}); it is truncated or corrupt, or its source failed: "
+            "delete it and rerun `vq3d prepare` with the same options (ShardReader(verify=True) checks "
+            "every sha256 up front)"
         ) from err
+    finally:
+        if stream is not None:  # left early (an error, or the consumer stopped): its exit status is moot
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 def consumer_plan(order: Sequence[int], consumer: int, num_consumers: int) -> List[Tuple[int, int, int]]:
@@ -364,7 +469,8 @@ def shuffle_buffer(items: Iterable, buffer_size: int, rng: random.Random) -> Ite
 
 
 class ShardReader(torch.utils.data.IterableDataset):
-    """Streams the samples of a ``vq3d prepare`` output.
+    """Streams the samples of a ``vq3d prepare`` output: a local folder, or a folder URL or shard
+    pattern (URL, ``pipe:`` command, braces) with ``index.json`` beside the shards (module docstring).
 
     Each item is a dict: ``image`` ``[S, S, 3]`` float32 in [0, 1]; ``disparity`` ``[S, S]`` float32
     relative disparity (NaN where unknown) or None when the dataset has no depth; ``class_id`` int
@@ -374,7 +480,9 @@ class ShardReader(torch.utils.data.IterableDataset):
     ``torch.distributed`` when initialised) by :func:`consumer_plan`, whole shards where the shard
     count allows and by sample position inside the remaining shards otherwise; inside a rank, DataLoader
     workers take every ``num_workers``-th sample of the rank's stream. So what a rank sees does not
-    depend on its number of workers, and ranks are disjoint with all samples covered.
+    depend on its number of workers, and ranks are disjoint with all samples covered. (webdataset's
+    ``split_by_node``/``split_by_worker`` deal whole shards only: with fewer shards than consumers
+    some would get nothing, and a rank's samples would change with its worker count.)
 
     Shuffling (``shuffle_buffer > 0``): the shard order is permuted by ``(seed, epoch)`` (the same on
     every rank, so the split stays disjoint), then samples pass through a shuffle buffer seeded by
@@ -383,7 +491,7 @@ class ShardReader(torch.utils.data.IterableDataset):
     the epoch they were created with.
 
     ``verify=True`` checks every shard's size and sha256 against the index when the reader is built
-    (reads the whole dataset once; one :class:`ShardError` naming the first bad shard).
+    (reads, or downloads, the whole dataset once; one :class:`ShardError` naming the first bad shard).
 
     ``exclude(key, source) -> bool`` drops samples before they are decoded or shuffled (the training
     stream leaves out the held-out split this way); it must be picklable for DataLoader workers
@@ -392,7 +500,7 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        root: Path,
+        root: Union[Path, str],
         shuffle_buffer: int = 0,
         seed: int = 0,
         epoch: int = 0,
@@ -402,10 +510,17 @@ class ShardReader(torch.utils.data.IterableDataset):
         exclude: Optional[Callable[[str, str], bool]] = None,
     ):
         super().__init__()
-        self.root = Path(root)
-        self.index = read_index(self.root)
+        self.source = shard_source(root)
+        local_folder = self.source.local and self.source.folder is not None
+        self.root: Union[Path, str] = Path(root) if local_folder else str(root)
+        self.index = read_source_index(self.source)
+        self.shards = self.source.shards(self.index)
+        """``(address, index entry)`` of each shard read, in the source's order."""
         if verify:
-            verify_shards(self.root, self.index)
+            if isinstance(self.root, Path):
+                verify_shards(self.root, self.index)
+            else:
+                _verify_streamed(self.shards)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
@@ -418,7 +533,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.exclude = exclude
-        self.counts = [int(entry["num_samples"]) for entry in self.index["shards"]]
+        self.counts = [int(entry["num_samples"]) for _, entry in self.shards]
         self.has_depth = self.index["depth_kind"] == "disparity"
 
     @property
@@ -450,9 +565,8 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def _raw_stream(self, plan: Sequence[Tuple[int, int, int]]) -> Iterator[Tuple[str, Dict[str, bytes]]]:
         for shard, offset, step in plan:
-            entry = self.index["shards"][shard]
-            path = self.root / entry["name"]
-            if not path.is_file():
+            path, entry = self.shards[shard]
+            if self.source.local and not os.path.isfile(path):
                 raise ShardError(f"{path}: missing; rerun `vq3d prepare` with the same options to rewrite it")
             total = 0
             for position, raw in iter_shard_raw(path, keep=lambda p, o=offset, s=step: p % s == o):
@@ -462,7 +576,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                 if self.exclude is not None:
                     if self.exclude(raw["__key__"], raw.get("source.txt", b"").decode("utf-8")):
                         continue
-                yield entry["name"], raw
+                yield path, raw
             if total != entry["num_samples"]:
                 raise ShardError(
                     f"{path}: holds {total} samples but the index says {entry['num_samples']}; delete it and "
@@ -488,10 +602,12 @@ class ShardReader(torch.utils.data.IterableDataset):
             yield self._decode(name, raw)
 
     def _decode(self, shard: str, raw: Dict[str, bytes]) -> Dict[str, Any]:
-        return decode_sample(raw, self.root / shard, self.resolution, self.has_depth)
+        return decode_sample(raw, shard, self.resolution, self.has_depth)
 
 
-def decode_sample(raw: Dict[str, bytes], shard_path: Path, resolution: int, has_depth: bool) -> Dict[str, Any]:
+def decode_sample(
+    raw: Dict[str, bytes], shard_path: Union[Path, str], resolution: int, has_depth: bool
+) -> Dict[str, Any]:
     """One sample's members (``{ext: bytes, "__key__": key}``) -> the item :class:`ShardReader`
     yields. Errors are :class:`ShardError` naming the shard and the sample."""
     key = raw["__key__"]
@@ -531,7 +647,11 @@ class SampleLocation:
 
 def scan_shard(path: Path) -> Iterator[SampleLocation]:
     """Yield the location of every sample of one shard, in order, reading tar headers and the small
-    ``.source.txt`` and ``.cls`` members only (image and depth bytes are skipped, not read)."""
+    ``.source.txt`` and ``.cls`` members only (image and depth bytes are skipped, not read).
+
+    Local files through ``tarfile`` rather than webdataset: webdataset streams every byte and gives
+    no member offsets, while this seeks past the large members and records where they lie, for
+    :func:`read_sample` to read one sample by offset later (the eval and preview sets)."""
     try:
         with tarfile.open(path, mode="r:") as tar:
             for position, key, members in _samples_in_tar(tar):

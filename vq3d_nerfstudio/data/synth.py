@@ -35,14 +35,15 @@ import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, List, Optional, Tuple, Union
 
 import numpy as np
 
+from vq3d_nerfstudio.files import write_atomic
+from vq3d_nerfstudio.geometry.poses import CANONICAL_DISTANCE, focal_length, intrinsics, orbit_matrix
+
 __all__ = [
     "AMBIENT",
-    "CANONICAL_DISTANCE",
-    "CANONICAL_FOV_DEG",
     "DIFFUSE",
     "GROUND_Y",
     "SYNTH_VERSION",
@@ -53,10 +54,6 @@ __all__ = [
     "Sphere",
     "SynthScene",
     "camera_directions",
-    "focal_length",
-    "intrinsics",
-    "look_at",
-    "orbit_camera_to_world",
     "render_view",
     "sample_scene",
     "scene_dir_name",
@@ -72,8 +69,6 @@ __all__ = [
 SYNTH_VERSION = 1
 """Bumped whenever the generated content for a given (seed, index) changes."""
 
-CANONICAL_DISTANCE = 2.0
-CANONICAL_FOV_DEG = 50.0
 GROUND_Y = -0.5
 AMBIENT = 0.35
 DIFFUSE = 0.65
@@ -98,72 +93,6 @@ Color = Tuple[float, float, float]
 # --------------------------------------------------------------------------------------
 # Cameras
 # --------------------------------------------------------------------------------------
-
-
-def focal_length(resolution: int, fov_deg: float = CANONICAL_FOV_DEG) -> float:
-    """Focal length in pixels of a ``resolution``-wide pinhole with horizontal FOV ``fov_deg``."""
-    return (resolution / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
-
-
-def intrinsics(resolution: int, fov_deg: float = CANONICAL_FOV_DEG) -> dict:
-    """nerfstudio-style intrinsics dict for a square ``resolution`` x ``resolution`` image."""
-    f = focal_length(resolution, fov_deg)
-    return {
-        "fl_x": f,
-        "fl_y": f,
-        "cx": resolution / 2.0,
-        "cy": resolution / 2.0,
-        "w": int(resolution),
-        "h": int(resolution),
-    }
-
-
-def look_at(
-    position: Sequence[float],
-    target: Sequence[float] = (0.0, 0.0, 0.0),
-    up: Sequence[float] = (0.0, 1.0, 0.0),
-) -> np.ndarray:
-    """OpenGL camera-to-world 4x4 (float64) for a camera at ``position`` looking at ``target``."""
-    pos = np.asarray(position, dtype=np.float64)
-    forward = np.asarray(target, dtype=np.float64) - pos
-    norm = np.linalg.norm(forward)
-    if norm < 1e-12:
-        raise ValueError("camera position coincides with the look-at target")
-    forward = forward / norm
-    right = np.cross(forward, np.asarray(up, dtype=np.float64))
-    rnorm = np.linalg.norm(right)
-    if rnorm < 1e-9:
-        raise ValueError("camera viewing direction is parallel to the up vector")
-    right = right / rnorm
-    cam_up = np.cross(right, forward)
-    c2w = np.eye(4, dtype=np.float64)
-    c2w[:3, 0] = right
-    c2w[:3, 1] = cam_up
-    c2w[:3, 2] = -forward
-    c2w[:3, 3] = pos
-    return c2w
-
-
-def orbit_camera_to_world(
-    yaw_deg: float, elevation_deg: float, distance: float = CANONICAL_DISTANCE
-) -> np.ndarray:
-    """OpenGL camera-to-world 4x4 (float64) of an orbit camera looking at the origin.
-
-    The camera sits at ``distance * (cos(el) sin(yaw), sin(el), cos(el) cos(yaw))``
-    with world +y as "up"; yaw 0, elevation 0 gives the canonical camera at
-    ``(0, 0, distance)`` with identity rotation.
-    """
-    yaw = math.radians(yaw_deg)
-    el = math.radians(elevation_deg)
-    pos = distance * np.array(
-        [math.cos(el) * math.sin(yaw), math.sin(el), math.cos(el) * math.cos(yaw)]
-    )
-    c2w = look_at(pos)
-    if yaw_deg == 0.0 and elevation_deg == 0.0:
-        # Exact canonical camera (no rounding noise in the rotation).
-        c2w[:3, :3] = np.eye(3)
-        c2w[:3, 3] = (0.0, 0.0, distance)
-    return c2w
 
 
 @lru_cache(maxsize=16)
@@ -533,7 +462,7 @@ def write_scene(scene_dir: Union[str, Path], index: int, seed: int, resolution: 
     scene = sample_scene(scene_rng(seed, index))
     frames = []
     for k, (yaw, el) in enumerate(VIEW_OFFSETS_DEG[:num_views]):
-        c2w = orbit_camera_to_world(yaw, el)
+        c2w = orbit_matrix(yaw, el)
         rgb, depth = render_view(scene, c2w, resolution)
         image_rel = f"images/frame_{k:05d}.png"
         depth_rel = f"depths/frame_{k:05d}.npy"
@@ -620,9 +549,7 @@ def _write_meta(out_dir: Path, num_scenes: int, resolution: int, num_views: int,
                     f"{out_dir} already holds synthetic scenes generated with different settings "
                     f"({details}); use another output directory or delete it"
                 )
-    tmp = meta_path.with_name(f".synth_meta.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    write_atomic(meta_path, json.dumps(meta, indent=2).encode("utf-8"))
 
 
 def write_scenes(

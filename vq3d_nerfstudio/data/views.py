@@ -11,7 +11,7 @@ of that image), no class labels (no nerfstudio dataparser has per-image classes)
 When the data has several calibrated views of a scene, multi-view supervision (beyond the paper,
 pixelNeRF / Splatter Image style) encodes one view and renders the others from their cameras,
 expressed relative to the input view by the rigid map and scale ``vq3d eval`` uses
-(:func:`vq3d_nerfstudio.evaluation.canonical_alignment` / ``align_pose``): the input camera becomes
+(:func:`vq3d_nerfstudio.geometry.poses.canonical_alignment` / ``align_pose``): the input camera becomes
 the canonical camera and the world is scaled so that its distance to the scene's pivot is ``d``.
 :class:`MultiviewDataset` adds those views to every item.
 
@@ -31,8 +31,11 @@ from nerfstudio.cameras.cameras import CameraType
 from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 from nerfstudio.data.scene_box import SceneBox
 
-from vq3d_nerfstudio.data.dataparser import DatasetError, canonical_cameras
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset, center_crop_box, image_size_of, load_disparity, load_image
+from vq3d_nerfstudio.data.scenes import load_scene
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.geometry.cameras import canonical_cameras
+from vq3d_nerfstudio.geometry.poses import align_pose, canonical_alignment
 
 
 @dataclass
@@ -54,9 +57,7 @@ class PosedViews:
 
     def alignment(self, view: int, distance: float) -> Tuple[np.ndarray, float]:
         """``(world_to_input [4, 4], scale)`` that map view ``view`` onto the canonical camera at
-        ``distance`` from its scene's pivot (:func:`~vq3d_nerfstudio.evaluation.canonical_alignment`)."""
-        from vq3d_nerfstudio.evaluation import canonical_alignment
-
+        ``distance`` from its scene's pivot (:func:`~vq3d_nerfstudio.geometry.poses.canonical_alignment`)."""
         pivot = self.pivots[self.scene_ids[view]]
         if not np.linalg.norm(self.camera_to_worlds[view][:3, 3] - pivot) > 1e-9:
             raise DatasetError(f"{self.images[view]}: the camera sits on the scene's pivot {pivot.tolist()}; no scale to set")
@@ -128,10 +129,8 @@ def posed_views_from_outputs(outputs: DataparserOutputs) -> PosedViews:
 
 def posed_views_from_scene_files(transforms_files: Sequence[Path]) -> PosedViews:
     """Every frame of ``vq3d synth``-style scene folders (``transforms.json``, read by
-    :func:`~vq3d_nerfstudio.evaluation.load_scene`). Depth files are z-depth in world units; the
+    :func:`~vq3d_nerfstudio.data.scenes.load_scene`). Depth files are z-depth in world units; the
     pivot is the file's ``"pivot"``, else :func:`orbit_pivot` of the scene's cameras."""
-    from vq3d_nerfstudio.evaluation import load_scene
-
     images, c2ws, intrinsics, depths, scene_ids, pivots = [], [], [], [], [], []
     for scene_id, path in enumerate(transforms_files):
         scene = load_scene(path)
@@ -242,7 +241,6 @@ class MultiviewDataset(Vq3dImageDataset):
         view = self.input_views[image_idx]
         world_to_input, scale = views.alignment(view, self.distance)
         chosen = [view, *self.supervising_views(view)]
-        from vq3d_nerfstudio.evaluation import align_pose
 
         poses, intrinsics, images, disparities, masks = [], [], [], [], []
         metric = self.depth_kind == "z-depth" and views.depths is not None

@@ -7,7 +7,7 @@ from typing import Union
 import tyro
 from typing_extensions import Annotated
 
-from vq3d_nerfstudio.checks import check_options
+from vq3d_nerfstudio.scripts.common import run
 from vq3d_nerfstudio.scripts.compose import Compose
 from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.export_splats import ExportSplats
@@ -29,16 +29,12 @@ Commands = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls 
 NAMES = {cls.__name__: name for name, cls in SUBCOMMANDS.items()}
 
 
-def run(command) -> None:
-    """Check a parsed subcommand's options (:func:`~vq3d_nerfstudio.checks.check_options`: finite
-    floats, positive counts, writable outputs), then run it."""
-    check_options(command, f"vq3d {NAMES[type(command).__name__]}")
-    command.main()
 
 
 def entrypoint() -> None:
     """Parse ``vq3d <subcommand> ...`` and run it."""
-    run(tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, reconstruction of photos, rendering and evaluation tools."))
+    command = tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, reconstruction of photos, rendering and evaluation tools.")
+    run(command, NAMES[type(command).__name__])
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+from vq3d_nerfstudio.checks import OutputDir
+from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
+
+ComposeOrbit = reworded(
+    OrbitLoop, num_frames="Frames in the orbit video.",
+    max_yaw_deg="Largest yaw of the orbit and of the novel views (degrees).",
+)
 
 
 @dataclass
@@ -41,45 +47,26 @@ class Compose:
     what lies inside it, e.g. from a segmentation tool."""
     output_dir: OutputDir = Path("composite")
     """Where the outputs go (created if missing)."""
-    num_frames: PositiveInt = 48
-    """Frames in the orbit video."""
-    max_yaw_deg: float = 20.0
-    """Largest yaw of the orbit and of the novel views (degrees)."""
-    max_elevation_deg: float = 8.0
-    """Largest elevation of the orbit (degrees)."""
-    fps: PositiveInt = 24
-    """Video frame rate."""
-    resolution: int = 0
-    """Render size in pixels; 0 uses the model's image size."""
+    orbit: Flat[ComposeOrbit] = field(default_factory=ComposeOrbit)
 
     def main(self) -> None:
         import imageio.v2 as imageio
         import numpy as np
         import torch
-        from nerfstudio.utils.eval_utils import eval_setup
         from PIL import Image
         from rich.progress import Progress
 
-        from vq3d_nerfstudio.data.dataparser import DatasetError
         from vq3d_nerfstudio.data.dataset import center_crop_box, load_image
-        from vq3d_nerfstudio.edits import Placement, encode_image
-        from vq3d_nerfstudio.orbit import (
-            colorize_disparity,
-            orbit_cameras,
-            orbit_path,
-            render_frames,
-            to_uint8,
-            write_video,
-        )
+        from vq3d_nerfstudio.errors import DatasetError
+        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+        from vq3d_nerfstudio.stage1.edits import Placement, encode_image
 
         box = tuple(self.object_box)
         if self.scale <= 0 or any(lo >= hi for lo, hi in zip(box[:3], box[3:])):
             raise SystemExit("vq3d compose: error: --scale must be positive and --object-box x0 y0 z0 x1 y1 z1 needs x0 < x1, y0 < y1, z0 < z1")
-        if not self.load_config.exists():
-            raise SystemExit(f"vq3d compose: error: {self.load_config} does not exist; pass the run's config.yml")
-        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
-        model = pipeline.model
-        size = self.resolution or model.config.image_size
+        model = load_run(self.load_config, "compose").model
+        size = self.orbit.size(model)
         try:
             scene = encode_image(model, load_image(self.scene, model.config.image_size))
             obj = encode_image(model, load_image(self.object, model.config.image_size))
@@ -98,9 +85,9 @@ class Compose:
                 raise SystemExit(f"vq3d compose: error: {self.object_mask}: the mask is empty (white marks the object)")
         placement = Placement(obj.planes, tuple(self.position), self.scale, box, mask,
                               model.camera_distance, model.fov_deg)
-        yaw = self.max_yaw_deg
+        yaw = self.orbit.max_yaw_deg
         views = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)]
-        orbit = orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
+        orbit = self.orbit.loop()
         cameras = orbit_cameras(views + orbit, size, model.camera_distance, model.fov_deg).to(model.device)
         with Progress() as progress:
             task = progress.add_task("Rendering the composite", total=2 + len(views) + len(orbit))
@@ -116,12 +103,12 @@ class Compose:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         strip = torch.cat([scene_rgb, object_rgb, rgb[0], rgb[1], rgb[2], disp_rgb[2]], dim=1)
         imageio.imwrite(self.output_dir / "composite_views.png", to_uint8(strip))
-        write_video(self.output_dir / "composite_orbit.mp4", rgb[len(views):], self.fps)
-        write_video(self.output_dir / "composite_disparity.mp4", disp_rgb[len(views):], self.fps)
+        write_video(self.output_dir / "composite_orbit.mp4", rgb[len(views):], self.orbit.fps)
+        write_video(self.output_dir / "composite_disparity.mp4", disp_rgb[len(views):], self.orbit.fps)
         print(f"Wrote composite_views.png, composite_orbit.mp4 and composite_disparity.mp4 to {self.output_dir}")
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Compose))
+    run(tyro.cli(Compose), "compose")

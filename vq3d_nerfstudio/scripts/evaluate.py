@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import tyro
 
 from vq3d_nerfstudio.checks import OutputFile
+from vq3d_nerfstudio.scripts.common import load_run
 
 
 @dataclass
@@ -79,13 +80,14 @@ def evaluate_run(
     with ``strict`` it ends the run (``SystemExit``, one line), as does having no scene left."""
     import numpy as np
     import torch
-    from nerfstudio.utils.eval_utils import eval_setup
     from rich.progress import track
 
-    from vq3d_nerfstudio.data.dataparser import DatasetError, pinhole_cameras
     from vq3d_nerfstudio.data.dataset import load_image, read_rgb
-    from vq3d_nerfstudio.evaluation import evaluate_scene, load_scene, summarize
-    from vq3d_nerfstudio.perceptual import load_lpips_if_available
+    from vq3d_nerfstudio.data.scenes import load_scene
+    from vq3d_nerfstudio.errors import DatasetError
+    from vq3d_nerfstudio.evaluation.protocol import evaluate_scene, summarize
+    from vq3d_nerfstudio.geometry.cameras import pinhole_cameras
+    from vq3d_nerfstudio.stage1.perceptual import load_lpips_if_available
 
     if (scenes / "transforms.json").exists():
         scene_files = [scenes / "transforms.json"]
@@ -93,18 +95,7 @@ def evaluate_run(
         scene_files = sorted(scenes.glob("*/transforms.json"))
     if not scene_files:
         raise SystemExit(f"vq3d eval: error: no transforms.json in {scenes} or its subfolders")
-    if not load_config.exists():
-        raise SystemExit(f"vq3d eval: error: {load_config} does not exist; pass the run's config.yml")
-
-    def pick_step(config):
-        config.load_step = load_step
-        return config
-
-    if load_step is not None:
-        checkpoint = load_config.parent / "nerfstudio_models" / f"step-{load_step:09d}.ckpt"
-        if not checkpoint.exists():
-            raise SystemExit(f"vq3d eval: error: {checkpoint} does not exist; pick a step saved in that folder")
-    _, pipeline, _, _ = eval_setup(load_config, test_mode="inference", update_config_callback=pick_step)
+    pipeline = load_run(load_config, "eval", load_step)
     model = pipeline.model
     distance = pipeline.model.camera_distance
     lpips, why_not = load_lpips_if_available("alex", lpips_weights)
@@ -126,18 +117,13 @@ def evaluate_run(
             rays = cameras.generate_rays(camera_indices=i, keep_shape=True)
             height, width = rays.shape
             rays = rays.flatten()
-            chunks = []
-            for start in range(0, len(rays), rays_per_chunk):
-                chunk = model.collider(rays[start : start + rays_per_chunk])
-                batch_idx = torch.zeros(len(chunk), dtype=torch.long, device=model.device)
-                chunks.append(model.render_rays(chunk, planes, batch_idx, keep_samples=True))
-            cat = lambda key: torch.cat([c[key] for c in chunks]).cpu()  # noqa: E731
+            out = model.renderer.render_chunked(rays, model.field, planes, rays_per_chunk, keep_samples=True)
             norm = rays.metadata["directions_norm"].cpu()
             outs.append({
-                "rgb": cat("rgb").clamp(0, 1).reshape(height, width, 3),
-                "z_depth": (cat("depth") / norm).reshape(height, width),
-                "weights": cat("weights_fine").reshape(height, width, -1),
-                "sample_z": (1.0 / cat("disp_fine").clamp_min(1e-12)).reshape(height, width, -1),
+                "rgb": out["rgb"].clamp(0, 1).reshape(height, width, 3),
+                "z_depth": (out["depth"] / norm).reshape(height, width),
+                "weights": out["weights_fine"].reshape(height, width, -1),
+                "sample_z": (1.0 / out["disp_fine"].clamp_min(1e-12)).reshape(height, width, -1),
             })
         return outs
 
@@ -167,6 +153,6 @@ def evaluate_run(
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Evaluate))
+    run(tyro.cli(Evaluate), "eval")

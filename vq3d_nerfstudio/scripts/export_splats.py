@@ -6,11 +6,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Literal, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import tyro
 
 from vq3d_nerfstudio.checks import OutputFile, PositiveInt
+from vq3d_nerfstudio.scripts.common import Flat, ImageChoice, load_run, reworded
+
+SplatImage = reworded(
+    ImageChoice, image="A photo (centre-cropped and resized to the model's size); without it, --split/--image-index.",
+    split="Which dataset split the image comes from (when no --image).",
+)
 
 
 def export_poses(num_cameras: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:
@@ -27,7 +33,7 @@ def export_cameras(poses: List[Tuple[float, float]], resolution: int, distance: 
     """Square cameras at ``poses`` that see ``margin_deg`` farther on every side than ``fov_deg``, at
     the pixel size ``resolution`` pixels give ``fov_deg`` (so views in between, and what the edge of
     a novel view shows, were seen well inside some camera's frame, not only at its border)."""
-    from vq3d_nerfstudio.orbit import orbit_cameras
+    from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
     wide = fov_deg + 2 * margin_deg
     size = round(resolution * math.tan(math.radians(wide / 2)) / math.tan(math.radians(fov_deg / 2)))
@@ -48,12 +54,7 @@ class ExportSplats:
     """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
     output: OutputFile = Path("splats.ply")
     """Where to write the .ply."""
-    image: Optional[Path] = None
-    """A photo (centre-cropped and resized to the model's size); without it, --split/--image-index."""
-    split: Literal["eval", "train"] = "eval"
-    """Which dataset split the image comes from (when no --image)."""
-    image_index: int = 0
-    """Index of the image within the split."""
+    input: Flat[SplatImage] = field(default_factory=SplatImage)
     num_gaussians: PositiveInt = 20000
     """Most splats to write (the CPU renderer of the report stays quick up to ~20k at 64 px)."""
     num_cameras: PositiveInt = 8
@@ -96,27 +97,18 @@ class ExportSplats:
     def main(self) -> None:
         import imageio.v2 as imageio
         import torch
-        from nerfstudio.utils.eval_utils import eval_setup
 
-        from vq3d_nerfstudio import splats
-        from vq3d_nerfstudio.data.dataparser import DatasetError
-        from vq3d_nerfstudio.data.dataset import load_image
-        from vq3d_nerfstudio.orbit import orbit_cameras, to_uint8
+        from vq3d_nerfstudio.evaluation.metrics import psnr
+        from vq3d_nerfstudio.export import splats
+        from vq3d_nerfstudio.export.video import to_uint8
+        from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
         torch.manual_seed(self.seed)
-        if not self.load_config.exists():
-            raise SystemExit(f"vq3d export-splats: error: {self.load_config} does not exist; pass the run's config.yml")
         if not self.report_views:
             raise SystemExit("vq3d export-splats: error: --report-views must name a view")
-        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
+        pipeline = load_run(self.load_config, "export-splats")
         model = pipeline.model.eval()
-        try:
-            if self.image is not None:
-                image = load_image(self.image, model.config.image_size)
-            else:
-                image = pipeline.load_image(self.split, self.image_index)
-        except (IndexError, DatasetError) as err:
-            raise SystemExit(f"vq3d export-splats: error: {err}") from None
+        image, _ = self.input.load(pipeline, "export-splats")
         model.set_scene_images(image)
         planes = model.current_planes()
         cuda = torch.cuda.is_available()
@@ -187,7 +179,7 @@ class ExportSplats:
                 )
                 nerf, splat = nerf.float().cpu(), splat.clamp(0, 1).float().cpu()
                 name = "input view" if yaw == 0 else f"yaw {yaw:g} deg"
-                rows.append((name, splats.psnr(splat, nerf), nerf_s, splat_s))
+                rows.append((name, psnr(splat.clamp(0, 1), nerf.clamp(0, 1)), nerf_s, splat_s))
                 strips.append(torch.cat([nerf, splat], dim=1))
         renderer = "gsplat (CUDA)" if cuda else "pure-torch splats (CPU)"
         print(f"\nSplats vs NeRF at {res}x{res} px ({len(gaussians)} splats; NeRF: {model.device}, splats: {renderer})")
@@ -203,6 +195,6 @@ class ExportSplats:
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(ExportSplats))
+    run(tyro.cli(ExportSplats), "export-splats")

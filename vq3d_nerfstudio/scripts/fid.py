@@ -10,6 +10,7 @@ from typing import Literal, Optional
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
+from vq3d_nerfstudio.scripts.common import load_run
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Fid:
         from rich.console import Console
         from rich.table import Table
 
-        from vq3d_nerfstudio.stage2.fid import (
+        from vq3d_nerfstudio.evaluation.fid import (
             ImageFolderError,
             InceptionUnavailable,
             fid_between_folders,
@@ -148,10 +149,9 @@ class Fid:
 
     def _render_samples(self, tmp: Path, fail) -> dict:
         """Sample scenes and render them at the canonical and a novel view: ``{view: folder}``."""
-        from nerfstudio.utils.eval_utils import eval_setup
         from rich.progress import Progress
 
-        from vq3d_nerfstudio.orbit import orbit_cameras
+        from vq3d_nerfstudio.geometry.cameras import orbit_cameras
         from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
         from vq3d_nerfstudio.stage2.sample import (
             SampleError,
@@ -169,8 +169,7 @@ class Fid:
             config = stage1_config_of(info, self.stage1_config)
         except CheckpointError as err:
             raise fail(str(err)) from None
-        _, pipeline, _, _ = eval_setup(config, test_mode="inference")
-        model = pipeline.model
+        model = load_run(config, "fid").model
         try:
             sampler = SceneSampler(transformer, info, model)
             classes = balanced_classes(self.num_samples, self.class_label, sampler.class_names, sampler.num_classes)
@@ -194,6 +193,6 @@ class Fid:
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Fid))
+    run(tyro.cli(Fid), "fid")

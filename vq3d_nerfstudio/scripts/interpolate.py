@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir, PositiveInt
-from vq3d_nerfstudio.edits import InterpolationSpace
+from vq3d_nerfstudio.checks import OutputDir
+from vq3d_nerfstudio.scripts.common import Flat, Orbit, load_run
+from vq3d_nerfstudio.stage1.edits import InterpolationSpace
 
 
 @dataclass
@@ -29,42 +30,32 @@ class Interpolate:
     space: InterpolationSpace = "latent"
     """latent: the continuous encoder latent (smooth; the ends are exactly the two reconstructions);
     triplane: blend the tri-plane features; codes: snap the blended latent to codes (jumpy, for comparison)."""
-    max_yaw_deg: float = 15.0
-    """Largest yaw of the orbit (degrees)."""
-    max_elevation_deg: float = 5.0
-    """Largest elevation of the orbit (degrees)."""
-    fps: PositiveInt = 24
-    """Video frame rate."""
-    resolution: int = 0
-    """Render size in pixels; 0 uses the model's image size."""
+    orbit: Flat[Orbit] = field(default_factory=lambda: Orbit(max_yaw_deg=15.0, max_elevation_deg=5.0))
 
     def main(self) -> None:
         import imageio.v2 as imageio
         import numpy as np
-        from nerfstudio.utils.eval_utils import eval_setup
         from rich.progress import Progress
 
-        from vq3d_nerfstudio.data.dataparser import DatasetError
         from vq3d_nerfstudio.data.dataset import load_image
-        from vq3d_nerfstudio.edits import encode_image, interpolate
-        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, to_uint8, write_video
+        from vq3d_nerfstudio.errors import DatasetError
+        from vq3d_nerfstudio.export.video import colorize_disparity, to_uint8, write_video
+        from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+        from vq3d_nerfstudio.stage1.edits import encode_image, interpolate
 
         if len(self.images) != 2:
             raise SystemExit(f"vq3d interpolate: error: --images takes exactly two photos, got {len(self.images)}")
         if self.steps < 2:
             raise SystemExit("vq3d interpolate: error: --steps must be at least 2")
-        if not self.load_config.exists():
-            raise SystemExit(f"vq3d interpolate: error: {self.load_config} does not exist; pass the run's config.yml")
-        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
-        model = pipeline.model
+        model = load_run(self.load_config, "interpolate").model
         try:
             ends = [encode_image(model, load_image(path, model.config.image_size)) for path in self.images]
         except DatasetError as err:
             raise SystemExit(f"vq3d interpolate: error: {err}") from None
-        size = self.resolution or model.config.image_size
+        size = self.orbit.size(model)
         ts = [i / (self.steps - 1) for i in range(self.steps)]
         ts = ts + ts[::-1]
-        poses = orbit_path(len(ts), self.max_yaw_deg, self.max_elevation_deg)
+        poses = self.orbit.path(len(ts))
         cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
         canonical = orbit_cameras([(0.0, 0.0)], size, model.camera_distance, model.fov_deg).to(model.device)
         rgb, disparity = [], []
@@ -82,13 +73,13 @@ class Interpolate:
                 strip.append(to_uint8(model.get_outputs_for_camera(canonical)["rgb"].clamp(0, 1).cpu()))
                 progress.advance(task)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_video(self.output_dir / "interpolation.mp4", rgb, self.fps)
-        write_video(self.output_dir / "interpolation_disparity.mp4", colorize_disparity(disparity), self.fps)
+        write_video(self.output_dir / "interpolation.mp4", rgb, self.orbit.fps)
+        write_video(self.output_dir / "interpolation_disparity.mp4", colorize_disparity(disparity), self.orbit.fps)
         imageio.imwrite(self.output_dir / "interpolation_strip.png", np.concatenate(strip, axis=1))
         print(f"Wrote interpolation.mp4, interpolation_disparity.mp4 and interpolation_strip.png to {self.output_dir}")
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Interpolate))
+    run(tyro.cli(Interpolate), "interpolate")

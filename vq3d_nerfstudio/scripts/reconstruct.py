@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,54 +11,12 @@ import torch
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
+from vq3d_nerfstudio.export.pointcloud import point_cloud, write_point_ply
+from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
 
-
-def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray) -> None:
-    """Binary little-endian PLY with float xyz, float normals and uchar RGB (what ns-export and
-    MeshLab / CloudCompare / Blender read). ``colors`` in [0, 1]."""
-    count = len(points)
-    rgb = (np.clip(colors, 0, 1) * 255 + 0.5).astype(np.uint8)
-    vertex = np.empty(count, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("nx", "<f4"), ("ny", "<f4"),
-                                     ("nz", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-    for i, key in enumerate("xyz"):
-        vertex[key] = points[:, i]
-        vertex["n" + key] = normals[:, i]
-    for i, key in enumerate(("red", "green", "blue")):
-        vertex[key] = rgb[:, i]
-    header = (
-        "ply\nformat binary_little_endian 1.0\n"
-        f"element vertex {count}\n"
-        "property float x\nproperty float y\nproperty float z\n"
-        "property float nx\nproperty float ny\nproperty float nz\n"
-        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
-    )
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(vertex.tobytes())
-    tmp.replace(path)
-
-
-@torch.no_grad()
-def point_cloud(pipeline, num_points: int, max_radius: float, min_accumulation: float = 0.5):
-    """Points of the shown scene seen from cameras orbiting the pivot (the export range): for each
-    ray, the expected-depth point, its colour and normal; rays that hit nothing solid
-    (accumulation < ``min_accumulation``) or land beyond ``max_radius`` of the pivot (sky) are dropped."""
-    model = pipeline.model
-    points, colors, normals = [], [], []
-    kept, tries = 0, 0
-    while kept < num_points and tries < 20:
-        rays = pipeline.datamanager.orbit_rays(8192)
-        out = model.get_outputs(rays)
-        p = rays.origins + rays.directions * out["expected_depth"]
-        keep = (out["accumulation"][:, 0] >= min_accumulation) & (p.norm(dim=-1) <= max_radius)
-        points.append(p[keep].cpu())
-        colors.append(out["rgb"][keep].clamp(0, 1).cpu())
-        normals.append((out["normals"][keep] * 2 - 1).cpu())
-        kept += int(keep.sum())
-        tries += 1
-    cat = lambda xs: torch.cat(xs)[:num_points].numpy()  # noqa: E731
-    return cat(points), cat(colors), cat(normals)
+ReconstructOrbit = reworded(
+    OrbitLoop, max_yaw_deg="Largest yaw of the orbit and of the novel views in <name>_views.png (degrees)."
+)
 
 
 def output_names(images: List[Path]) -> List[str]:
@@ -73,7 +31,7 @@ def output_names(images: List[Path]) -> List[str]:
 def expand_images(paths: List[Path]) -> List[Path]:
     """Files as given; folders become their image files (sorted; by extension, as the dataparser
     finds them, not recursing). Missing paths and folders without images stop with one line."""
-    from vq3d_nerfstudio.data.dataparser import IMAGE_EXTENSIONS, is_image_file
+    from vq3d_nerfstudio.data.folders import IMAGE_EXTENSIONS, is_image_file
 
     images = []
     for path in paths:
@@ -106,16 +64,7 @@ class Reconstruct:
     and resized to the model's input size."""
     output_dir: OutputDir = Path("reconstructions")
     """Where the outputs go (created if missing)."""
-    num_frames: PositiveInt = 48
-    """Frames in the orbit loop."""
-    fps: PositiveInt = 24
-    """Video frame rate."""
-    max_yaw_deg: float = 20.0
-    """Largest yaw of the orbit and of the novel views in <name>_views.png (degrees)."""
-    max_elevation_deg: float = 8.0
-    """Largest elevation of the orbit (degrees)."""
-    resolution: int = 0
-    """Render size in pixels; 0 uses the model's image size."""
+    orbit: Flat[ReconstructOrbit] = field(default_factory=ReconstructOrbit)
     num_points: int = 20000
     """Points in each .ply (0 skips the point cloud)."""
     max_point_radius: float = 4.0
@@ -127,23 +76,20 @@ class Reconstruct:
 
     def main(self) -> None:
         import imageio.v2 as imageio
-        from nerfstudio.utils.eval_utils import eval_setup
         from rich.progress import Progress
 
-        from vq3d_nerfstudio.data.dataparser import DatasetError
         from vq3d_nerfstudio.data.dataset import load_image
-        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.errors import DatasetError
+        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
         images = expand_images(self.image)
-        if not self.load_config.exists():
-            raise SystemExit(f"vq3d reconstruct: error: {self.load_config} does not exist; pass the run's config.yml")
-        _, pipeline, _, _ = eval_setup(self.load_config, test_mode="inference")
+        pipeline = load_run(self.load_config, "reconstruct")
         model = pipeline.model
-        size = self.resolution or model.config.image_size
-        poses = [(0.0, 0.0), (-self.max_yaw_deg, 0.0), (self.max_yaw_deg, 0.0)]
-        poses += orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
+        size = self.orbit.size(model)
+        yaw = self.orbit.max_yaw_deg
+        poses = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)] + self.orbit.loop()
         cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
-        to_u8 = to_uint8
         self.output_dir.mkdir(parents=True, exist_ok=True)
         failed, strips = [], []
         with Progress() as progress:
@@ -159,16 +105,16 @@ class Reconstruct:
                 rgb, disp = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
                 disp_rgb = colorize_disparity(disp)
                 stem = self.output_dir / name
-                imageio.imwrite(f"{stem}_canonical.png", to_u8(rgb[0]))
+                imageio.imwrite(f"{stem}_canonical.png", to_uint8(rgb[0]))
                 shown = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(size, size), mode="area")[0]
                 strip = torch.cat([shown.permute(1, 2, 0), rgb[0], rgb[1], rgb[2], disp_rgb[0]], dim=1)
-                imageio.imwrite(f"{stem}_views.png", to_u8(strip))
-                strips.append(to_u8(strip))
-                write_video(f"{stem}_orbit.mp4", rgb[3:], self.fps)
-                write_video(f"{stem}_disparity.mp4", disp_rgb[3:], self.fps)
+                imageio.imwrite(f"{stem}_views.png", to_uint8(strip))
+                strips.append(to_uint8(strip))
+                write_video(f"{stem}_orbit.mp4", rgb[3:], self.orbit.fps)
+                write_video(f"{stem}_disparity.mp4", disp_rgb[3:], self.orbit.fps)
                 if self.num_points > 0:
                     points, colors, normals = point_cloud(pipeline, self.num_points, self.max_point_radius)
-                    write_ply(Path(f"{stem}.ply"), points, colors, normals)
+                    write_point_ply(Path(f"{stem}.ply"), points, colors, normals)
         print(f"Wrote {len(images) - len(failed)} reconstruction(s) to {self.output_dir}")
         if self.contact_sheet is not None and strips:
             self.contact_sheet.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +127,6 @@ class Reconstruct:
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Reconstruct))
+    run(tyro.cli(Reconstruct), "reconstruct")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
+
+SampleOrbit = reworded(OrbitLoop, resolution="Render size in pixels; 0 uses the stage-1 model's image size.")
 
 
 @dataclass
@@ -41,25 +44,16 @@ class Sample:
     """Keep attention keys/values between steps (much faster; --no-use-kv-cache recomputes the prefix)."""
     stage1_config: Optional[Path] = None
     """The stage-1 run's config.yml; default: the one recorded in the stage-2 checkpoint."""
-    num_frames: PositiveInt = 48
-    """Frames in the orbit loop."""
-    fps: PositiveInt = 24
-    """Video frame rate."""
-    max_yaw_deg: float = 20.0
-    """Largest yaw of the orbit (degrees)."""
-    max_elevation_deg: float = 8.0
-    """Largest elevation of the orbit (degrees)."""
-    resolution: int = 0
-    """Render size in pixels; 0 uses the stage-1 model's image size."""
+    orbit: Flat[SampleOrbit] = field(default_factory=SampleOrbit)
 
     def main(self) -> None:
         import imageio.v2 as imageio
         import numpy as np
         import torch
-        from nerfstudio.utils.eval_utils import eval_setup
         from rich.progress import Progress
 
-        from vq3d_nerfstudio.orbit import colorize_disparity, orbit_cameras, orbit_path, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.geometry.cameras import orbit_cameras
         from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
         from vq3d_nerfstudio.stage2.sample import (
             SampleError,
@@ -74,8 +68,7 @@ class Sample:
             stage1_config = stage1_config_of(info, self.stage1_config)
         except CheckpointError as err:
             raise SystemExit(f"vq3d sample: error: {err}") from None
-        _, pipeline, _, _ = eval_setup(stage1_config, test_mode="inference")
-        model = pipeline.model
+        model = load_run(stage1_config, "sample").model
         try:
             sampler = SceneSampler(transformer, info, model)
             class_id = sampler.resolve(self.class_label)
@@ -84,8 +77,8 @@ class Sample:
         label = class_label_name(class_id, sampler.class_names, sampler.num_classes)
         settings = SamplingSettings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.use_kv_cache)
         generator = torch.Generator().manual_seed(self.seed)
-        size = self.resolution or model.config.image_size
-        poses = [(0.0, 0.0)] + orbit_path(self.num_frames, self.max_yaw_deg, self.max_elevation_deg)
+        size = self.orbit.size(model)
+        poses = [(0.0, 0.0)] + self.orbit.loop()
         cameras = orbit_cameras(poses, size, model.camera_distance, model.fov_deg).to(model.device)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         print(f"Sampling {self.num_samples} scene(s) of {label} from {folder}")
@@ -103,14 +96,14 @@ class Sample:
                 np.save(f"{stem}_codes.npy", codes[i].numpy().astype(np.int32), allow_pickle=False)
                 imageio.imwrite(f"{stem}_canonical.png", to_uint8(rgb[0]))
                 imageio.imwrite(f"{stem}_disparity.png", to_uint8(disp_rgb[0]))
-                write_video(f"{stem}_orbit.mp4", rgb[1:], self.fps)
-                write_video(f"{stem}_disparity.mp4", disp_rgb[1:], self.fps)
+                write_video(f"{stem}_orbit.mp4", rgb[1:], self.orbit.fps)
+                write_video(f"{stem}_disparity.mp4", disp_rgb[1:], self.orbit.fps)
                 canonical.append(to_uint8(rgb[0]))
         imageio.imwrite(self.output_dir / "samples.png", np.concatenate(canonical, axis=1))
         print(f"Wrote {self.num_samples} sample(s) of {label} to {self.output_dir} (samples.png shows them side by side)")
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Sample))
+    run(tyro.cli(Sample), "sample")

@@ -66,6 +66,6 @@ class Synth:
 
 
 if __name__ == "__main__":
-    from vq3d_nerfstudio.scripts.cli import run
+    from vq3d_nerfstudio.scripts.common import run
 
-    run(tyro.cli(Synth))
+    run(tyro.cli(Synth), "synth")

@@ -26,6 +26,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from vq3d_nerfstudio.data.shard_dataset import held_out_rule
+from vq3d_nerfstudio.data.shards import decode_sample, read_index, read_sample, scan_shard
+from vq3d_nerfstudio.files import atomic_path, temporary_path, write_atomic
+
 CACHE_VERSION = 1
 SPLITS = ("train", "eval")
 
@@ -68,24 +72,13 @@ class TokenCache:
         return int(h * w)
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _atomic_write_bytes(path, write)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def write_json_atomic(path: Path, value: Dict) -> None:
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+    write_atomic(path, json.dumps(value, indent=1).encode("utf-8"))
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
@@ -160,14 +153,6 @@ def load_token_cache(path: Path, validate: bool = True) -> TokenCache:
 
 
 # ---- building a cache from a stage-1 run ---------------------------------------------------------
-def file_digest(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def listing_digest(files: Sequence[Path]) -> str:
     """Hash of every image's path, size and modification time (cheap; catches added, removed and
     rewritten files)."""
@@ -215,11 +200,8 @@ def encode_split(
             if on_images:
                 on_images(images.shape[0])
 
-        def write(tmp: Path, codes=codes, classes=classes) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, codes=np.concatenate(codes), classes=np.concatenate(classes))
-
-        _atomic_write_bytes(part, write)
+        with atomic_path(part) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, codes=np.concatenate(codes), classes=np.concatenate(classes))
 
 
 def assemble_cache(path: Path, sizes: Dict[str, int], chunk_size: int, codebook_size: int, meta: Dict) -> TokenCache:
@@ -228,11 +210,12 @@ def assemble_cache(path: Path, sizes: Dict[str, int], chunk_size: int, codebook_
     for split in SPLITS:
         ranges = chunk_ranges(sizes[split], chunk_size)
         codes_out = classes_out = None
+        final_codes = path / f"{split}.codes.npy"
         for chunk, (start, stop) in enumerate(ranges):
             with np.load(parts_dir / f"{split}-{chunk:06d}.npz", allow_pickle=False) as part:
                 codes, classes = part["codes"], part["classes"]
             if codes_out is None:
-                tmp_codes = path / f".{split}.codes.npy.tmp-{os.getpid()}"
+                tmp_codes = temporary_path(final_codes)
                 codes_out = np.lib.format.open_memmap(
                     tmp_codes, mode="w+", dtype=codes_dtype(codebook_size), shape=(sizes[split], *codes.shape[1:])
                 )
@@ -241,12 +224,12 @@ def assemble_cache(path: Path, sizes: Dict[str, int], chunk_size: int, codebook_
             classes_out[start:stop] = np.maximum(classes, 0)  # unlabelled (-1) -> class 0
         if codes_out is None:
             grid = tuple(meta["grid"])
-            _save_npy(path / f"{split}.codes.npy", np.zeros((0, *grid), codes_dtype(codebook_size)))
+            _save_npy(final_codes, np.zeros((0, *grid), codes_dtype(codebook_size)))
             _save_npy(path / f"{split}.classes.npy", np.zeros(0, np.int64))
             continue
         codes_out.flush()
         del codes_out
-        os.replace(tmp_codes, path / f"{split}.codes.npy")
+        os.replace(tmp_codes, final_codes)
         _save_npy(path / f"{split}.classes.npy", classes_out)
     write_json_atomic(path / "meta.json", {**meta, "sizes": sizes})
     shutil.rmtree(parts_dir, ignore_errors=True)
@@ -278,9 +261,6 @@ class ShardSplit(torch.utils.data.Dataset):
     The held-out rule is the dataparser's, so stage 2 holds out what stage 1 held out."""
 
     def __init__(self, root: Path, split: str, eval_fraction: float, image_size: int) -> None:
-        from vq3d_nerfstudio.data.shard_dataset import held_out_rule
-        from vq3d_nerfstudio.data.shards import read_index, scan_shard
-
         self.root, self.image_size = Path(root), image_size
         self.index = read_index(self.root)
         rule = held_out_rule(self.root, self.index, eval_fraction)
@@ -304,8 +284,6 @@ class ShardSplit(torch.utils.data.Dataset):
         return len(self.locations)
 
     def __getitem__(self, i: int) -> Dict:
-        from vq3d_nerfstudio.data.shards import decode_sample, read_sample
-
         location = self.locations[i]
         sample = decode_sample(read_sample(self.root, location), self.root / location.shard, self.image_size, False)
         return {"image": sample["image"], "class_id": torch.tensor(sample["class_id"], dtype=torch.long)}

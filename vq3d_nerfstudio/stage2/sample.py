@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from vq3d_nerfstudio.export.video import to_uint8
 from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
 from vq3d_nerfstudio.stage2.transformer import TokenTransformer, sample_tokens
 
@@ -141,7 +142,6 @@ def render_sample_views(
     and write ``out_dirs[view_names[i]]/<prefix>_<n>.png``."""
     import imageio.v2 as imageio
 
-    from vq3d_nerfstudio.orbit import to_uint8
 
     model = sampler.stage1_model
     generator = torch.Generator().manual_seed(seed)

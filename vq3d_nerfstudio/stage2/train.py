@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from vq3d_nerfstudio.checks import OutputDir, PositiveInt, check_options
+from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
+from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.files import file_sha256
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import (
     CACHE_VERSION,
@@ -34,7 +39,6 @@ from vq3d_nerfstudio.stage2.data import (
     assemble_cache,
     chunk_ranges,
     encode_split,
-    file_digest,
     global_batch,
     listing_digest,
     load_token_cache,
@@ -204,12 +208,9 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
     from nerfstudio.utils.eval_utils import eval_setup
     from rich.progress import Progress
 
-    from vq3d_nerfstudio.data.dataparser import DatasetError
-    from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
 
     stage1, pipeline, checkpoint_path, stage1_step = eval_setup(cfg.stage1_config, test_mode="inference")
     model = pipeline.model.to(dist.device)
-    from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 
     stage1_parser = stage1.pipeline.datamanager.dataparser
     data = Path(cfg.data or stage1_parser.data)
@@ -217,7 +218,6 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
         parser_config = dataclasses.replace(stage1_parser, data=data, depth_kind="none")
     else:  # stage 1 trained through another nerfstudio dataparser: read its images as a plain folder
         parser_config = Vq3dImagesDataParserConfig(data=data, image_size=model.config.image_size, depth_kind="none")
-    from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
 
     try:
         if is_prepared_folder(data):  # `vq3d prepare` shards: every sample, read by offset
@@ -239,7 +239,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
         json.dumps(
             {
                 "version": CACHE_VERSION,
-                "checkpoint": file_digest(Path(checkpoint_path)),
+                "checkpoint": file_sha256(Path(checkpoint_path)),
                 "images": listings,
                 "classes": class_names,
                 "image_size": parser_config.image_size,

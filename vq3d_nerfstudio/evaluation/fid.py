@@ -27,6 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+from vq3d_nerfstudio.data.dataset import read_rgb
+from vq3d_nerfstudio.data.folders import IMAGE_EXTENSIONS, is_image_file
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.files import try_download
+
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
@@ -38,7 +43,6 @@ INPUT_SIZE = 299
 FEATURE_DIMS = (64, 192, 768, 2048)
 """Feature sizes the network can stop at (pytorch-fid's ``--dims``); only 2048 is the standard FID."""
 NUM_CLASSES = 1008
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class InceptionUnavailable(RuntimeError):
@@ -269,7 +273,7 @@ def load_inception(
     path = find_weights(weights_path)
     if path is None and download:
         path = default_weights_path()
-        _try_download(WEIGHTS_URL, path)
+        try_download(WEIGHTS_URL, path, hash_prefix=WEIGHTS_HASH_PREFIX)
     if path is None or not path.is_file():
         where = path if path is not None else default_weights_path()
         raise InceptionUnavailable(
@@ -278,7 +282,7 @@ def load_inception(
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+    except Exception as err:  # any unreadable file gets the same one-line error
         raise InceptionUnavailable(f"{path}: not a readable state dict ({err})") from err
     network = FIDInceptionV3(feature_dim)
     try:
@@ -289,42 +293,29 @@ def load_inception(
     return network
 
 
-def _try_download(url: str, path: Path) -> None:
-    """Download into the hub cache (sha256 prefix checked); offline it fails and the caller reports."""
-    from nerfstudio.utils.rich_utils import CONSOLE
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        CONSOLE.print(f"Downloading {url} to {path}")
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=WEIGHTS_HASH_PREFIX, progress=False)
-    except Exception as err:  # noqa: BLE001 - offline, proxy, disk, bad hash: all mean "not available"
-        CONSOLE.print(f"[yellow]download failed ({type(err).__name__}: {err})")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Folders.
 
 
 def list_images(folder: Path) -> List[Path]:
-    """Images (png, jpg, jpeg, webp; any case) under ``folder``, recursively, in sorted order."""
+    """Images under ``folder``, recursively, in sorted order: the files ``vq3d-images`` would read
+    (:func:`~vq3d_nerfstudio.data.folders.is_image_file`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageFolderError(f"{folder}: not a folder of images")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in folder.rglob("*") if is_image_file(p) and p.is_file())
     if not paths:
-        raise ImageFolderError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its subfolders")
+        raise ImageFolderError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
     return paths
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """``[3, H, W]`` float32 RGB in [0, 1], as stored (no crop, no resize, EXIF ignored)."""
-    from PIL import Image
-
+    """``[3, H, W]`` float32 RGB in [0, 1], whole (no crop, no resize), read as training reads
+    images (:func:`~vq3d_nerfstudio.data.dataset.read_rgb`: EXIF orientation, any mode, alpha over white)."""
     try:
-        with Image.open(path) as pil:
-            array = np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
-        raise ImageFolderError(f"{path}: cannot read image ({err}); replace or remove the file") from err
+        array = read_rgb(path).astype(np.float32) / 255.0
+    except DatasetError as err:
+        raise ImageFolderError(str(err)) from err
     return torch.from_numpy(array).permute(2, 0, 1)
 
 

@@ -22,6 +22,12 @@ from nerfstudio.viewer.viewer_elements import (
     ViewerText,
 )
 
+from vq3d_nerfstudio.data.dataset import load_image
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.stage1.edits import EncodedImage, Placement, encode_image, interpolate
+from vq3d_nerfstudio.stage2.checkpoint import CheckpointError
+from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, SceneSampler, class_label_name
+
 MAX_UPLOAD_BYTES = 25 * 2**20
 """Uploads larger than this are refused (a photo for a 256 px model needs far less)."""
 MAX_UPLOAD_PIXELS = 50_000_000
@@ -60,8 +66,6 @@ def decode_upload(name: str, content: bytes, size: int):
     ``MAX_UPLOAD_BYTES``, anything Pillow cannot identify, more than ``MAX_UPLOAD_PIXELS`` pixels."""
     from PIL import Image
 
-    from vq3d_nerfstudio.data.dataparser import DatasetError
-    from vq3d_nerfstudio.data.dataset import load_image
 
     if not content:
         raise ValueError(f"{name}: the upload is empty (0 bytes); pick the photo again")
@@ -73,7 +77,7 @@ def decode_upload(name: str, content: bytes, size: int):
             width, height = probe.size
     except Image.DecompressionBombError:
         raise ValueError(f"{name}: over {limit}") from None
-    except Exception as err:  # noqa: BLE001 - anything PIL cannot open is "not an image"
+    except Exception as err:  # anything PIL cannot open is "not an image"
         raise ValueError(f"{name}: not an image this viewer can read ({type(err).__name__}); upload a JPEG, PNG or WebP") from None
     if width * height > MAX_UPLOAD_PIXELS:
         raise ValueError(f"{name}: {width}x{height} is over {limit}")
@@ -182,16 +186,12 @@ class SampleControls:
 
     def sampler(self):
         if self._sampler is None:
-            from vq3d_nerfstudio.stage2.sample import SceneSampler
-
             self._sampler = SceneSampler.from_checkpoint(self._checkpoint, self._pipeline.model)
         return self._sampler
 
     def _on_sample(self, _element=None) -> None:
         import torch
 
-        from vq3d_nerfstudio.stage2.checkpoint import CheckpointError
-        from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, class_label_name
 
         try:
             sampler = self.sampler()
@@ -231,10 +231,8 @@ class EditControls:
         self.scale = ViewerNumber("Object scale", 0.5, cb_hook=self._on_place, hint="B's size relative to its own NeRF")
 
     def _remember(self, name: str) -> None:
-        from vq3d_nerfstudio.edits import EncodedImage, encode_image
-
         model = self._pipeline.model
-        image = model._scene_image
+        image = model.scene.image
         if image is not None:
             self.ends[name] = encode_image(model, image[0].permute(1, 2, 0))
         else:  # a sample or an edit: only its tri-planes are known (latent blending falls back to them)
@@ -249,8 +247,6 @@ class EditControls:
         return not missing
 
     def _on_blend(self, _element=None) -> None:
-        from vq3d_nerfstudio.edits import interpolate
-
         if not self._ready():
             return
         a, b = self.ends["A"], self.ends["B"]
@@ -260,8 +256,6 @@ class EditControls:
         self._shown.value = f"A -> B at t = {t:.2f} ({space})"
 
     def _on_place(self, _element=None) -> None:
-        from vq3d_nerfstudio.edits import Placement
-
         if not self.place.value:
             return
         if not self._ready():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vq3d_nerfstudio.vit import Transformer
+from vq3d_nerfstudio.stage1.vit import Transformer
 
 
 class ViTEncoder(nn.Module):

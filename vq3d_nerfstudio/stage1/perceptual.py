@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vq3d_nerfstudio.files import try_download
+
 # LPIPS net name -> (torchvision constructor, torchvision weights enum)
 _BACKBONES = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights")}
 
@@ -48,7 +50,7 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS net must be one of {sorted(_BACKBONES)}, not {net!r}")
         path = Path(weights) if weights is not None else default_weights_path(net)
         if not path.is_file() and weights is None and download:
-            _try_download(weights_url(net), path)
+            try_download(weights_url(net), path)
         if not path.is_file():
             raise LPIPSUnavailable(
                 f"LPIPS needs the ImageNet {_BACKBONES[net][0]} weights at {path}; download {weights_url(net)} "
@@ -59,7 +61,7 @@ class LPIPS(nn.Module):
 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        except Exception as err:  # any unreadable file gets the same one-line error
             raise LPIPSUnavailable(f"{path}: not a readable torchvision state dict ({err})") from err
         backbone = getattr(torchvision.models, _BACKBONES[net][0])(weights=None)
         try:
@@ -80,18 +82,6 @@ class LPIPS(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.lpips(a, b, normalize=True).reshape(-1)
-
-
-def _try_download(url: str, path: Path) -> None:
-    """torchvision's usual download into the hub cache; offline it fails and the caller reports."""
-    from nerfstudio.utils.rich_utils import CONSOLE
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        CONSOLE.print(f"Downloading {url} to {path}")
-        torch.hub.download_url_to_file(url, str(path), progress=False)
-    except Exception as err:  # noqa: BLE001 - offline, proxy, disk: all mean "not available"
-        CONSOLE.print(f"[yellow]download failed ({type(err).__name__}: {err})")
 
 
 def load_lpips_if_available(net: str = "alex", weights: Optional[Path] = None) -> "tuple[Optional[LPIPS], str]":

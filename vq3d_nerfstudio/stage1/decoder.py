@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq3d_nerfstudio.vit import Transformer
+from vq3d_nerfstudio.stage1.vit import Transformer
 
 
 class ConvUpsampler(nn.Module):
@@ -47,7 +47,7 @@ class TriplaneDecoder(nn.Module):
     convolutional upsampler grows the token grid (``"conv"``, needs a power-of-two ``upsample``).
     Tiles are laid out so that the image's axes line up with the planes' (:func:`align_to_image`):
     token (i, j) writes plane tile (i, j) which, in the frustum layout
-    (:func:`vq3d_nerfstudio.triplane.frustum_coordinates`), is exactly where image patch (i, j)
+    (:func:`vq3d_nerfstudio.stage1.triplane.frustum_coordinates`), is exactly where image patch (i, j)
     samples the xy plane. The margin (space seen only from novel views) starts as a copy of the
     edge texels; a 3x3 convolution over the whole plane then refines seams and margin.
     """

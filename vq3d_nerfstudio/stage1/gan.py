@@ -1,47 +1,25 @@
-"""Adversarial training pieces: novel-view cameras, discriminators, GAN losses, R1, loss weighting.
+"""Adversarial training pieces: discriminators, GAN losses, R1, loss weighting.
+
+Novel-view cameras come from :func:`vq3d_nerfstudio.geometry.cameras.sample_novel_poses`.
 
 VQ3D's discriminator sees real input images against renders of the reconstructed NeRF from the
 canonical camera AND from novel viewpoints orbiting the pivot, where no ground truth exists: that is
 what keeps novel views plausible. Everything here is plain torch; the model renders the images and
-the trainer (``trainer.py``) runs the discriminator's own optimisation step.
+the trainer (``ns/trainer.py``) runs the discriminator's own optimisation step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq3d_nerfstudio.data import synth
-
 GanLoss = Literal["non-saturating", "hinge"]
 
 
-# ---- novel-view cameras ---------------------------------------------------------------------------
-def sample_novel_poses(
-    num: int,
-    distance: float,
-    max_yaw_deg: float,
-    max_elevation_deg: float,
-    radius_jitter: float = 0.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """``[num, 3, 4]`` OpenGL camera-to-worlds orbiting the pivot (origin), looking at it.
-
-    Yaw and elevation are uniform in ``[-max, max]`` degrees; the distance is uniform in
-    ``distance * [1 - radius_jitter, 1 + radius_jitter]``. Yaw 0, elevation 0 at ``distance`` is
-    the canonical camera.
-    """
-    u = torch.rand(num, 3, generator=generator, dtype=torch.float64) * 2 - 1
-    poses = [
-        synth.orbit_camera_to_world(float(max_yaw_deg * a), float(max_elevation_deg * b), float(distance * (1 + radius_jitter * c)))
-        for a, b, c in u.tolist()
-    ]
-    return torch.from_numpy(np.stack(poses)[:, :3]).float()
 
 
 # ---- discriminators -------------------------------------------------------------------------------

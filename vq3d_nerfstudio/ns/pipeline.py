@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
-from typing import Dict, Literal, Optional, Type
+from typing import Dict, Literal, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
@@ -21,8 +21,9 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from vq3d_nerfstudio.checks import check_nerfstudio_command_line
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
-from vq3d_nerfstudio.model import Vq3dModel, Vq3dModelConfig
-from vq3d_nerfstudio.viewer_controls import CpuViewerDefaults, EditControls, SampleControls, SceneControls
+from vq3d_nerfstudio.data.dataset import load_image
+from vq3d_nerfstudio.ns.viewer_controls import CpuViewerDefaults, EditControls, SampleControls, SceneControls
+from vq3d_nerfstudio.stage1.model import Vq3dModel, Vq3dModelConfig
 
 
 @dataclass
@@ -52,10 +53,12 @@ def check_image_sizes(config: Vq3dPipelineConfig) -> None:
         )
 
 
-def check_scene_choice(choice: str, split_sizes: Optional[Dict[str, int]] = None) -> None:
-    """Stop with one line if ``VQ3D_SCENE`` (which scene ns-render / ns-export / the viewer show
-    first) is neither ``eval:N``, ``train:N`` (``N`` below that split's size, when ``split_sizes``
-    gives it) nor an existing image file."""
+def parse_scene_choice(
+    choice: str, split_sizes: Optional[Dict[str, int]] = None
+) -> Optional[Tuple[str, Union[int, Path]]]:
+    """``VQ3D_SCENE`` (which scene ns-render / ns-export / the viewer show first) as ``None`` (unset),
+    ``("train" | "eval", N)`` or ``("file", path)``. Stops with one line if it is none of ``eval:N``,
+    ``train:N`` (``N`` below that split's size, when ``split_sizes`` gives it) or an existing image file."""
     choice = choice.strip()
     split, _, index = choice.partition(":")
     if split in ("train", "eval") and index.isdigit():
@@ -66,9 +69,11 @@ def check_scene_choice(choice: str, split_sizes: Optional[Dict[str, int]] = None
                 f"vq3d: error: VQ3D_SCENE={choice}: the {split} split has {size} image{'s' if size != 1 else ''} "
                 f"({valid}); give an index in range, or a photo's path"
             )
-        return
-    if not choice or Path(choice).is_file():
-        return
+        return split, int(index)
+    if not choice:
+        return None
+    if Path(choice).is_file():
+        return "file", Path(choice)
     raise SystemExit(f"vq3d: error: VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
 
 
@@ -117,11 +122,16 @@ class Vq3dPipeline(VanillaPipeline):
         if not hasattr(config.datamanager.dataparser, "image_size") and config.datamanager.image_size is None:
             config.datamanager.image_size = config.model.image_size  # a nerfstudio dataparser: the model's size
         check_nerfstudio_command_line(sys.argv)  # ns-render / ns-export options, before the model loads
-        check_scene_choice(os.environ.get("VQ3D_SCENE", ""))
+        parse_scene_choice(os.environ.get("VQ3D_SCENE", ""))
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         sizes = {"train": len(self.datamanager.train_dataset), "eval": len(self.datamanager.eval_dataset)}
-        check_scene_choice(os.environ.get("VQ3D_SCENE", ""), sizes)
+        choice = parse_scene_choice(os.environ.get("VQ3D_SCENE", ""), sizes)
+        self._scene_file: Optional[Path] = None
+        if choice is not None and choice[0] == "file":
+            self._scene_file, choice = choice[1], ("file", 0)
         self.model.image_loader = self.load_image
+        if choice is not None:
+            self.model.default_scene = choice
         # Viewer controls: the viewer installs the pipeline's ViewerElement attributes (in name order).
         self._scene_controls = SceneControls(self)
         self.scene_1_split = self._scene_controls.split
@@ -156,7 +166,10 @@ class Vq3dPipeline(VanillaPipeline):
 
     def load_image(self, split: str, index: int) -> torch.Tensor:
         """``[S, S, 3]`` image ``index`` of the 'train' or 'eval' split: that very image (never a
-        replacement for a bad file: ``DatasetError`` names it instead)."""
+        replacement for a bad file: ``DatasetError`` names it instead); split 'file': the photo
+        ``VQ3D_SCENE`` names."""
+        if split == "file" and self._scene_file is not None:
+            return load_image(self._scene_file, self.model.config.image_size)
         dataset = self.datamanager.train_dataset if split == "train" else self.datamanager.eval_dataset
         if not 0 <= index < len(dataset):
             raise IndexError(f"no {split} image {index}: the {split} split has {len(dataset)} images")

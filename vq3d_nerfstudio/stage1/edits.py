@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from vq3d_nerfstudio.field import outputs_from_query
-from vq3d_nerfstudio.quantizer import FSQuantizer
+from vq3d_nerfstudio.stage1.field import PointField
+from vq3d_nerfstudio.stage1.quantizer import FSQuantizer
 
 InterpolationSpace = Literal["latent", "triplane", "codes"]
 
@@ -128,30 +127,13 @@ def object_region(local: torch.Tensor, placement: Placement) -> torch.Tensor:
     return inside
 
 
-class ComposedField:
-    """Callable like ``TriplaneField``: the scene's field (``planes``) with the placed object's."""
+class ComposedField(PointField):
+    """The scene's field (``planes``) with the placed object's: a :class:`PointField` over the
+    composite query, so the renderer and normals treat it like the tri-plane field."""
 
-    def __init__(self, field, placement: Placement) -> None:
+    def __init__(self, field: PointField, placement: Placement) -> None:
         self.field = field
         self.placement = placement
-
-    def __call__(self, ray_samples, planes: torch.Tensor, batch_idx: torch.Tensor):
-        return outputs_from_query(self.query, ray_samples, planes, batch_idx)
-
-    def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
-        return self.query(positions, planes, batch_idx)[0]
-
-    def normals_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
-        """Unit normals ``[N, 3]`` of the composite: its negated, normalised density gradient."""
-        with torch.enable_grad():
-            points = positions.detach().requires_grad_(True)
-            density = self.density_at(points, planes.detach(), batch_idx)
-            if not density.requires_grad:  # a field that is piecewise constant in space
-                return torch.zeros_like(positions)
-            (grad,) = torch.autograd.grad(density.sum(), points, allow_unused=True)
-        if grad is None:
-            return torch.zeros_like(positions)
-        return F.normalize(-grad, dim=-1)
 
     def query(self, points: torch.Tensor, planes: torch.Tensor, point_batch: torch.Tensor):
         """Composite density ``[N, 1]`` and RGB ``[N, 3]`` at world points ``[N, 3]``."""

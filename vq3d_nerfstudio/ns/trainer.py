@@ -23,11 +23,10 @@ written to a temporary file and renamed, so an interrupted save never leaves a t
 from __future__ import annotations
 
 import functools
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -38,7 +37,12 @@ from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from vq3d_nerfstudio.checks import check_options, output_path_problem
-from vq3d_nerfstudio.quantizer import reset_optimizer_rows
+from vq3d_nerfstudio.data.datamanager import dataset_error_message
+from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.files import atomic_path
+from vq3d_nerfstudio.ns.pipeline import check_image_sizes
+from vq3d_nerfstudio.stage1.perceptual import LPIPSUnavailable
+from vq3d_nerfstudio.stage1.quantizer import reset_optimizer_rows
 
 DISCRIMINATOR = "discriminator"
 
@@ -61,8 +65,6 @@ class Vq3dTrainerConfig(TrainerConfig):
         """Check the options before ns-train makes the run folder (finite floats, a writable
         --output-dir, the data and model image sizes agreeing): a mistake stops in one line and
         leaves nothing behind. Then nerfstudio's save of config.yml."""
-        from vq3d_nerfstudio.pipeline import check_image_sizes
-
         check_options(self, "vq3d")
         problem = output_path_problem(Path(self.output_dir), is_folder=True)
         if problem is not None:
@@ -87,9 +89,6 @@ class Vq3dTrainer(Trainer):
         """nerfstudio's setup; a data error found while building the pipeline (no images, an empty
         folder, a file as --data, ...) stops in one line, and the run folder, which then holds only
         config.yml, is removed."""
-        from vq3d_nerfstudio.data.dataparser import DatasetError
-        from vq3d_nerfstudio.data.datamanager import dataset_error_message
-
         try:
             super().setup(test_mode)
         except DatasetError as err:
@@ -99,9 +98,14 @@ class Vq3dTrainer(Trainer):
             self._remove_unused_run_folder()
             raise
         self.skipped_steps = {"generator": 0, DISCRIMINATOR: 0}
+        self.gan_inputs: Optional[Dict[str, torch.Tensor]] = None
+        """The discriminator's (detached) real and fake images of the last generator forward."""
         model = self.pipeline.model
         if hasattr(model, "prepare_training") and test_mode == "val":
-            model.prepare_training()
+            try:
+                model.prepare_training()
+            except LPIPSUnavailable as err:
+                raise SystemExit(f"vq3d: error: {err}") from None
 
     def train(self) -> None:
         self._completed_step = None
@@ -173,7 +177,8 @@ class Vq3dTrainer(Trainer):
         device_type = "cpu" if device_type == "mps" else device_type
         try:
             with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
-                _, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
+                outputs, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
+                self.gan_inputs = model.discriminator_inputs(outputs)
                 loss = functools.reduce(torch.add, loss_dict.values())
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -193,7 +198,7 @@ class Vq3dTrainer(Trainer):
         # ---- discriminator step (on the detached renders of this step)
         if disc_params and finite and model.discriminator_active(step):
             self.optimizers.zero_grad_some([DISCRIMINATOR])
-            d_losses, d_metrics = model.get_discriminator_loss_dict(step)
+            d_losses, d_metrics = model.get_discriminator_loss_dict(step, self.gan_inputs)
             if d_losses:
                 d_loss = functools.reduce(torch.add, d_losses.values())
                 d_finite = bool(torch.isfinite(d_loss))
@@ -214,8 +219,8 @@ class Vq3dTrainer(Trainer):
                 metrics_dict.update({f"gan/{k}": v for k, v in d_metrics.items()})
         for name, count in self.skipped_steps.items():
             metrics_dict[f"skipped_steps/{name}"] = torch.tensor(float(count))
-        if step % self.config.steps_per_eval_image == 0 and getattr(model, "gan_cache", None) is not None:
-            self._log_gan_images(model.gan_cache, step)
+        if step % self.config.steps_per_eval_image == 0 and self.gan_inputs is not None:
+            self._log_gan_images(self.gan_inputs, step)
 
         scale = self.grad_scaler.get_scale()
         self.grad_scaler.update()
@@ -253,20 +258,19 @@ class Vq3dTrainer(Trainer):
         if not self.checkpoint_dir.exists():
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
-        # beside, not inside, the checkpoint folder: nerfstudio parses every file name in it
-        tmp_path = self.checkpoint_dir.parent / f".{ckpt_path.name}.tmp"
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
-        torch.save(
-            {
-                "step": step,
-                "pipeline": pipeline.state_dict(),
-                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
-                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
-                "scalers": self.grad_scaler.state_dict(),
-            },
-            tmp_path,
-        )
-        os.replace(tmp_path, ckpt_path)
+        # the temporary file beside, not inside, the checkpoint folder: nerfstudio parses every file name in it
+        with atomic_path(ckpt_path, folder=self.checkpoint_dir.parent) as tmp_path:
+            torch.save(
+                {
+                    "step": step,
+                    "pipeline": pipeline.state_dict(),
+                    "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+                    "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+                    "scalers": self.grad_scaler.state_dict(),
+                },
+                tmp_path,
+            )
         if self.config.save_only_latest_checkpoint:
             for f in self.checkpoint_dir.glob("*.ckpt"):
                 if f != ckpt_path:

@@ -24,7 +24,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from plyfile import PlyData, PlyElement, PlyParseError
 
+from vq3d_nerfstudio.files import atomic_path
 
 SH_C0 = 0.28209479177387814
 """Degree-0 real spherical harmonic, ``1 / (2 sqrt(pi))``: 3DGS stores colour as ``(rgb - 0.5) / C0``."""
@@ -87,10 +89,9 @@ def sh_dc_to_rgb(f_dc: torch.Tensor) -> torch.Tensor:
 
 def write_splat_ply(path: Path, gaussians: Gaussians) -> None:
     """Write the standard 3DGS ``.ply``: binary little endian, one ``vertex`` element with the float
-    properties :data:`PLY_PROPERTIES`. Encodings as Inria's 3DGS stores them: ``f_dc`` =
-    :func:`rgb_to_sh_dc`, ``opacity`` = logit, ``scale_*`` = log, ``rot_*`` = normalised ``wxyz``;
-    normals and ``f_rest_*`` are zeros. The file is written beside its destination and renamed, so
-    a reader never sees half of it."""
+    properties :data:`PLY_PROPERTIES` (through ``plyfile``). Encodings as Inria's 3DGS stores them:
+    ``f_dc`` = :func:`rgb_to_sh_dc`, ``opacity`` = logit, ``scale_*`` = log, ``rot_*`` = normalised
+    ``wxyz``; normals and ``f_rest_*`` are zeros. Written atomically (:func:`~vq3d_nerfstudio.files.atomic_path`)."""
     g = gaussians.detach().to("cpu")
     count = len(g)
     opacity = g.opacities.double().clamp(1e-6, 1 - 1e-6)
@@ -109,50 +110,28 @@ def write_splat_ply(path: Path, gaussians: Gaussians) -> None:
     vertex = np.zeros(count, dtype=[(name, "<f4") for name in PLY_PROPERTIES])
     for name, values in columns.items():
         vertex[name] = values.float().numpy()
-    header = "ply\nformat binary_little_endian 1.0\n" f"element vertex {count}\n"
-    header += "".join(f"property float {name}\n" for name in PLY_PROPERTIES) + "end_header\n"
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(vertex.tobytes())
-    tmp.replace(path)
+    with atomic_path(Path(path)) as tmp:
+        PlyData([PlyElement.describe(vertex, "vertex")], text=False, byte_order="<").write(str(tmp))
 
 
 def read_splat_ply(path: Path) -> Gaussians:
-    """Read a binary little-endian 3DGS ``.ply`` whose vertex properties are all float (any order,
-    extra properties ignored; the inverse of :func:`write_splat_ply`, also for Inria's files). Only
-    the DC colour is read: view-dependent ``f_rest`` terms are dropped."""
-    with open(path, "rb") as f:
-        if f.readline().strip() != b"ply":
-            raise ValueError(f"{path}: not a PLY file")
-        names, count, fmt = [], None, None
-        while True:
-            line = f.readline()
-            if not line:
-                raise ValueError(f"{path}: no end_header")
-            words = line.decode("ascii").split()
-            if not words or words[0] == "comment":
-                continue
-            if words[0] == "end_header":
-                break
-            if words[0] == "format":
-                fmt = words[1]
-            elif words[0] == "element":
-                if words[1] != "vertex" or count is not None:
-                    raise ValueError(f"{path}: expected one 'vertex' element, found {words[1]}")
-                count = int(words[2])
-            elif words[0] == "property":
-                if words[1] not in ("float", "float32"):
-                    raise ValueError(f"{path}: property {words[-1]} is {words[1]}; a 3DGS .ply holds floats")
-                names.append(words[2])
-        if fmt != "binary_little_endian":
-            raise ValueError(f"{path}: format {fmt}; expected binary_little_endian")
-        missing = {"x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
-                   "rot_0", "rot_1", "rot_2", "rot_3"} - set(names)
-        if missing:
-            raise ValueError(f"{path}: missing properties {sorted(missing)}")
-        vertex = np.frombuffer(f.read(count * 4 * len(names)), dtype=[(n, "<f4") for n in names], count=count)
+    """Read a 3DGS ``.ply`` whose vertex properties are all float (any order, extra properties
+    ignored; the inverse of :func:`write_splat_ply`, also for Inria's files). Only the DC colour is
+    read: view-dependent ``f_rest`` terms are dropped."""
+    try:
+        ply = PlyData.read(str(path))
+    except (PlyParseError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable PLY file ({err})") from err
+    if [element.name for element in ply.elements] != ["vertex"]:
+        raise ValueError(f"{path}: expected one 'vertex' element, found {[e.name for e in ply.elements]}")
+    vertex = ply["vertex"].data
+    for prop in ply["vertex"].properties:
+        if getattr(prop, "val_dtype", None) not in ("f4", "float", "float32"):
+            raise ValueError(f"{path}: property {prop.name} is {getattr(prop, 'val_dtype', 'a list')}; a 3DGS .ply holds floats")
+    missing = {"x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+               "rot_0", "rot_1", "rot_2", "rot_3"} - set(vertex.dtype.names)
+    if missing:
+        raise ValueError(f"{path}: missing properties {sorted(missing)}")
 
     def stack(keys: List[str]) -> torch.Tensor:
         return torch.from_numpy(np.stack([vertex[k].astype(np.float32) for k in keys], axis=-1))
@@ -194,28 +173,22 @@ class NerfSamples:
 
 @torch.no_grad()
 def nerf_samples(model, ray_bundle, planes: torch.Tensor, batch_idx: Optional[torch.Tensor] = None) -> NerfSamples:
-    """Run ``model``'s coarse sampler, PDF sampler and field on ``ray_bundle`` (flat, ``[R]``) as
-    :meth:`Vq3dModel.render_rays` does, and keep what it discards: each fine sample's position,
-    colour and alpha. With the model's ``last_sample`` background the leftover transmittance is
-    given to the last sample (alpha 1), so ``sum_i weights_i * rgb_i`` is the model's rendered
-    colour (tests check both against ``render_rays``).
-
-    The near/far collider is applied here, as ``get_outputs`` does.
-    """
+    """Run ``model``'s renderer passes (:meth:`~vq3d_nerfstudio.stage1.renderer.NerfRenderer.sample`:
+    the samplers and the field, as every render does) on ``ray_bundle`` (flat, ``[R]``) and keep
+    what compositing discards: each fine sample's position, colour and alpha. With the model's
+    ``last_sample`` background the leftover transmittance is given to the last sample (alpha 1), so
+    ``sum_i weights_i * rgb_i`` is the model's rendered colour (tests check both against
+    ``render_rays``)."""
     from nerfstudio.field_components.field_heads import FieldHeadNames
 
-    ray_bundle = model.collider(ray_bundle)
     if batch_idx is None:
         batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
-    coarse = model.sampler_coarse(ray_bundle)
-    coarse_out = model.field(coarse, planes, batch_idx)
-    coarse_w = coarse.get_weights(coarse_out[FieldHeadNames.DENSITY])
-    fine = model.sampler_pdf(ray_bundle, coarse, coarse_w)
-    fine_out = model.field(fine, planes, batch_idx)
-    density = fine_out[FieldHeadNames.DENSITY]
-    weights = fine.get_weights(density)[..., 0]  # (R, S)
+    passes = model.renderer.sample(ray_bundle, model.field, planes, batch_idx)
+    ray_bundle, fine = passes.ray_bundle, passes.fine
+    density = passes.fine_outputs[FieldHeadNames.DENSITY]
+    weights = passes.fine_weights[..., 0]  # (R, S)
     alphas = (1 - torch.exp(-fine.deltas * density))[..., 0]  # (R, S)
-    if getattr(model.renderer_rgb, "background_color", None) == "last_sample":
+    if getattr(model.renderer.renderer_rgb, "background_color", None) == "last_sample":
         weights = weights.clone()
         weights[:, -1] += (1 - weights.sum(-1)).clamp_min(0)
         alphas = alphas.clone()
@@ -225,7 +198,7 @@ def nerf_samples(model, ray_bundle, planes: torch.Tensor, batch_idx: Optional[to
         raise ValueError("rays without pixel_area: generate them from Cameras")
     return NerfSamples(
         positions=fine.frustums.get_positions(),
-        rgb=fine_out[FieldHeadNames.RGB],
+        rgb=passes.fine_outputs[FieldHeadNames.RGB],
         alphas=alphas,
         weights=weights,
         distances=((fine.frustums.starts + fine.frustums.ends) / 2)[..., 0],
@@ -657,9 +630,3 @@ def refine_gaussians(
     out = current().detach()
     out.colors = out.colors.clamp(0, 1)
     return out
-
-
-def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio (dB) of images in [0, 1]."""
-    mse = F.mse_loss(prediction.clamp(0, 1).float(), target.clamp(0, 1).float())
-    return float(-10 * torch.log10(mse.clamp_min(1e-10)))

@@ -1,9 +1,10 @@
-"""Tri-plane radiance field: density and colour at world points, given one tri-plane per image."""
+"""Radiance fields: what the renderer asks of a field (:class:`PointField`), and the tri-plane field
+(density and colour at world points, given one tri-plane per image)."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from nerfstudio.cameras.rays import RaySamples
@@ -12,10 +13,39 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
 from torch import nn
 
-from vq3d_nerfstudio.triplane import PlaneLayout, sample_triplanes_by_index
+from vq3d_nerfstudio.stage1.triplane import PlaneLayout, sample_triplanes_by_index
 
 
-class TriplaneField(nn.Module):
+class PointField:
+    """A field defined by a point query ``query(points [N, 3], planes, batch_idx [N]) -> (density
+    [N, 1], rgb [N, 3])``; this base class derives what the renderer and the exporters call: outputs
+    for ray samples (``field(ray_samples, planes, batch_idx)``), density alone, and normals."""
+
+    def query(self, points: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor) -> Dict[FieldHeadNames, torch.Tensor]:
+        return outputs_from_query(self.query, ray_samples, planes, batch_idx)
+
+    def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Density ``[N, 1]`` at world points ``[N, 3]``, point ``i`` in tri-plane ``batch_idx[i]``."""
+        return self.query(positions, planes, batch_idx)[0]
+
+    def normals_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Unit normals ``[N, 3]``: the negated, normalised density gradient (works under no_grad;
+        zero where the density does not vary in space)."""
+        with torch.enable_grad():
+            points = positions.detach().requires_grad_(True)
+            density = self.density_at(points, planes.detach(), batch_idx)
+            if not density.requires_grad:  # a field that is piecewise constant in space
+                return torch.zeros_like(positions)
+            (grad,) = torch.autograd.grad(density.sum(), points, allow_unused=True)
+        if grad is None:
+            return torch.zeros_like(positions)
+        return torch.nn.functional.normalize(-grad, dim=-1)
+
+
+class TriplaneField(nn.Module, PointField):
     """Sample the image's tri-plane at the points' plane coordinates (``layout``); small MLPs give
     density and colour.
 
@@ -72,16 +102,8 @@ class TriplaneField(nn.Module):
         return torch.cat([feats, coords, torch.sin(angles), torch.cos(angles)], dim=-1)
 
     def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
-        """Density ``[N, 1]`` at world points ``[N, 3]``, point ``i`` in tri-plane ``batch_idx[i]``."""
+        """Density alone (skips the colour MLP)."""
         return trunc_exp(self.density_mlp(self.features(positions, planes, batch_idx))[:, :1] - 1.0)
-
-    def normals_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
-        """Unit normals ``[N, 3]``: the negated, normalised density gradient (works under no_grad)."""
-        with torch.enable_grad():
-            points = positions.detach().requires_grad_(True)
-            density = self.density_at(points, planes.detach(), batch_idx)
-            (grad,) = torch.autograd.grad(density.sum(), points)
-        return torch.nn.functional.normalize(-grad, dim=-1)
 
     def forward(
         self, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor

@@ -5,13 +5,13 @@ factorized vector quantizer, and a ViT decoder that writes a tri-plane; nerfstud
 renderers draw it (coarse samples, then PDF samples from the coarse weights, one shared field).
 Rays with ``metadata["batch_idx"]`` use the tri-plane of that input image; rays without it (viewer,
 ``ns-render``, ``ns-export``) use the model's current scene, picked by ``cam_idx`` of the camera
-(a training image), by :meth:`set_scene_images`, or by ``default_scene_index`` (an eval image).
+(a training image), by :meth:`set_scene_images`, or by :attr:`default_scene` (the pipeline's
+choice: ``default_scene_index`` of the eval images, or ``VQ3D_SCENE``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
@@ -20,47 +20,33 @@ import torch
 import torch.nn.functional as F
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.model_components.ray_generators import RayGenerator
-from nerfstudio.data.scene_box import OrientedBox
-from nerfstudio.field_components.field_heads import FieldHeadNames
-from nerfstudio.model_components.ray_samplers import PDFSampler, SpacedSampler
-from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
-from nerfstudio.model_components.scene_colliders import NearFarCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from torch.nn import Parameter
 
-from vq3d_nerfstudio import gan, losses
-from vq3d_nerfstudio.encoder import ViTEncoder
-from vq3d_nerfstudio.field import TriplaneField
-from vq3d_nerfstudio.quantizer import build_quantizer, code_perplexity
-from vq3d_nerfstudio.triplane import PlaneLayout
-from vq3d_nerfstudio.triplane_decoder import TriplaneDecoder
+from vq3d_nerfstudio.geometry.cameras import canonical_camera_to_world, sample_novel_poses, square_pinhole_cameras
+from vq3d_nerfstudio.stage1 import gan, losses
+from vq3d_nerfstudio.stage1.decoder import TriplaneDecoder
+from vq3d_nerfstudio.stage1.edits import ComposedField
+from vq3d_nerfstudio.stage1.encoder import ViTEncoder
+from vq3d_nerfstudio.stage1.field import TriplaneField
+from vq3d_nerfstudio.stage1.perceptual import LPIPS, LPIPSUnavailable
+from vq3d_nerfstudio.stage1.quantizer import build_quantizer, code_perplexity
+from vq3d_nerfstudio.stage1.renderer import NerfRenderer
+from vq3d_nerfstudio.stage1.scene import ShownScene
+from vq3d_nerfstudio.stage1.triplane import PlaneLayout
 
-
-class PiecewiseLinDispSampler(SpacedSampler):
-    """Uniform in distance up to ``linear_until``, then linear in disparity out to the far plane.
-
-    nerfstudio's ``UniformLinDispPiecewiseSampler`` with the switch point scaled from 1 to
-    ``linear_until`` world units, so that the near scene (the canonical camera sits 2 units from the
-    pivot) gets a third of the samples and the unbounded background the rest.
-    """
-
-    def __init__(self, num_samples: int, linear_until: float, train_stratified: bool = True) -> None:
-        a = linear_until
-        super().__init__(
-            num_samples=num_samples,
-            spacing_fn=lambda x: torch.where(x < a, x / (2 * a), 1 - a / (2 * x)),
-            spacing_fn_inv=lambda s: torch.where(s < 0.5, 2 * a * s, a / (2 - 2 * s)),
-            train_stratified=train_stratified,
-        )
+#: Fields renamed since runs were first saved: old name -> new name (read by ``Vq3dModelConfig.__setstate__``).
+RENAMED_FIELDS = {"num_coarse_samples": "coarse_samples_per_ray", "num_fine_samples": "fine_samples_per_ray"}
 
 
 @dataclass
 class Vq3dModelConfig(ModelConfig):
     """VQ3D stage 1 (Sargent et al., ICCV 2023). Sizes come from the preset table in
-    ``method_configs.py``; paper-scale values follow ViT-VQGAN (256 px, 8 px patches, 8192 codes of
+    ``ns/method_configs.py``; paper-scale values follow ViT-VQGAN (256 px, 8 px patches, 8192 codes of
     32-d). Choices the paper leaves open are written beside each field."""
 
     _target: Type = field(default_factory=lambda: Vq3dModel)
@@ -137,9 +123,9 @@ class Vq3dModelConfig(ModelConfig):
     """Where rays end; far enough to stand for infinity after contraction."""
     sampler_linear_until: float = 3.0
     """Coarse samples are uniform up to this distance, linear in disparity beyond."""
-    num_coarse_samples: int = 32
+    coarse_samples_per_ray: int = 32
     """Coarse samples per ray."""
-    num_fine_samples: int = 32
+    fine_samples_per_ray: int = 32
     """PDF samples per ray drawn from the coarse weights (added to the coarse ones)."""
     rgb_loss_mult: float = 1.0
     """Weight of the MSE photometric loss on the fine render."""
@@ -214,6 +200,12 @@ class Vq3dModelConfig(ModelConfig):
     """Without the VGG weights: 'error' stops with one line saying where to put them; 'skip' trains
     without the perceptual loss and warns once."""
 
+    def __setstate__(self, state: dict) -> None:
+        """A run's ``config.yml`` written before a field was renamed loads with its values under the
+        new names (``num_coarse_samples`` clashed with nerfstudio's own tests, which take any config
+        with that field for vanilla-nerf's)."""
+        self.__dict__.update({RENAMED_FIELDS.get(key, key): value for key, value in state.items()})
+
 
 class Vq3dModel(Model):
     """See the module docstring."""
@@ -257,12 +249,9 @@ class Vq3dModel(Model):
         self.field = TriplaneField(
             cfg.triplane_channels, cfg.field_hidden_dim, self.layout, num_depth_frequencies=cfg.num_depth_frequencies
         )
-        self.collider = NearFarCollider(near_plane=cfg.near_plane, far_plane=cfg.far_plane)
-        self.sampler_coarse = PiecewiseLinDispSampler(cfg.num_coarse_samples, cfg.sampler_linear_until)
-        self.sampler_pdf = PDFSampler(num_samples=cfg.num_fine_samples, include_original=True)
-        self.renderer_rgb = RGBRenderer(background_color="last_sample")
-        self.renderer_depth = DepthRenderer(method="expected")
-        self.renderer_accumulation = AccumulationRenderer()
+        self.renderer = NerfRenderer(
+            cfg.near_plane, cfg.far_plane, cfg.coarse_samples_per_ray, cfg.fine_samples_per_ray, cfg.sampler_linear_until
+        )
         self.discriminator: Optional[torch.nn.Module] = None
         if cfg.adversarial_loss_mult > 0:
             in_channels = 4 if cfg.discriminator_sees_disparity else 3
@@ -270,18 +259,16 @@ class Vq3dModel(Model):
                 cfg.discriminator, cfg.gan_resolution, in_channels, cfg.discriminator_channels
             )
         self.step = 0
-        self.gan_cache: Optional[Dict[str, torch.Tensor]] = None
-        """Detached discriminator inputs of the last training forward (the trainer's D step reads them)."""
         self._perceptual: List[torch.nn.Module] = []  # a list: frozen weights stay out of checkpoints
         # Scene shown for rays without batch_idx. Not state to save: a plain attribute, not a buffer.
-        self._scene_image: Optional[torch.Tensor] = None
-        self._scene_planes: Optional[torch.Tensor] = None
-        self._scene_indices: Optional[torch.Tensor] = None
-        self._scene_composition = None  # an object placed in the shown scene (vq3d_nerfstudio.edits)
-        self._scene_key: Optional[Tuple[str, int]] = None
+        self.scene = ShownScene()
+        """What rays without batch_idx render. Not state to save: a plain attribute, not a buffer."""
         self._last_cam_idx: Optional[int] = None
         self.image_loader: Optional[Callable[[str, int], torch.Tensor]] = None
         """Set by the pipeline: ``(split, index) -> [S, S, 3]`` image, for cam_idx / default scenes."""
+        self.default_scene: Tuple[str, int] = ("eval", cfg.default_scene_index)
+        """``(split, index)`` shown before anything else chose a scene, read by ``image_loader``
+        (the pipeline sets it from ``VQ3D_SCENE``)."""
 
     # ---- stage-1 interface (stage 2 uses only these) -------------------------------------------
     def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
@@ -305,11 +292,7 @@ class Vq3dModel(Model):
         """Show this image's NeRF. ``image``: ``[S, S, 3]`` or ``[1, 3, S, S]`` in [0, 1]."""
         if image.dim() == 3:
             image = image.permute(2, 0, 1)[None]
-        self._scene_image = image.to(self.device, torch.float32)
-        self._scene_indices = None
-        self._scene_composition = None
-        self._scene_key = key
-        self._scene_planes = None
+        self.scene = ShownScene(image=image.to(self.device, torch.float32), key=key)
 
     @torch.no_grad()
     def set_scene_indices(self, indices: torch.Tensor, key: Optional[Tuple[str, int]] = None) -> None:
@@ -317,58 +300,40 @@ class Vq3dModel(Model):
         indices = indices.reshape(1, self.grid_size, self.grid_size).to(self.device, torch.long)
         if int(indices.max()) >= self.config.codebook_size or int(indices.min()) < 0:
             raise ValueError(f"code indices must lie in [0, {self.config.codebook_size})")
-        self._scene_indices = indices
-        self._scene_image = None
-        self._scene_composition = None
-        self._scene_key = key
-        self._scene_planes = None
+        self.scene = ShownScene(indices=indices, key=key)
 
     @torch.no_grad()
     def set_scene_planes(self, planes: torch.Tensor, key: Optional[Tuple[str, int]] = None, composition=None) -> None:
         """Show given tri-planes ``[1, 3, C, R, R]`` (an interpolation, an edit), optionally with an
-        object placed in them (:class:`vq3d_nerfstudio.edits.Placement`). They are not re-derived
+        object placed in them (:class:`vq3d_nerfstudio.stage1.edits.Placement`). They are not re-derived
         when the weights change: for inference."""
-        self._scene_planes = planes.to(self.device)
-        self._scene_image = None
-        self._scene_indices = None
-        self._scene_composition = composition
-        self._scene_key = key
+        self.scene = ShownScene(planes=planes.to(self.device), composition=composition, key=key)
 
     def show_image(self, split: str, index: int) -> None:
         """Show image ``index`` of ``split`` ('train' or 'eval'), loading it unless already shown."""
-        if self._scene_key == (split, index) and self._scene_image is not None:
+        if self.scene.key == (split, index) and self.scene.image is not None:
             return
         if self.image_loader is None:
             raise RuntimeError("no image loader: the pipeline sets one; or call set_scene_images(image)")
         self.set_scene_images(self.image_loader(split, index), key=(split, index))
 
     def _show_default_scene(self) -> None:
-        """Held-out image ``default_scene_index``, unless ``VQ3D_SCENE`` names another scene."""
-        choice = os.environ.get("VQ3D_SCENE", "").strip()
-        split, _, index = choice.partition(":")
-        if not choice:
-            self.show_image("eval", self.config.default_scene_index)
-        elif split in ("train", "eval") and index.isdigit():
-            self.show_image(split, int(index))
-        else:
-            from vq3d_nerfstudio.data.dataparser import DatasetError
-            from vq3d_nerfstudio.data.dataset import load_image
-
-            if not Path(choice).is_file():
-                raise DatasetError(f"VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
-            self.set_scene_images(load_image(Path(choice), self.config.image_size), key=("file", 0))
+        """The scene shown before anything else chose one: :attr:`default_scene`."""
+        self.show_image(*self.default_scene)
 
     @torch.no_grad()
     def current_planes(self) -> torch.Tensor:
         """Tri-planes of the shown image, encoded with the current weights (cached until they change)."""
-        if self._scene_planes is None and self._scene_indices is not None:
-            self._scene_planes = self.decode_from_indices(self._scene_indices)
-        if self._scene_image is None and self._scene_planes is None:
+        scene = self.scene
+        if scene.planes is None and scene.indices is not None:
+            scene.planes = self.decode_from_indices(scene.indices)
+        if scene.is_empty:
             self._show_default_scene()
-        if self._scene_planes is None:
-            quantized, _ = self.quantizer.quantize(self.encoder(self._scene_image))
-            self._scene_planes = self.decoder(quantized)
-        return self._scene_planes
+            scene = self.scene
+        if scene.planes is None:
+            quantized, _ = self.quantizer.quantize(self.encoder(scene.image))
+            scene.planes = self.decoder(quantized)
+        return scene.planes
 
     # ---- rendering -----------------------------------------------------------------------------
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -386,16 +351,16 @@ class Vq3dModel(Model):
 
     # ---- adversarial and perceptual training ---------------------------------------------------
     def prepare_training(self) -> None:
-        """Load what only training needs (LPIPS weights); a missing file is one clear error."""
-        from vq3d_nerfstudio.perceptual import LPIPS, LPIPSUnavailable
+        """Load what only training needs (LPIPS weights). Without them: ``LPIPSUnavailable`` whose
+        message says where to put them and how to train without (``perceptual_if_missing``)."""
 
         if self.config.perceptual_loss_mult > 0 and not self._perceptual:
             try:
                 self._perceptual.append(LPIPS("vgg", self.config.perceptual_weights, download=True).to(self.device))
             except LPIPSUnavailable as err:
                 if self.config.perceptual_if_missing == "error":
-                    raise SystemExit(
-                        f"vq3d: error: {err}; or train without it: --pipeline.model.perceptual-loss-mult 0 "
+                    raise LPIPSUnavailable(
+                        f"{err}; or train without it: --pipeline.model.perceptual-loss-mult 0 "
                         "(or --pipeline.model.perceptual-if-missing skip)"
                     ) from None
                 from nerfstudio.utils.rich_utils import CONSOLE
@@ -417,13 +382,11 @@ class Vq3dModel(Model):
         sampled at the same centres (bilinear at the low-resolution pixel centres, no area
         filtering): otherwise the discriminator could tell real from fake by the filtering alone.
         """
-        from vq3d_nerfstudio.data.dataparser import canonical_camera_to_world, square_pinhole_cameras
-
         cfg = self.config
         num, res = min(cfg.gan_images_per_batch, planes.shape[0]), cfg.gan_resolution
         poses = canonical_camera_to_world(self.camera_distance)[None].expand(num, 3, 4)
         if with_novel:
-            novel = gan.sample_novel_poses(
+            novel = sample_novel_poses(
                 num, self.camera_distance, cfg.novel_view_max_yaw_deg, cfg.novel_view_max_elevation_deg,
                 cfg.novel_view_radius_jitter,
             )
@@ -433,7 +396,7 @@ class Vq3dModel(Model):
         cam = torch.arange(views, device=self.device).repeat_interleave(res * res)
         pix = torch.arange(res * res, device=self.device).repeat(views)
         rays = RayGenerator(cameras)(torch.stack([cam, pix // res, pix % res], -1))
-        out = self.render_rays(self.collider(rays), planes, cam % num, keep_samples=False)
+        out = self.render_rays(rays, planes, cam % num, keep_samples=False)
         to_images = lambda x: x.reshape(views, res, res, -1).permute(0, 3, 1, 2)  # noqa: E731
         rgb, disparity = to_images(out["rgb"]), to_images(out["disparity"])
         point_sample = lambda x: F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)  # noqa: E731
@@ -451,13 +414,27 @@ class Vq3dModel(Model):
         result.update(gan_fake=fake_d, gan_real=real_d, gan_fake_disparity=disparity.detach())
         return result
 
-    def get_discriminator_loss_dict(self, step: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """The discriminator's loss on the cached (detached) real and fake images, with R1 on its
-        lazy schedule; and metrics (mean logits)."""
+    @staticmethod
+    def discriminator_inputs(outputs: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """The discriminator's real and fake images of a training forward's ``outputs``, detached
+        (``real``, ``fake``, and ``gan_fake_disparity`` for logging), or None when it rendered none."""
+        if "gan_fake" not in outputs:
+            return None
+        return {
+            "real": outputs["gan_real"].detach(),
+            "fake": outputs["gan_fake"].detach(),
+            "gan_fake_disparity": outputs["gan_fake_disparity"].detach(),
+        }
+
+    def get_discriminator_loss_dict(
+        self, step: int, inputs: Optional[Dict[str, torch.Tensor]]
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """The discriminator's loss on :meth:`discriminator_inputs` (detached real and fake images),
+        with R1 on its lazy schedule; and metrics (mean logits)."""
         cfg, disc = self.config, self.discriminator
-        if disc is None or self.gan_cache is None:
+        if disc is None or inputs is None:
             return {}, {}
-        real, fake = self.gan_cache["real"], self.gan_cache["fake"]
+        real, fake = inputs["real"], inputs["fake"]
         real_logits, fake_logits = disc(real), disc(fake)
         loss_dict = {"discriminator_loss": gan.discriminator_loss(real_logits, fake_logits, cfg.gan_loss)}
         metrics = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
@@ -474,7 +451,7 @@ class Vq3dModel(Model):
         extra: Dict[str, torch.Tensor] = {}
         if batch is not None and "input_images" in batch:
             if self.training:
-                self._scene_planes = None  # weights are about to change: re-encode the shown scene later
+                self.scene.planes = None  # weights are about to change: re-encode the shown scene later
             quantized, indices, vq = self.encode(batch["input_images"])
             planes = self.decoder(quantized)
             batch_idx = ray_bundle.metadata["batch_idx"][:, 0].long()
@@ -491,7 +468,6 @@ class Vq3dModel(Model):
                 extra.update(self._adversarial_renders(planes, batch, with_novel))
         else:
             return self.get_outputs(ray_bundle)
-        ray_bundle = self.collider(ray_bundle)
         outputs = self.render_rays(ray_bundle, planes, batch_idx, keep_samples=bool(extra))
         outputs.update(extra)
         return outputs
@@ -501,44 +477,26 @@ class Vq3dModel(Model):
         planes = self.current_planes()
         batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
         field = None
-        if self._scene_composition is not None:
-            from vq3d_nerfstudio.edits import ComposedField
+        if self.scene.composition is not None:
+            field = ComposedField(self.field, self.scene.composition)
+        return self.render_rays(ray_bundle, planes, batch_idx, keep_samples=False, field=field)
 
-            field = ComposedField(self.field, self._scene_composition)
-        return self.render_rays(self.collider(ray_bundle), planes, batch_idx, keep_samples=False, field=field)
+    @property
+    def renderer_rgb(self):
+        """The renderer's RGB compositor, under the name nerfstudio's ``Model.get_rgba_image`` (the
+        exporters) reads."""
+        return self.renderer.renderer_rgb
 
     def render_rays(
         self, ray_bundle: RayBundle, planes: torch.Tensor, batch_idx: torch.Tensor, keep_samples: bool, field=None
     ) -> Dict[str, torch.Tensor]:
-        """Coarse pass, PDF resampling, fine pass. Outputs are per ray (``[R, C]``). ``field``
-        replaces ``self.field`` (same call signature), e.g. a scene with an object placed in it."""
-        field = self.field if field is None else field
-        if ray_bundle.metadata is None or "directions_norm" not in ray_bundle.metadata:
-            directions_norm = torch.ones_like(ray_bundle.origins[:, :1])
-        else:
-            directions_norm = ray_bundle.metadata["directions_norm"]
-        coarse = self.sampler_coarse(ray_bundle)
-        coarse_out = field(coarse, planes, batch_idx)
-        coarse_w = coarse.get_weights(coarse_out[FieldHeadNames.DENSITY])
-        fine = self.sampler_pdf(ray_bundle, coarse, coarse_w.detach())
-        fine_out = field(fine, planes, batch_idx)
-        fine_w = fine.get_weights(fine_out[FieldHeadNames.DENSITY])
-        fine_disp = losses.sample_disparity((fine.frustums.starts + fine.frustums.ends) / 2, directions_norm)
-        outputs = {
-            "rgb": self.renderer_rgb(rgb=fine_out[FieldHeadNames.RGB], weights=fine_w),
-            "rgb_coarse": self.renderer_rgb(rgb=coarse_out[FieldHeadNames.RGB], weights=coarse_w),
-            "accumulation": self.renderer_accumulation(fine_w),
-            "depth": self.renderer_depth(fine_w, fine),
-            "expected_depth": self.renderer_depth(fine_w, fine),
-            "disparity": losses.expected_disparity(fine_w, fine_disp),
-        }
-        if self.config.output_normals and not self.training:
-            points = ray_bundle.origins + ray_bundle.directions * outputs["expected_depth"]
-            outputs["normals"] = (field.normals_at(points, planes, batch_idx) + 1) / 2
-        if keep_samples:
-            coarse_disp = losses.sample_disparity((coarse.frustums.starts + coarse.frustums.ends) / 2, directions_norm)
-            outputs.update(weights_fine=fine_w, disp_fine=fine_disp, weights_coarse=coarse_w, disp_coarse=coarse_disp)
-        return outputs
+        """Render rays with this model's field (or ``field``, e.g. a scene with an object placed in
+        it) through :class:`~vq3d_nerfstudio.stage1.renderer.NerfRenderer`; outside training with
+        ``output_normals`` the outputs include normals."""
+        return self.renderer.render(
+            ray_bundle, self.field if field is None else field, planes, batch_idx, keep_samples=keep_samples,
+            normals=self.config.output_normals and not self.training,
+        )
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:
@@ -609,11 +567,6 @@ class Vq3dModel(Model):
             )
             loss_dict["depth_loss"] = cfg.depth_loss_mult * depth_loss
         if "gan_fake" in outputs:
-            self.gan_cache = {
-                "real": outputs["gan_real"].detach(),
-                "fake": outputs["gan_fake"].detach(),
-                "gan_fake_disparity": outputs["gan_fake_disparity"],  # already detached
-            }
             weight = gan.ramp_weight(self.step, cfg.adversarial_start_step, cfg.adversarial_ramp_steps)
             if self.discriminator is not None and weight > 0:
                 adversarial = gan.generator_loss(self.discriminator(outputs["gan_fake"]), cfg.gan_loss)

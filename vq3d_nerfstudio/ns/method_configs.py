@@ -15,10 +15,10 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
-from vq3d_nerfstudio.model import Vq3dModelConfig
-from vq3d_nerfstudio.pipeline import Vq3dPipelineConfig
-from vq3d_nerfstudio.schedulers import WarmupCosineSchedulerConfig
-from vq3d_nerfstudio.trainer import AdamWithBetasConfig, Vq3dTrainerConfig
+from vq3d_nerfstudio.ns.pipeline import Vq3dPipelineConfig
+from vq3d_nerfstudio.ns.schedulers import WarmupCosineSchedulerConfig
+from vq3d_nerfstudio.ns.trainer import AdamWithBetasConfig, Vq3dTrainerConfig
+from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
 
 PRESETS: Dict[str, Dict[str, Dict]] = {
     # ViT-VQGAN scale (Yu et al. 2022; VQ3D builds on it): 256 px, 8 px patches -> 32x32 tokens.
@@ -32,7 +32,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             image_size=256, patch_size=8, hidden_dim=512, num_encoder_layers=8, num_decoder_layers=8, num_heads=8,
             quantizer="fsq", fsq_levels=(8, 8, 8, 6, 5), codebook_size=15_360, code_dim=32,
             triplane_resolution=128, triplane_margin=4, triplane_channels=32, field_hidden_dim=64,
-            num_coarse_samples=48, num_fine_samples=48,
+            coarse_samples_per_ray=48, fine_samples_per_ray=48,
             # 3D-aware GAN: D sees 64 px renders of canonical and novel views (full 256 px renders
             # of 8 images x 2 views would be 1M rays a step); adversarial loss after the
             # reconstruction has formed (VQGAN starts its discriminator late too); LPIPS-VGG.
@@ -52,7 +52,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             image_size=64, patch_size=4, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
             quantizer="fsq", fsq_levels=(8, 8, 8, 6, 5), codebook_size=15_360, code_dim=32,
             triplane_resolution=64, triplane_margin=3, triplane_channels=16, field_hidden_dim=64,
-            num_coarse_samples=24, num_fine_samples=24,
+            coarse_samples_per_ray=24, fine_samples_per_ray=24,
             # GAN off by default (turn on with --pipeline.model.adversarial-loss-mult 0.1): on 2
             # cores it costs steps (BENCHMARKS.md). When on: 32 px views of 4 images, from step 500.
             adversarial_loss_mult=0.0, adversarial_start_step=500, adversarial_ramp_steps=500,
