@@ -164,3 +164,12 @@ def test_interpolate_and_compose_commands(trained_run, tmp_path):
          str(tmp_path / "cat.jpg"), "--object-mask", str(tmp_path / "mask.png"), "--num-frames", "4", "--output-dir", str(out)], env)
     assert iio.imread(out / "composite_orbit.mp4", plugin="pyav").shape == (4, 64, 64, 3)
     assert iio.imread(out / "composite_views.png").shape == (64, 6 * 64, 3)
+
+
+def test_the_interpolate_command_offers_exactly_the_interpolation_spaces():
+    from typing import get_args, get_type_hints
+
+    from vq3d_nerfstudio.scripts.interpolate import Interpolate
+    from vq3d_nerfstudio.stage1.edits import InterpolationSpace
+
+    assert get_args(get_type_hints(Interpolate)["space"]) == get_args(InterpolationSpace)

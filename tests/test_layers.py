@@ -141,3 +141,14 @@ def test_the_checker_sees_imports(path):
 
 
 modules_cache = modules()
+
+
+def test_the_command_line_parses_before_loading_torch():
+    """``vq3d --help`` and option errors answer before torch and nerfstudio load (scripts/common.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, vq3d_nerfstudio.scripts.cli; print(sorted(m for m in ('torch', 'nerfstudio') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

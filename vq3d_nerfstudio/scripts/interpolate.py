@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Literal
 
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir
 from vq3d_nerfstudio.scripts.common import Flat, Orbit, load_run
-from vq3d_nerfstudio.stage1.edits import InterpolationSpace
 
 
 @dataclass
@@ -27,7 +26,9 @@ class Interpolate:
     """Where the outputs go (created if missing)."""
     steps: int = 48
     """Frames from the first scene to the second (the video then comes back: 2 x steps frames)."""
-    space: InterpolationSpace = "latent"
+    # stage1.edits.InterpolationSpace, spelled out: importing it loads torch and nerfstudio before
+    # the options are parsed (tests/test_edits.py checks the two agree)
+    space: Literal["latent", "triplane", "codes"] = "latent"
     """latent: the continuous encoder latent (smooth; the ends are exactly the two reconstructions);
     triplane: blend the tri-plane features; codes: snap the blended latent to codes (jumpy, for comparison)."""
     orbit: Flat[Orbit] = field(default_factory=lambda: Orbit(max_yaw_deg=15.0, max_elevation_deg=5.0))

@@ -6,12 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
-import torch
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
-from vq3d_nerfstudio.export.pointcloud import point_cloud, write_point_ply
 from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
 
 ReconstructOrbit = reworded(
@@ -76,10 +73,13 @@ class Reconstruct:
 
     def main(self) -> None:
         import imageio.v2 as imageio
+        import numpy as np
+        import torch
         from rich.progress import Progress
 
         from vq3d_nerfstudio.data.dataset import load_image
         from vq3d_nerfstudio.errors import DatasetError
+        from vq3d_nerfstudio.export.pointcloud import point_cloud, write_point_ply
         from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
