@@ -152,3 +152,23 @@ def test_the_command_line_parses_before_loading_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_run_saved_before_the_layers_still_loads():
+    """A run's config.yml names its classes by module path; runs written before the package was
+    split into layers use the old paths, which must resolve to the same classes."""
+    import yaml
+
+    from vq3d_nerfstudio import MOVED_MODULES
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
+
+    text = yaml.dump(build_trainer_config("vq3d-tiny"))
+    old_text = text
+    for old, new in MOVED_MODULES.items():
+        old_text = old_text.replace(f"{new}.", f"{old}.")
+    assert old_text != text and "vq3d_nerfstudio.stage1.model." not in old_text
+    loaded = yaml.load(old_text, Loader=yaml.Loader)
+    fresh = yaml.load(text, Loader=yaml.Loader)
+    assert type(loaded) is type(fresh) and type(loaded.pipeline.model) is type(fresh.pipeline.model)
+    assert loaded.pipeline.model._target is fresh.pipeline.model._target
+    assert loaded.pipeline.model.coarse_samples_per_ray == fresh.pipeline.model.coarse_samples_per_ray
