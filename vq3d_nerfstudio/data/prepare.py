@@ -29,6 +29,7 @@ from vq3d_nerfstudio.data.dataset import image_size_of, load_disparity, load_ima
 from vq3d_nerfstudio.data.folders import DepthKind, IMAGE_EXTENSIONS, scan_image_folder, sibling_depth_kind
 from vq3d_nerfstudio.data.shards import INDEX_NAME, ShardError, encode_disparity, encode_image, read_index
 from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.files import write_atomic
 
 
 class PrepareError(ValueError):
@@ -396,7 +397,7 @@ def prepare_shards(
         final = index(complete=True)
         bad = [(i["source"], i["error"]) for i in final["ignored"]]
         bad += [(s["source"], s["error"]) for e in final["shards"] for s in e["skipped"]]
-        fmt.write_atomic(output / fmt.BAD_FILES_NAME, "".join(f"{s}\t{r}\n" for s, r in bad).encode("utf-8"))
+        write_atomic(output / fmt.BAD_FILES_NAME, "".join(f"{s}\t{r}\n" for s, r in bad).encode("utf-8"))
         fmt.write_index(output, final)
     finally:
         if lock is not None:
