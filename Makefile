@@ -18,7 +18,14 @@ DEMO_OUT ?= demo_out
 
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo readme-picture test clean
+# Wheels for a CUDA machine without network (README, "On a GPU"): benchmarks/gpu_wheels.txt says
+# what each is for; benchmarks/gpu.py installs the ones such a machine lacks.
+GPU_PYTHON ?= 3.12
+WHEELS ?= .whl
+MANYLINUX := $(foreach v,2_17 2_24 2_27 2_28 2_31 2_34 2_35,--platform manylinux_$(v)_x86_64) \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+.PHONY: install demo readme-picture test gpu-wheels clean
 
 install: $(STAMP)
 
@@ -69,6 +76,12 @@ test: install
 	# lint first (nerfstudio's ruff settings, pyproject.toml): a lint error fails make test and CI
 	$(BIN)/ruff check vq3d_nerfstudio tests benchmarks
 	$(BIN)/python -m pytest -q
+
+gpu-wheels:
+	mkdir -p $(WHEELS)
+	sed 's/#.*//' benchmarks/gpu_wheels.txt | xargs $(PYTHON) -m pip download --quiet --disable-pip-version-check \
+		--no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp $(MANYLINUX) -d $(WHEELS)
+	$(PYTHON) benchmarks/gpu.py --check-wheels $(WHEELS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) outputs/demo

@@ -48,6 +48,27 @@ def rays_for(model, count: int):
     return rays[:count] if count else rays
 
 
+def train_image_flops(model, rays_per_image: int) -> int:
+    """FLOPs of one training image: encode, quantize, decode to a tri-plane, render ``rays_per_image``
+    canonical rays (coarse + fine), and the backward pass of a loss on them (counted, not estimated).
+    Leaves the model in training mode; runs on the model's device."""
+    model.train()
+    device = next(model.parameters()).device
+    size = model.config.image_size
+    image = torch.rand(1, 3, size, size, device=device)
+    train_rays = rays_for(model, rays_per_image).to(device)
+    batch_idx = torch.zeros(len(train_rays), dtype=torch.long, device=device)
+
+    def train_image():
+        quantized, _, vq = model.encode(image)
+        out = model.render_rays(train_rays, model.decoder(quantized), batch_idx, keep_samples=True)
+        (out["rgb"].square().mean() + out["rgb_coarse"].square().mean() + vq["codebook"] + vq["commitment"]).backward()
+
+    flops = count_flops(train_image)
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
 def measure(name: str) -> dict:
     model, preset = build(name)
     size = model.config.image_size
@@ -77,16 +98,7 @@ def measure(name: str) -> dict:
             to_nerf()
             times.append(time.perf_counter() - start)
 
-    model.train()
-    train_rays = rays_for(model, preset["data"]["rays_per_image"])
-    batch_idx = torch.zeros(len(train_rays), dtype=torch.long)
-
-    def train_image():
-        quantized, _, vq = model.encode(image)
-        out = model.render_rays(train_rays, model.decoder(quantized), batch_idx, keep_samples=True)
-        (out["rgb"].square().mean() + out["rgb_coarse"].square().mean() + vq["codebook"] + vq["commitment"]).backward()
-
-    train = count_flops(train_image)
+    train = train_image_flops(model, preset["data"]["rays_per_image"])
     return {
         "params": params,
         "encode_decode": encode_decode,

@@ -4,9 +4,21 @@
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import FAST, cli, cli_environment, run
 
 from vq3d_nerfstudio.data.synth import write_scenes
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA GPU: skipped, with the reason, where none is visible
+    (``benchmarks/gpu.py`` runs them on one with ``pytest -m cuda``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on one by benchmarks/gpu.py: pytest -m cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

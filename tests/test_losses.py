@@ -1,5 +1,6 @@
 """Rendering and depth losses on hand-made rays and weight vectors."""
 
+import pytest
 import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.model_components.renderers import DepthRenderer
@@ -136,3 +137,60 @@ def test_warmup_cosine_factor_hand_values():
     assert abs(warmup_cosine_factor(60, 10, 110, 0.1) - 0.55) < 1e-12  # halfway: (0 + 1) / 2 * 0.9 + 0.1
     assert abs(warmup_cosine_factor(500, 10, 110, 0.1) - 0.1) < 1e-12
     assert type(warmup_cosine_factor(60, 10, 110, 0.1)) is float
+
+
+@pytest.mark.parametrize("max_iterations", [12, 40])
+def test_schedule_follows_max_num_iterations(synth_dir, tmp_path, max_iterations):
+    """The warm-up cosine runs over the run's --max-num-iterations, not the preset's 1650 steps: the
+    last step trains at the rate the formula gives one step before the end (by hand: warm-up 2, so the
+    cosine has gone (N - 3) / (N - 2) of its way), and the step after it at learning_rate_alpha."""
+    import math
+
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
+
+    config = build_trainer_config("vq3d-tiny")
+    config.pipeline.datamanager.data = synth_dir
+    config.pipeline.datamanager.num_workers = 0
+    config.output_dir, config.vis, config.timestamp = tmp_path, "tensorboard", "t"
+    config.max_num_iterations = max_iterations
+    for group in ("autoencoder", "field"):
+        config.optimizers[group]["scheduler"].warm_up_end = 2
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    peak, alpha = config.optimizers["field"]["optimizer"].lr, 0.05
+    for step in range(max_iterations - 1):  # the trainer steps the schedule after each step
+        trainer.optimizers.scheduler_step_all(step)
+    progress = (max_iterations - 1 - 2) / (max_iterations - 2)
+    expected_last = peak * ((math.cos(math.pi * progress) + 1) / 2 * (1 - alpha) + alpha)
+    for group in ("autoencoder", "field"):
+        assert trainer.optimizers.optimizers[group].param_groups[0]["lr"] == pytest.approx(expected_last, rel=1e-9)
+    trainer.optimizers.scheduler_step_all(max_iterations - 1)
+    for group in ("autoencoder", "field"):
+        assert trainer.optimizers.optimizers[group].param_groups[0]["lr"] == pytest.approx(alpha * peak, rel=1e-9)
+
+
+def test_schedule_with_its_own_length_keeps_it(synth_dir, tmp_path):
+    """--optimizers.field.scheduler.max-steps set: that group's cosine keeps its length (10 steps of
+    the 2-step warm-up and 8 of cosine: half way at step 6, factor (1 + alpha) / 2), the other group
+    follows the run (20 steps)."""
+    import math
+
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
+
+    config = build_trainer_config("vq3d-tiny")
+    config.pipeline.datamanager.data = synth_dir
+    config.pipeline.datamanager.num_workers = 0
+    config.output_dir, config.vis, config.timestamp = tmp_path, "tensorboard", "t"
+    config.max_num_iterations = 20
+    for group in ("autoencoder", "field"):
+        config.optimizers[group]["scheduler"].warm_up_end = 2
+    config.optimizers["field"]["scheduler"].max_steps = 10
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    for step in range(6):
+        trainer.optimizers.scheduler_step_all(step)
+    peak = config.optimizers["field"]["optimizer"].lr
+    assert trainer.optimizers.optimizers["field"].param_groups[0]["lr"] == pytest.approx(peak * 1.05 / 2, rel=1e-9)
+    # the other group: 4 of its 18 cosine steps
+    expected = peak * ((math.cos(math.pi * 4 / 18) + 1) / 2 * 0.95 + 0.05)
+    assert trainer.optimizers.optimizers["autoencoder"].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)

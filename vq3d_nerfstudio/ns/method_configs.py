@@ -76,9 +76,8 @@ def build_trainer_config(name: str) -> Vq3dTrainerConfig:
     def schedule() -> Dict:
         return {
             "optimizer": AdamOptimizerConfig(lr=p["lr"], eps=1e-8, weight_decay=0.0),
-            "scheduler": WarmupCosineSchedulerConfig(
-                warm_up_end=p["warmup"], learning_rate_alpha=0.05, max_steps=p["max_steps"]
-            ),
+            # the cosine's length follows --max-num-iterations (max_steps None; see the scheduler)
+            "scheduler": WarmupCosineSchedulerConfig(warm_up_end=p["warmup"], learning_rate_alpha=0.05),
         }
 
     config = Vq3dTrainerConfig(

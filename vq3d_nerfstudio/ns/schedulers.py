@@ -8,9 +8,10 @@ floats.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Type
+from typing import Optional, Type
 
 from nerfstudio.engine.schedulers import CosineDecayScheduler, CosineDecaySchedulerConfig
 from torch.optim import Optimizer, lr_scheduler
@@ -30,6 +31,9 @@ class WarmupCosineSchedulerConfig(CosineDecaySchedulerConfig):
     """Linear warm-up, then cosine decay to ``learning_rate_alpha`` times the initial rate."""
 
     _target: Type = field(default_factory=lambda: WarmupCosineScheduler)
+    max_steps: Optional[int] = None
+    """Step at which the cosine reaches ``learning_rate_alpha``; None (the default): the run's
+    --max-num-iterations, so a shortened or lengthened run still ends its schedule."""
 
 
 class WarmupCosineScheduler(CosineDecayScheduler):
@@ -39,6 +43,20 @@ class WarmupCosineScheduler(CosineDecayScheduler):
 
     def get_scheduler(self, optimizer: Optimizer, lr_init: float) -> lr_scheduler.LRScheduler:
         cfg = self.config
+        if cfg.max_steps is None:
+            raise ValueError("WarmupCosineScheduler: max_steps is unset; the trainer sets it to --max-num-iterations")
         return lr_scheduler.LambdaLR(
             optimizer, lr_lambda=lambda step: warmup_cosine_factor(step, cfg.warm_up_end, cfg.max_steps, cfg.learning_rate_alpha)
         )
+
+
+def schedules_for_run(optimizers: dict, max_num_iterations: int) -> dict:
+    """A copy of a ``TrainerConfig.optimizers`` dict in which every warm-up cosine schedule without its
+    own length (``max_steps`` None) runs over ``max_num_iterations`` steps."""
+    resolved = {}
+    for name, group in optimizers.items():
+        scheduler = group.get("scheduler")
+        if isinstance(scheduler, WarmupCosineSchedulerConfig) and scheduler.max_steps is None:
+            group = {**group, "scheduler": dataclasses.replace(scheduler, max_steps=max_num_iterations)}
+        resolved[name] = group
+    return resolved

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig, Optimizers
 from nerfstudio.engine.trainer import TRAIN_INTERATION_OUTPUT, Trainer, TrainerConfig
 from nerfstudio.utils import colormaps, writer
 from nerfstudio.utils.decorators import check_main_thread
@@ -41,6 +41,7 @@ from vq3d_nerfstudio.data.datamanager import dataset_error_message
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.files import atomic_path
 from vq3d_nerfstudio.ns.pipeline import check_image_sizes
+from vq3d_nerfstudio.ns.schedulers import schedules_for_run
 from vq3d_nerfstudio.stage1.perceptual import LPIPSUnavailable
 from vq3d_nerfstudio.stage1.quantizer import reset_optimizer_rows
 
@@ -106,6 +107,12 @@ class Vq3dTrainer(Trainer):
                 model.prepare_training()
             except LPIPSUnavailable as err:
                 raise SystemExit(f"vq3d: error: {err}") from None
+
+    def setup_optimizers(self) -> Optimizers:
+        """nerfstudio's optimizers, with every warm-up cosine schedule that has no length of its own
+        running over this run's --max-num-iterations."""
+        optimizers = schedules_for_run(self.config.optimizers, self.config.max_num_iterations)
+        return Optimizers(optimizers, self.pipeline.get_param_groups())
 
     def train(self) -> None:
         self._completed_step = None

@@ -132,6 +132,24 @@ def lr_at(step: int, peak: float, warmup_steps: int, max_steps: int, min_ratio: 
     return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def train_step(
+    model: TokenTransformer, ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, codes: torch.Tensor,
+    classes: torch.Tensor, amp: bool, grad_clip: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on ``(B, T)`` code grids and their ``(B,)`` labels: next-token cross entropy
+    (bfloat16 autocast on a GPU when ``amp``), backward through ``ddp_model`` (the model itself, or its
+    DDP wrapper), the gradient's global norm clipped to ``grad_clip`` (0: not clipped), one step.
+    Returns ``(loss, gradient norm before clipping)``."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = ddp_model(codes[:, :-1], classes)  # (B, T, vocab)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return loss, grad_norm
+
+
 def make_optimizer(model: TokenTransformer, cfg: Stage2TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on tensors of 2+ dimensions only (nanoGPT's split)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -468,13 +486,9 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
             codes, classes = batch_tensors(cache.train.codes, cache.train.classes, indices, dist.device)
             classes = drop_labels(classes, cfg.batch_size, step, cfg.seed, cfg.class_dropout, model.null_class, dist.rank, dist.world_size)
             torch.manual_seed(hash((cfg.seed, step, dist.rank)) % (2**31))  # transformer dropout
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                logits = ddp_model(codes[:, :-1], torch.from_numpy(classes).to(dist.device))
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            loss, grad_norm = train_step(
+                model, ddp_model, optimizer, codes, torch.from_numpy(classes).to(dist.device), amp, cfg.grad_clip
+            )
             step += 1
             if step % cfg.log_every == 0 or step == start_step + 1:
                 mean_loss = dist.all_reduce_sum(loss.detach().double().reshape(1)) / dist.world_size
