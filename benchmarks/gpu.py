@@ -69,6 +69,32 @@ def _installed(dist: str) -> bool:
         return False
 
 
+def register_checkout(target: Path) -> None:
+    """Make this checkout an installed distribution for importlib.metadata (what ``pip install -e .``
+    records, without building anything): its version and entry points, read from pyproject.toml, in
+    ``target/<name>-<version>.dist-info``. nerfstudio finds the ``vq3d`` methods through those entry
+    points (``eval_setup`` looks the run's method up by name); the code itself comes from the checkout
+    on PYTHONPATH."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: install the checkout instead (pip install --no-deps -e .)
+        print("gpu.py: Python < 3.11 cannot read pyproject.toml here; `pip install --no-deps -e .` registers the methods")
+        return
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name, version = project["name"], project["version"]
+    if _installed(name):
+        return
+    info = target / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    groups = {"console_scripts": project.get("scripts", {}), **project.get("entry-points", {})}
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in points.items()) + "\n"
+        for group, points in groups.items()
+    ))
+    (info / "INSTALLER").write_text("benchmarks/gpu.py\n")
+
+
 def bootstrap(wheels: Path, target: Path) -> bool:
     """Install the wheels in ``wheels`` whose distributions this Python lacks into ``target`` (pip,
     no index, no dependency resolution) and put ``target`` and this checkout first on PYTHONPATH.
@@ -82,6 +108,7 @@ def bootstrap(wheels: Path, target: Path) -> bool:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--disable-pip-version-check", "--upgrade", "--target", str(target), *map(str, missing)], check=True)
     stand_in_cv2(target)
+    register_checkout(target)
     os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     os.environ["VQ3D_GPU_BOOTSTRAPPED"] = "1"
     return True
@@ -462,7 +489,7 @@ def tiny_long_run(args, paths: dict, work: Path, budget: Budget) -> dict:
     del probe
     free_memory()
     minutes = args.tiny_minutes
-    eval_reserve = 5 if smoke else 75  # scoring 5 checkpoints on 20 scenes, and stage 2 after it
+    eval_reserve = 5 if smoke else 45  # scoring 5 checkpoints on 20 scenes
     train_s = min(minutes * 60, max(10.0, budget.left() - args.reserve_s - eval_reserve))
     steps = 6 if smoke else max(500, int(train_s / rate["s_per_step"] * 0.93) // 100 * 100)
     every = max(1, steps // 5)
@@ -768,7 +795,8 @@ def main() -> None:
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="wheels to install when missing (make gpu-wheels)")
     parser.add_argument("--site", type=Path, default=Path("/tmp/vq3d-gpu-site"), help="where those wheels are installed")
     parser.add_argument("--revision", default=None, help="the checkout's revision (default: git rev-parse)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "paper", "tiny", "stage2"], help="parts to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "paper", "tiny", "stage2", "gsplat"],
+                        help="parts to leave out (gsplat: its CUDA build and the tests that need it)")
     parser.add_argument("--publish", type=Path, default=None, help="only rewrite BENCHMARKS.md's section from this gpu.json")
     parser.add_argument("--check-wheels", type=Path, default=None, help="only check a make gpu-wheels folder against the list")
     args = parser.parse_args()
@@ -848,7 +876,7 @@ def main() -> None:
     if "stage2" not in args.skip:
         part("stage2", stage2_speed, args)
     builder = None
-    if args.device.startswith("cuda") and "tests" not in args.skip:
+    if args.device.startswith("cuda") and not {"tests", "gsplat"} & set(args.skip):
         builder = start_gsplat_build(output)
         results["gsplat_build_jobs"] = builder[2]
     if "tiny" not in args.skip:
@@ -858,7 +886,7 @@ def main() -> None:
         if "stage2" not in args.skip and "run_dir" in tiny:
             part("stage2_tiny", stage2_on_tiny_run, args, Path(tiny["run_dir"]), work)
     if "tests" not in args.skip:
-        gsplat_ready = builder is None  # on a CPU the gsplat tests skip themselves
+        gsplat_ready = builder is None and "gsplat" not in args.skip  # on a CPU the gsplat tests skip themselves
         if builder is not None:
             proc, log, _ = builder
             try:

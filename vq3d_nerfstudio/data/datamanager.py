@@ -60,7 +60,7 @@ from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset, TrainingStream
 from vq3d_nerfstudio.data.shards import ShardReader
 from vq3d_nerfstudio.data.views import MultiviewDataset, check_perspective, posed_views_from_scene_files, single_image_outputs
 from vq3d_nerfstudio.errors import DatasetError
-from vq3d_nerfstudio.geometry.cameras import sample_novel_poses, square_pinhole_cameras
+from vq3d_nerfstudio.geometry.cameras import ray_generator, sample_novel_poses, square_pinhole_cameras
 
 
 @dataclass
@@ -339,11 +339,11 @@ class Vq3dDataManager(VanillaDataManager):
         if self.shard_root is None:
             self.iter_train_image_dataloader = self._loader(self.train_dataset, self.config.num_workers)
         # Prepared shards: the stream starts at the first next_train, at the epoch that step implies.
-        self.train_ray_generator = RayGenerator(self.train_dataset.cameras.to(self.device))
+        self.train_ray_generator = ray_generator(self.train_dataset.cameras.to(self.device))
 
     def setup_eval(self):
         self.iter_eval_image_dataloader = self._loader(self.eval_dataset, 0)
-        self.eval_ray_generator = RayGenerator(self.eval_dataset.cameras.to(self.device))
+        self.eval_ray_generator = ray_generator(self.eval_dataset.cameras.to(self.device))
         self.fixed_indices_eval_dataloader = FixedIndicesEvalDataloader(input_dataset=self.eval_dataset, device=self.device)
         self.eval_dataloader = RandIndicesEvalDataloader(input_dataset=self.eval_dataset, device=self.device)
 
@@ -385,7 +385,7 @@ class Vq3dDataManager(VanillaDataManager):
 
             writer.put_scalar("data/skipped_files", len(self.skipped_files), step)
 
-    def _rays_for_images(self, images: Dict, ray_generator: RayGenerator) -> Tuple[RayBundle, Dict]:
+    def _rays_for_images(self, images: Dict, generator: RayGenerator) -> Tuple[RayBundle, Dict]:
         image = images["image"].to(self.device)  # (B, S, S, 3)
         num_images, height, width = image.shape[:3]
         per_image = self.rays_per_image
@@ -397,7 +397,7 @@ class Vq3dDataManager(VanillaDataManager):
         batch_idx = torch.arange(num_images, device=self.device).repeat_interleave(per_image)
         rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
         camera_idx = images.get("camera_idx", images["image_idx"]).to(self.device)[batch_idx]
-        ray_bundle = ray_generator(torch.stack([camera_idx, rows, cols], dim=-1))
+        ray_bundle = generator(torch.stack([camera_idx, rows, cols], dim=-1))
         ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
         batch = {
             "input_images": image.permute(0, 3, 1, 2).contiguous(),
@@ -435,7 +435,7 @@ class Vq3dDataManager(VanillaDataManager):
         per_view = pixels.shape[1]
         camera_idx = torch.arange(cams, device=self.device).repeat_interleave(per_view)  # b * V + v
         rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
-        ray_bundle = RayGenerator(cameras)(torch.stack([camera_idx, rows, cols], dim=-1))
+        ray_bundle = ray_generator(cameras)(torch.stack([camera_idx, rows, cols], dim=-1))
         batch_idx = camera_idx // num_views
         ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
         flat = views.reshape(cams, height, width, 3)
@@ -486,7 +486,7 @@ class Vq3dDataManager(VanillaDataManager):
             [torch.randint(0, num_cameras, (num_rays,)), torch.randint(0, size, (num_rays,)), torch.randint(0, size, (num_rays,))],
             dim=-1,
         ).to(self.device)
-        return RayGenerator(cameras)(index)
+        return ray_generator(cameras)(index)
 
     def next_eval(self, step: int) -> Tuple[RayBundle, Dict]:
         self.eval_count += 1

@@ -8,8 +8,15 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.model_components.ray_generators import RayGenerator
 
 from vq3d_nerfstudio.geometry.poses import dolly_path, focal_length, orbit_matrix, orbit_path
+
+
+def ray_generator(cameras: Cameras) -> RayGenerator:
+    """nerfstudio's ``RayGenerator`` for ``cameras``, on the cameras' device. It keeps a table of pixel
+    coordinates that it makes on the CPU; until the module is moved, pixel indices on a GPU fail."""
+    return RayGenerator(cameras).to(cameras.device)
 
 
 def canonical_camera_to_world(distance: float) -> torch.Tensor:

@@ -22,12 +22,16 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
-from nerfstudio.model_components.ray_generators import RayGenerator
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from torch.nn import Parameter
 
-from vq3d_nerfstudio.geometry.cameras import canonical_camera_to_world, sample_novel_poses, square_pinhole_cameras
+from vq3d_nerfstudio.geometry.cameras import (
+    canonical_camera_to_world,
+    ray_generator,
+    sample_novel_poses,
+    square_pinhole_cameras,
+)
 from vq3d_nerfstudio.stage1 import gan, losses
 from vq3d_nerfstudio.stage1.decoder import TriplaneDecoder
 from vq3d_nerfstudio.stage1.edits import ComposedField
@@ -395,7 +399,7 @@ class Vq3dModel(Model):
         cameras = square_pinhole_cameras(poses, res, self.fov_deg).to(self.device)
         cam = torch.arange(views, device=self.device).repeat_interleave(res * res)
         pix = torch.arange(res * res, device=self.device).repeat(views)
-        rays = RayGenerator(cameras)(torch.stack([cam, pix // res, pix % res], -1))
+        rays = ray_generator(cameras)(torch.stack([cam, pix // res, pix % res], -1))
         out = self.render_rays(rays, planes, cam % num, keep_samples=False)
         to_images = lambda x: x.reshape(views, res, res, -1).permute(0, 3, 1, 2)  # noqa: E731
         rgb, disparity = to_images(out["rgb"]), to_images(out["disparity"])
