@@ -69,21 +69,32 @@ def _installed(dist: str) -> bool:
         return False
 
 
+def checkout_project():
+    """pyproject.toml's ``[project]`` table, or None where Python (< 3.11) has no TOML reader."""
+    try:
+        import tomllib
+    except ImportError:
+        return None
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
 def register_checkout(target: Path) -> None:
     """Make this checkout an installed distribution for importlib.metadata (what ``pip install -e .``
     records, without building anything): its version and entry points, read from pyproject.toml, in
     ``target/<name>-<version>.dist-info``. nerfstudio finds the ``vq3d`` methods through those entry
     points (``eval_setup`` looks the run's method up by name); the code itself comes from the checkout
     on PYTHONPATH."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: install the checkout instead (pip install --no-deps -e .)
-        print("gpu.py: Python < 3.11 cannot read pyproject.toml here; `pip install --no-deps -e .` registers the methods")
-        return
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = checkout_project()
+    if project is None:
+        print("gpu.py: Python < 3.11 cannot read pyproject.toml; `pip install --no-deps -e .` registers the methods")
+    elif not _installed(project["name"]):
+        write_checkout_metadata(project, target)
+
+
+def write_checkout_metadata(project: dict, target: Path) -> Path:
+    """``target/<name>-<version>.dist-info`` for pyproject.toml's ``[project]`` table ``project``:
+    METADATA and entry_points.txt (console scripts and entry-point groups). Returns the folder."""
     name, version = project["name"], project["version"]
-    if _installed(name):
-        return
     info = target / f"{name}-{version}.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
@@ -93,6 +104,7 @@ def register_checkout(target: Path) -> None:
         for group, points in groups.items()
     ))
     (info / "INSTALLER").write_text("benchmarks/gpu.py\n")
+    return info
 
 
 def bootstrap(wheels: Path, target: Path) -> bool:
@@ -456,11 +468,14 @@ def largest_batch(trainer, step: int, args, budget: Budget) -> list:
             print(f"vq3d batch {batch}: {row}", flush=True)
             if row["s_per_step"] > 15:
                 break  # the next doubling would take too long to time
-        except Exception as err:  # noqa: BLE001 (out of memory is the expected end)
-            if not is_oom(err):
-                raise
-            rows.append({"images_per_step": batch, "stopped": "out of memory", "gpu_memory_gib": peak_gib(args.device)})
-            print(f"vq3d batch {batch}: out of memory", flush=True)
+        except Exception as err:  # noqa: BLE001 (out of memory is the expected end; any other failure ends it too)
+            if is_oom(err):
+                reason = "out of memory"
+            else:
+                traceback.print_exc()
+                reason = "failed: " + "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()[0]
+            rows.append({"images_per_step": batch, "stopped": reason, "gpu_memory_gib": peak_gib(args.device)})
+            print(f"vq3d batch {batch}: {reason}", flush=True)
             break
         finally:
             free_memory()
@@ -616,7 +631,7 @@ def stage2_on_tiny_run(args, run_dir: Path, work: Path) -> dict:
 # ---- 2. the CUDA tests -------------------------------------------------------------------------------
 
 
-def cuda_tests(output: Path, gsplat_ready: bool, seconds: float) -> dict:
+def cuda_tests(output: Path, gsplat_ready: bool, seconds: float, gsplat_why: str = "") -> dict:
     """``pytest -m cuda`` (without the gsplat tests when its CUDA build did not finish), stopped after
     ``seconds``; the log goes to ``pytest_cuda.log``."""
     log = output / "pytest_cuda.log"
@@ -642,7 +657,7 @@ def cuda_tests(output: Path, gsplat_ready: bool, seconds: float) -> dict:
     failures = [line for line in stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     print(f"pytest -m cuda: {tail}", flush=True)
     return {"returncode": returncode, "summary": tail, "tests": outcomes, "failures": failures,
-            "gsplat_tests": "run" if gsplat_ready else "left out: gsplat's CUDA build did not finish (gsplat_build.log)",
+            "gsplat_tests": "run" if gsplat_ready else gsplat_why,
             "seconds": time.perf_counter() - start}
 
 
@@ -671,13 +686,20 @@ def section(results: dict) -> str:
     lines.append(
         f"Machine: {v.get('gpu', '?')} ({fmt(v.get('gpu_memory_gib'), '.0f')} GiB, driver {v.get('driver', '?')}), "
         f"{v.get('cpu_count', '?')} CPU cores; Python {v.get('python')}, torch {v.get('torch')} (CUDA {v.get('cuda')}), "
-        f"numpy {v.get('numpy')}, nerfstudio {v.get('nerfstudio')}, gsplat {v.get('gsplat')}, nerfacc {v.get('nerfacc')}. "
-        f"Revision {v.get('revision', '?')}. Matrix-product ceilings measured there: fp16 "
-        f"{fmt(results.get('ceilings', {}).get('float16'), '.0f')} TFLOP/s, fp32 "
-        f"{fmt(results.get('ceilings', {}).get('float32'), '.1f')} TFLOP/s (8192^3, torch defaults). "
-        f"Whole run {fmt(results.get('wall_minutes'), '.1f')} min."
+        f"numpy {v.get('numpy')}, nerfstudio {v.get('nerfstudio')}, gsplat {v.get('gsplat')}, nerfacc {v.get('nerfacc')}, "
+        "and what the machine lacked from `make gpu-wheels`."
     )
-    lines += ["", f"Command: `{command}`", ""]
+    ceilings = results.get("ceilings", {})
+    runs = results.get("runs") or [{"revision": v.get("revision", "?"), "command": command, "ceilings": ceilings,
+                                    "wall_minutes": results.get("wall_minutes"), "parts": None}]
+    lines.append("")
+    for run in runs:
+        c = run.get("ceilings", {})
+        parts = f": {', '.join(run['parts'])}" if run.get("parts") else ""
+        lines.append(f"- Revision {run['revision']}, `{run['command']}`, {fmt(run.get('wall_minutes'), '.1f')} min; matrix-product "
+                     f"ceilings there fp16 {fmt(c.get('float16'), '.0f')}, fp32 {fmt(c.get('float32'), '.1f')} TFLOP/s "
+                     f"(8192^3, torch defaults){parts}")
+    lines += ["", f"Command: `{command}` (the GPU's figures; `--publish gpu.json` rewrites this section from them)", ""]
     p = results.get("paper", {})
     if "error" in p:
         lines += [f"**`vq3d` preset: failed**: `{p['error'].splitlines()[-1]}`", ""]
@@ -749,6 +771,11 @@ def section(results: dict) -> str:
             f"- sampling with the KV cache: {sa['images_per_s']:.2f} token grids/s ({sa['batch']} at once, "
             f"{sa['seconds']:.1f} s, {sa['tokens_per_s']:,.0f} tokens/s)",
         ]
+        ceiling = ceilings.get("float16")
+        if ceiling:
+            lines.append(f"- training's model FLOPs (6 x parameters per token, attention not counted): "
+                         f"{6 * tr['params_m'] * 1e6 * tr['tokens_per_s'] / 1e12:.0f} TFLOP/s, "
+                         f"{100 * 6 * tr['params_m'] * 1e6 * tr['tokens_per_s'] / 1e12 / ceiling:.0f}% of the fp16 matrix-product ceiling")
         st = results.get("stage2_tiny", {})
         if st and "error" not in st:
             lines.append(f"- `vq3d-train-stage2 --model tiny` on the long tiny run's tokens: {st['steps']} steps of {st['batch']} in "
@@ -757,9 +784,12 @@ def section(results: dict) -> str:
         elif st:
             lines.append(f"- `vq3d-train-stage2` on the tiny run: failed: `{st['error'].splitlines()[-1]}`")
         lines.append("")
-    c = results.get("cuda_tests", {})
-    if c:
-        lines += [f"### `pytest -m cuda`: {c.get('summary', c.get('error', '?').splitlines()[-1])}", ""]
+    for key, label in (("cuda_tests_first_run", "first run"), ("cuda_tests", "")):
+        c = results.get(key, {})
+        if not c:
+            continue
+        summary = c.get("summary", c.get("error", "?").splitlines()[-1]).strip("= ")
+        lines += [f"### `pytest -m cuda`{f' ({label})' if label else ''}: {summary}", ""]
         if c.get("gsplat_tests", "run") != "run":
             lines += [f"gsplat tests {c['gsplat_tests']}", ""]
         for name, outcome in sorted(c.get("tests", {}).items()):
@@ -799,6 +829,8 @@ def main() -> None:
                         help="parts to leave out (gsplat: its CUDA build and the tests that need it)")
     parser.add_argument("--publish", type=Path, default=None, help="only rewrite BENCHMARKS.md's section from this gpu.json")
     parser.add_argument("--check-wheels", type=Path, default=None, help="only check a make gpu-wheels folder against the list")
+    parser.add_argument("--install-only", action="store_true",
+                        help="only install the missing wheels into --site and register this checkout, then print the PYTHONPATH to use")
     args = parser.parse_args()
     if args.check_wheels is not None:
         problems = check_wheels(args.check_wheels)
@@ -811,6 +843,11 @@ def main() -> None:
         return
     if args.publish is not None:
         publish(json.loads(args.publish.read_text()))
+        return
+    if args.install_only:
+        os.environ.pop("VQ3D_GPU_BOOTSTRAPPED", None)
+        bootstrap(args.wheels, args.site)
+        print(f"export PYTHONPATH={os.environ['PYTHONPATH']}")
         return
     if bootstrap(args.wheels, args.site):
         os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -895,7 +932,9 @@ def main() -> None:
                 proc.kill()
             log.close()
             results["gsplat_build"] = (output / "gsplat_build.log").read_text()[-2000:]
-        part("cuda_tests", cuda_tests, output, gsplat_ready, max(60.0, budget.left() - 10))
+        why = ("left out (--skip gsplat)" if "gsplat" in args.skip
+               else "left out: gsplat's CUDA build did not finish or failed (gsplat_build.log)")
+        part("cuda_tests", cuda_tests, output, gsplat_ready, max(60.0, budget.left() - 10), why)
     save()
     if not args.smoke:
         publish(results)

@@ -66,6 +66,18 @@ def test_sample_by_index_matches_per_point_reference(sorted_blocks):
     assert torch.allclose(out, reference, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_elements", [1, 5 * 3 * 4, 7 * 3 * 4 * 2 + 1])
+def test_sampling_in_pieces_equals_one_call(max_elements):
+    """A query over the one-call limit (cuDNN's 32-bit index on a GPU) is sampled in pieces of points:
+    bit-identical to one call, whatever the piece size (1 point, a divisor of P = 35, or not one)."""
+    gen = torch.Generator().manual_seed(0)
+    planes = torch.randn(2, 3, 4, RES, RES, generator=gen)
+    points = torch.rand(2, 35, 3, generator=gen) * 2.2 - 1.1  # some outside: zero padding
+    whole = sample_triplanes(planes, points)
+    pieces = sample_triplanes(planes, points, max_elements=max_elements)
+    assert pieces.shape == (2, 35, 12) and torch.equal(pieces, whole)
+
+
 def test_contraction_hand_values():
     scale = 1.5
     inside = torch.tensor([[0.3, -0.6, 1.2]])

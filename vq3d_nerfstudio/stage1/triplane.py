@@ -26,12 +26,20 @@ import torch.nn.functional as F
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 
 
-def sample_triplanes(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+#: Most elements one ``grid_sample`` call may output. On a GPU torch hands this call to cuDNN's grid
+#: sampler, which refuses outputs a 32-bit index cannot address (CUDNN_STATUS_NOT_SUPPORTED; met by the
+#: vq3d preset at 256 images a step on an H200), so larger queries are split along the points.
+GRID_SAMPLE_MAX_ELEMENTS = 2**31 - 1
+
+
+def sample_triplanes(planes: torch.Tensor, points: torch.Tensor, max_elements: int = GRID_SAMPLE_MAX_ELEMENTS) -> torch.Tensor:
     """Bilinearly sample each plane at the projection of ``points`` and concatenate the features.
 
     Args:
         planes: ``[B, 3, C, R, R]`` tri-plane features.
         points: ``[B, P, 3]`` points in ``[-1, 1]^3`` (outside is zero-padded).
+        max_elements: most features one ``grid_sample`` call returns; more points are sampled in
+            pieces (the result is the same).
 
     Returns:
         ``[B, P, 3 * C]`` features: plane 0's C channels, then plane 1's, then plane 2's.
@@ -39,6 +47,10 @@ def sample_triplanes(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor
     batch, num_planes, channels, res_h, res_w = planes.shape
     assert num_planes == 3, "a tri-plane has three planes"
     assert points.shape[0] == batch and points.shape[-1] == 3
+    piece = max(1, max_elements // (batch * 3 * channels))  # points per call
+    if points.shape[1] > piece:
+        return torch.cat([sample_triplanes(planes, points[:, i : i + piece], max_elements)
+                          for i in range(0, points.shape[1], piece)], dim=1)
     coords = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, P, 2)
     coords = coords.reshape(batch * 3, 1, -1, 2)  # (B*3, 1, P, 2)
     flat_planes = planes.reshape(batch * 3, channels, res_h, res_w)
