@@ -11,7 +11,7 @@ token that carries only its patch's average colour can give.
 
     .venv/bin/python benchmarks/token_capacity.py [--steps 300] [--rows ...]
 
-Finished rows are kept in `outputs/token_capacity/<row>.json` and reused (delete to rerun).
+Finished rows are kept in `outputs/token_capacity/steps-<N>/<row>.json` and reused (delete to rerun).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ ROWS = [
     ("decoder-4", "tiny-tokens", "4 decoder blocks instead of 2", {"num_decoder_layers": 4}, None),
     ("lr-3e-3", "tiny-tokens", "learning rate 3e-3 instead of 1e-3", {"_lr": 3e-3}, None),
     ("patch-2", "tiny-tokens", "32x32 tokens (patch 2)", {"patch_size": 2}, None),
+    ("groups-2", "tiny-tokens", "2 FSQ codes per token (fsq_groups 2: 28 bits)", {"fsq_groups": 2}, None),
+    ("groups-4", "tiny-tokens", "4 FSQ codes per token (fsq_groups 4: 56 bits)", {"fsq_groups": 4}, None),
 ]
 
 
@@ -88,7 +90,7 @@ def train_row(overrides: dict, bypass, data: Path, images, steps: int) -> dict:
         if bypass == "identity":
             return z
         if bypass == "unrounded":
-            return quantizer.project_out(quantizer.encode(z))
+            return quantizer.output_from_codes(quantizer.encode(z))
         return quantizer(z)[0]
 
     def decode(x):
@@ -134,8 +136,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="only these rows (default: all)")
     parser.add_argument("--data", type=Path, default=Path("data/synth"), help="training scenes (made if missing)")
     parser.add_argument("--eval-scenes", type=Path, default=Path("data/synth_eval"), help="unseen scenes (made if missing)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/token_capacity"), help="per-row results")
+    parser.add_argument("--out", type=Path, default=None, help="per-row results (default: outputs/token_capacity/steps-<N>)")
     args = parser.parse_args()
+    args.out = args.out or Path("outputs/token_capacity") / f"steps-{args.steps}"
 
     from vq3d_nerfstudio.data.synth import write_scenes
 

@@ -160,6 +160,17 @@ def test_fsq_model_round_trip_and_codebook_size():
     assert float(losses["codebook"]) == 0 and float(losses["commitment"]) == 0
 
 
+def test_fsq_groups_model_indices_have_a_group_axis_and_round_trip():
+    model = tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2).eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    indices = model.encode_to_indices(images)
+    assert indices.shape == (2, 4, 4, 2) and model.index_shape == (4, 4, 2)
+    quantized, _, _ = model.encode(images)
+    assert torch.allclose(model.decode_from_indices(indices), model.decoder(quantized), atol=1e-5)
+    model.set_scene_indices(indices[1])  # a sample's [h, w, G] grid
+    assert torch.allclose(model.current_planes(), model.decoder(quantized[1:]), atol=1e-5)
+
+
 def test_extra_renders_only_when_a_loss_uses_them():
     """Before the discriminator starts nothing extra is rendered; then canonical + novel views."""
     model = tiny_model(adversarial_loss_mult=0.1, adversarial_start_step=100, gan_resolution=8, gan_images_per_batch=2).train()

@@ -382,6 +382,63 @@ def test_fsq_rejects_levels_below_two():
         FSQuantizer(input_dim=4, levels=(3, 1))
 
 
+# --- FSQ with several codes per token ---------------------------------------------------------------
+
+
+def test_one_fsq_group_is_the_single_code_quantizer_bit_for_bit():
+    """fsq_groups 1 keeps the one-code model exactly: the same parameters, and the forward written out
+    from the pure functions (project_in, bound, divide by L // 2, round with a straight-through
+    gradient, project_out) gives bit-identical outputs, indices and gradients."""
+    torch.manual_seed(20)
+    quantizer = FSQuantizer(input_dim=8, levels=(8, 5, 5), groups=1)
+    assert [tuple(p.shape) for p in quantizer.parameters()] == [(3, 8), (3,), (8, 3), (8,)]
+    tokens = torch.randn(2, 6, 8, requires_grad=True)
+    quantized, indices, _ = quantizer(tokens)
+    levels = torch.tensor([8, 5, 5])
+    half = (levels // 2).float()
+    latents = fsq_bound(quantizer.project_in(tokens), levels) / half
+    straight = latents + (torch.round(latents * half) / half - latents).detach()
+    reference = quantizer.project_out(straight)
+    assert torch.equal(quantized, reference)
+    assert torch.equal(indices, fsq_codes_to_indices(latents.detach(), levels)) and indices.shape == (2, 6)
+    weights = torch.randn(2, 6, 8)
+    (grad,) = torch.autograd.grad((quantized * weights).sum(), tokens)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), tokens)
+    assert torch.equal(grad, grad_reference)
+
+
+def test_fsq_groups_give_a_code_per_group_and_round_trip_from_indices():
+    torch.manual_seed(21)
+    quantizer = FSQuantizer(input_dim=8, levels=(4, 3), groups=3).eval()
+    assert quantizer.codebook_size == 12 and quantizer.code_dim == 2
+    assert quantizer.project_in.out_features == 6 and quantizer.project_out.in_features == 6
+    tokens = torch.randn(2, 5, 8) * 3
+    quantized, indices, _ = quantizer(tokens)
+    assert indices.shape == (2, 5, 3) and quantized.shape == (2, 5, 8)
+    assert int(indices.min()) >= 0 and int(indices.max()) < 12
+    # group g's index is FSQ of project_in's channels 2g, 2g+1 alone
+    channels = quantizer.project_in(tokens)
+    for g in range(3):
+        alone = fsq_bound(channels[..., 2 * g : 2 * g + 2], torch.tensor([4, 3])) / torch.tensor([2.0, 1.0])
+        assert torch.equal(fsq_codes_to_indices(alone, torch.tensor([4, 3])), indices[..., g])
+    assert torch.allclose(quantizer.get_output_from_indices(indices), quantized, atol=1e-6)
+    quantized2, indices2 = quantizer.quantize(tokens)
+    assert torch.equal(indices2, indices) and torch.allclose(quantized2, quantized, atol=1e-6)
+    # a group's code changes the output through its own columns of project_out only
+    other = indices.clone()
+    other[..., 1] = (other[..., 1] + 1) % 12
+    moved = quantizer.get_output_from_indices(other) - quantized
+    codes_delta = quantizer.get_codes_from_indices(other) - quantizer.get_codes_from_indices(indices)
+    assert torch.allclose(moved, codes_delta[..., 1, :] @ quantizer.project_out.weight[:, 2:4].T, atol=1e-6)
+
+
+def test_fsq_groups_need_fsq_and_at_least_one_group():
+    with pytest.raises(ValueError, match="needs quantizer 'fsq'"):
+        build_quantizer("vq", input_dim=8, codebook_size=16, code_dim=4, fsq_groups=2)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        FSQuantizer(input_dim=8, levels=(3, 3), groups=0)
+
+
 # --- builder ----------------------------------------------------------------------------------------
 
 
@@ -407,5 +464,5 @@ def test_both_quantizers_share_the_interface(kind):
     quantized, indices, _ = quantizer(tokens)
     latents = quantizer.encode(tokens)
     assert torch.equal(quantizer.snap(latents), indices)
-    assert torch.allclose(quantizer.project_out(quantizer.get_codes_from_indices(indices)), quantized, atol=1e-6)
+    assert torch.allclose(quantizer.output_from_codes(quantizer.get_codes_from_indices(indices)), quantized, atol=1e-6)
     assert torch.allclose(quantizer.get_output_from_indices(indices), quantized, atol=1e-6)

@@ -13,7 +13,7 @@ from helpers import cli, run
 
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import TokenCacheError, global_batch, load_token_cache, rank_share, write_token_cache
-from vq3d_nerfstudio.stage2.sample import SampleError, resolve_class
+from vq3d_nerfstudio.stage2.sample import SampleError, check_compatible, resolve_class
 from vq3d_nerfstudio.stage2.train import drop_labels, lr_at
 from vq3d_nerfstudio.stage2.transformer import (
     TokenTransformer,
@@ -422,3 +422,14 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint_in_use(tmp_path):
     loaded, saved_info, folder = ckpt.load_model(tmp_path)
     assert folder.name == "step-000000004" and saved_info["step"] == 4
     torch.testing.assert_close(loaded.head.weight, model.head.weight)
+
+
+def test_sampler_refuses_a_stage1_model_with_several_codes_per_token():
+    """A stage-2 model writes one code per token; a stage-1 model with fsq_groups 2 reads two: refused
+    in one line before any sampling (a matching one-code model passes)."""
+    from helpers import tiny_model
+
+    info = {"model": {"vocab_size": 12}, "grid": [4, 4]}
+    check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2)))
+    with pytest.raises(SampleError, match="2 codes per token"):
+        check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2))

@@ -60,7 +60,7 @@ def encode_image(model, image: torch.Tensor) -> EncodedImage:
     quantizer = model.quantizer
     latents = quantizer.encode(model.encoder(x))
     codes = quantizer.get_codes_from_indices(quantizer.snap(latents))
-    return EncodedImage(latents, codes, model.decoder(quantizer.project_out(codes)))
+    return EncodedImage(latents, codes, model.decoder(quantizer.output_from_codes(codes)))
 
 
 @torch.no_grad()
@@ -72,11 +72,11 @@ def interpolate(model, a: EncodedImage, b: EncodedImage, t: float, space: Interp
     # VQ latents are unit vectors (great-circle blend); FSQ latents are points of a box (straight blend)
     z = torch.lerp(a.latents, b.latents, t) if isinstance(quantizer, FSQuantizer) else slerp(a.latents, b.latents, t)
     if space == "codes":
-        return model.decoder(quantizer.project_out(quantizer.get_codes_from_indices(quantizer.snap(z))))
+        return model.decoder(quantizer.output_from_codes(quantizer.get_codes_from_indices(quantizer.snap(z))))
     if space != "latent":
         raise ValueError(f"unknown interpolation space {space!r}; use latent, triplane or codes")
     z = z + (1.0 - t) * (a.codes - a.latents) + t * (b.codes - b.latents)
-    return model.decoder(quantizer.project_out(z))
+    return model.decoder(quantizer.output_from_codes(z))
 
 
 # ---- composition ----------------------------------------------------------------------------------

@@ -80,6 +80,9 @@ class Vq3dModelConfig(ModelConfig):
     """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
     fsq_levels: Tuple[int, ...] = (8, 5, 5, 5)
     """FSQ: levels per channel; the codebook is their product (8*5*5*5 = 1000: the FSQ paper's levels for ~2^10 codes)."""
+    fsq_groups: int = 1
+    """FSQ: codes per token, each over its own channels with fsq_levels (1: the paper's one code per
+    token). G codes carry G times the bits; code indices then have a trailing axis of G."""
     codebook_kmeans_init: bool = True
     """VQ: initialise the codebook by spherical k-means on the first training batch's latents
     (random codes far from every encoding are never picked, so most of the codebook stayed unused)."""
@@ -224,7 +227,7 @@ class Vq3dModel(Model):
             cfg.codebook_size = math.prod(cfg.fsq_levels)
         self.quantizer = build_quantizer(
             cfg.quantizer, cfg.hidden_dim, cfg.codebook_size, cfg.code_dim, cfg.commitment_beta, cfg.fsq_levels,
-            kmeans_init=cfg.codebook_kmeans_init, dead_code_fraction=cfg.dead_code_fraction,
+            fsq_groups=cfg.fsq_groups, kmeans_init=cfg.codebook_kmeans_init, dead_code_fraction=cfg.dead_code_fraction,
         )
         metadata = self.kwargs.get("metadata") or {}
         self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
@@ -279,15 +282,23 @@ class Vq3dModel(Model):
         """``[B, 3, S, S]`` in [0, 1] -> (quantized tokens ``[B, T, D]``, indices ``[B, T]``, VQ losses)."""
         return self.quantizer(self.encoder(images))
 
+    @property
+    def index_shape(self) -> Tuple[int, ...]:
+        """One image's code grid: ``(h, w)``, or ``(h, w, G)`` with G > 1 codes per token."""
+        groups = self.config.fsq_groups
+        return (self.grid_size, self.grid_size) + ((groups,) if groups > 1 else ())
+
     @torch.no_grad()
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, S, S]`` images in [0, 1] -> ``[B, h, w]`` code indices (raster order)."""
+        """``[B, 3, S, S]`` images in [0, 1] -> ``[B, h, w]`` code indices (raster order; ``[B, h, w, G]``
+        with G codes per token)."""
         _, indices = self.quantizer.quantize(self.encoder(images))
-        return indices.reshape(-1, self.grid_size, self.grid_size)
+        return indices.reshape(-1, *self.index_shape)
 
     def decode_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``[B, h, w]`` code indices -> ``[B, 3, C, R, R]`` tri-planes."""
-        tokens = self.quantizer.get_output_from_indices(indices.reshape(indices.shape[0], -1))
+        """``[B, h, w]`` (``[B, h, w, G]``) code indices -> ``[B, 3, C, R, R]`` tri-planes."""
+        grid = indices.shape[0], self.grid_size * self.grid_size
+        tokens = self.quantizer.get_output_from_indices(indices.reshape(*grid, *self.index_shape[2:]))
         return self.decoder(tokens)
 
     # ---- scene selection for rays without batch_idx --------------------------------------------
@@ -300,8 +311,9 @@ class Vq3dModel(Model):
 
     @torch.no_grad()
     def set_scene_indices(self, indices: torch.Tensor, key: Optional[Tuple[str, int]] = None) -> None:
-        """Show the NeRF decoded from a code grid (a stage-2 sample). ``indices``: ``[h, w]`` or ``[1, h, w]``."""
-        indices = indices.reshape(1, self.grid_size, self.grid_size).to(self.device, torch.long)
+        """Show the NeRF decoded from a code grid (a stage-2 sample). ``indices``: ``[h, w]`` or ``[1, h, w]``
+        (``[h, w, G]`` with G codes per token)."""
+        indices = indices.reshape(1, *self.index_shape).to(self.device, torch.long)
         if int(indices.max()) >= self.config.codebook_size or int(indices.min()) < 0:
             raise ValueError(f"code indices must lie in [0, {self.config.codebook_size})")
         self.scene = ShownScene(indices=indices, key=key)

@@ -370,9 +370,13 @@ class FactorizedQuantizer(nn.Module):
         indices = self.snap(self.encode(tokens))
         return self.get_output_from_indices(indices), indices
 
+    def output_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code-space values ``[B, N, code_dim]`` (codes, latents or blends) -> ``[B, N, input_dim]``."""
+        return self.project_out(codes)
+
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` long -> ``[B, N, input_dim]``."""
-        return self.project_out(self.get_codes_from_indices(indices))
+        return self.output_from_codes(self.get_codes_from_indices(indices))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,41 +450,60 @@ def fsq_indices_to_codes(
 
 
 class FSQuantizer(nn.Module):
-    """Finite scalar quantization of ``[B, N, input_dim]`` tokens (Mentzer et al. 2023).
+    """Finite scalar quantization of ``[B, N, input_dim]`` tokens (Mentzer et al. 2023), with ``groups``
+    codes per token.
 
-    ``project_in`` maps a token to ``d = len(levels)`` channels; ``encode`` bounds them with
-    ``fsq_bound`` and divides by ``L // 2``; ``forward`` rounds to the grid with a straight-through
-    gradient, so d quantized / d tokens is that of ``project_out(encode(tokens))``. The implicit codebook
-    is the product grid, ``codebook_size = prod(levels)``, indexed in mixed radix (first channel least
-    significant). The losses are zeros: FSQ needs no codebook or commitment loss. Same interface as
-    ``FactorizedQuantizer`` (see there), with no codebook parameter, usage statistics or restarts.
-    The paper recommends e.g. levels ``(8, 5, 5, 5)`` for ~2^10 codes, ``(8, 8, 8, 5, 5, 5)`` for 2^16.
+    ``project_in`` maps a token to ``groups`` groups of ``d = len(levels)`` channels; ``encode`` bounds
+    them with ``fsq_bound`` and divides by ``L // 2``; ``forward`` rounds to the grid with a straight-through
+    gradient, so d quantized / d tokens is that of ``project_out(encode(tokens))``. Each group's implicit
+    codebook is the product grid, ``codebook_size = prod(levels)`` codes, indexed in mixed radix (first
+    channel least significant): a token carries ``groups * log2(codebook_size)`` bits. With one group
+    (the default) latents are ``[B, N, d]`` and indices ``[B, N]``; with G groups they gain a group axis,
+    ``[B, N, G, d]`` and ``[B, N, G]`` (lucidrains' FSQ calls G ``num_codebooks``). The losses are zeros:
+    FSQ needs no codebook or commitment loss. Same interface as ``FactorizedQuantizer`` (see there), with
+    no codebook parameter, usage statistics or restarts. The paper recommends e.g. levels
+    ``(8, 5, 5, 5)`` for ~2^10 codes, ``(8, 8, 8, 5, 5, 5)`` for 2^16.
     """
 
-    def __init__(self, input_dim: int, levels: Sequence[int], eps: float = 1e-3) -> None:
+    def __init__(self, input_dim: int, levels: Sequence[int], eps: float = 1e-3, groups: int = 1) -> None:
         """
         Args:
             input_dim: token width.
             levels: number of levels per channel, each >= 2.
             eps: ``fsq_bound``'s margin.
+            groups: codes per token (>= 1), each over its own ``len(levels)`` channels.
         """
         super().__init__()
         levels = tuple(int(level) for level in levels)
         if not levels or min(levels) < 2:
             raise ValueError(f"FSQ levels must be a non-empty sequence of integers >= 2, got {levels}")
+        if groups < 1:
+            raise ValueError(f"FSQ groups must be >= 1, got {groups}")
         self.level_counts = levels
         self.codebook_size = math.prod(levels)
         self.code_dim = len(levels)
+        self.groups = groups
         self.eps = eps
-        self.project_in = nn.Linear(input_dim, self.code_dim)
-        self.project_out = nn.Linear(self.code_dim, input_dim)
+        self.project_in = nn.Linear(input_dim, groups * self.code_dim)
+        self.project_out = nn.Linear(groups * self.code_dim, input_dim)
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
 
+    def _grouped(self, channels: torch.Tensor) -> torch.Tensor:
+        """``[B, N, G * d]`` -> ``[B, N, G, d]`` (unchanged with one group)."""
+        return channels if self.groups == 1 else channels.unflatten(-1, (self.groups, self.code_dim))
+
+    def output_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code-space values ``[B, N, d]`` (one group) or ``[B, N, G, d]`` (codes, latents or blends)
+        -> ``[B, N, input_dim]``."""
+        if self.groups > 1:
+            codes = codes.flatten(-2)
+        return self.project_out(codes.to(self.project_out.weight.dtype))
+
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, N, input_dim]`` -> ``[B, N, d]`` bounded values before rounding, divided by ``L // 2``
-        (code space: the grid points lie in ``[-1, 1]``). Computed in at least float32 so that rounding
-        under autocast lands on the right level."""
-        z = self.project_in(tokens)
+        """``[B, N, input_dim]`` -> ``[B, N, d]`` (``[B, N, G, d]``) bounded values before rounding,
+        divided by ``L // 2`` (code space: the grid points lie in ``[-1, 1]``). Computed in at least
+        float32 so that rounding under autocast lands on the right level."""
+        z = self._grouped(self.project_in(tokens))
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         return fsq_bound(z, self.levels, self.eps) / fsq_half_width(self.levels).to(z.dtype)
 
@@ -494,12 +517,12 @@ class FSQuantizer(nn.Module):
         return fsq_indices_to_codes(indices, self.levels, self.project_out.weight.dtype)
 
     def forward(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        latents = self.encode(tokens)  # (B, N, d)
+        latents = self.encode(tokens)  # (B, N, d) or (B, N, G, d)
         half = fsq_half_width(self.levels).to(latents.dtype)
         grid = torch.round(latents * half) / half
         codes = latents + (grid - latents).detach()  # straight-through rounding
-        indices = self.snap(latents.detach())  # (B, N)
-        quantized = self.project_out(codes.to(self.project_out.weight.dtype))
+        indices = self.snap(latents.detach())  # (B, N) or (B, N, G)
+        quantized = self.output_from_codes(codes)
         zero = torch.zeros((), device=tokens.device)
         return quantized, indices, {"codebook": zero, "commitment": zero.clone()}
 
@@ -510,8 +533,8 @@ class FSQuantizer(nn.Module):
         return self.get_output_from_indices(indices), indices
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` long -> ``[B, N, input_dim]``."""
-        return self.project_out(self.get_codes_from_indices(indices))
+        """``[B, N]`` (``[B, N, G]``) long -> ``[B, N, input_dim]``."""
+        return self.output_from_codes(self.get_codes_from_indices(indices))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -527,6 +550,7 @@ def build_quantizer(
     beta: float = 0.25,
     fsq_levels: Sequence[int] = (8, 5, 5, 5),
     *,
+    fsq_groups: int = 1,
     kmeans_init: bool = True,
     dead_code_fraction: float = 0.03,
 ) -> nn.Module:
@@ -540,14 +564,17 @@ def build_quantizer(
         code_dim: VQ code width (``"fsq"``: ignored, the width is ``len(fsq_levels)``).
         beta: VQ commitment weight (``"fsq"``: ignored).
         fsq_levels: FSQ levels per channel (``"vq"``: ignored).
+        fsq_groups: FSQ codes per token (``"vq"``: must be 1).
         kmeans_init, dead_code_fraction: VQ codebook learning (``"fsq"``: ignored).
     """
     if kind == "vq":
+        if fsq_groups != 1:
+            raise ValueError(f"fsq_groups={fsq_groups} needs quantizer 'fsq' (VQ has one code per token)")
         return FactorizedQuantizer(
             input_dim, codebook_size, code_dim, beta, kmeans_init=kmeans_init, dead_code_fraction=dead_code_fraction
         )
     if kind == "fsq":
-        quantizer = FSQuantizer(input_dim, fsq_levels)
+        quantizer = FSQuantizer(input_dim, fsq_levels, groups=fsq_groups)
         if quantizer.codebook_size != codebook_size:
             raise ValueError(
                 f"FSQ levels {tuple(fsq_levels)} give {quantizer.codebook_size} codes but codebook_size is "

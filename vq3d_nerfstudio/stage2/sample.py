@@ -57,7 +57,14 @@ def class_label_name(class_id: int, class_names: Sequence[str], num_classes: int
 
 
 def check_compatible(info: Dict, stage1_model) -> None:
-    """Stop before any work when the stage-2 model was trained on another codebook or token grid."""
+    """Stop before any work when the stage-2 model was trained on another codebook, token grid or number
+    of codes per token."""
+    groups = int(getattr(stage1_model.config, "fsq_groups", 1))
+    if groups > 1:
+        raise SampleError(
+            f"the stage-1 model has {groups} codes per token (fsq_groups {groups}) and the stage-2 model writes "
+            "one; pass the stage-1 run it was trained on (--stage1-config)"
+        )
     vocab, grid = int(info["model"]["vocab_size"]), list(info["grid"])
     if vocab != int(stage1_model.config.codebook_size):
         raise SampleError(

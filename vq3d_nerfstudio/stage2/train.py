@@ -229,6 +229,12 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
 
     stage1, pipeline, checkpoint_path, stage1_step = eval_setup(cfg.stage1_config, test_mode="inference")
     model = pipeline.model.to(dist.device)
+    groups = int(getattr(model.config, "fsq_groups", 1))
+    if groups > 1:
+        raise SystemExit(
+            f"vq3d-train-stage2: error: {cfg.stage1_config} has {groups} codes per token (fsq_groups {groups}); "
+            "stage 2 models one code per token: train stage 1 with --pipeline.model.fsq-groups 1"
+        )
 
     stage1_parser = stage1.pipeline.datamanager.dataparser
     data = Path(cfg.data or stage1_parser.data)
