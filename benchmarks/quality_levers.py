@@ -132,6 +132,8 @@ def codes_in_use(config: Path, data: Path, num_images: int = 500) -> dict:
 
     _, pipeline, _, step = eval_setup(config, test_mode="inference")
     model = pipeline.model
+    if not model.quantizer.has_codes:  # quantizer none: continuous tokens
+        return {"codes_used": float("nan"), "perplexity": float("nan"), "codebook_size": 0, "step": step}
     records = scan_image_folder(data)[0][:num_images]
     codes = []
     with torch.no_grad():

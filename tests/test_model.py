@@ -160,6 +160,32 @@ def test_fsq_model_round_trip_and_codebook_size():
     assert float(losses["codebook"]) == 0 and float(losses["commitment"]) == 0
 
 
+def test_a_model_without_quantizer_trains_renders_and_refuses_codes():
+    from vq3d_nerfstudio.stage1.edits import encode_image, interpolate
+    from vq3d_nerfstudio.stage1.quantizer import NoCodesError
+
+    model = tiny_model(quantizer="none").train()
+    assert model.config.codebook_size == 0
+    bundle, batch = train_batch(model)
+    outputs = model(bundle, batch)
+    losses = model.get_loss_dict(outputs, batch, model.get_metrics_dict(outputs, batch))
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.encoder.patchify.weight.grad.abs().sum() > 0  # the photometric gradient reaches the encoder
+    assert "code_indices" not in outputs and "code_perplexity" not in model.get_metrics_dict(outputs, batch)
+    model.eval()
+    with pytest.raises(NoCodesError, match="quantizer none"):
+        model.encode_to_indices(torch.rand(1, 3, SIZE, SIZE))
+    image = torch.rand(SIZE, SIZE, 3)
+    model.set_scene_images(image)
+    expected = model.decoder(model.encoder(image.permute(2, 0, 1)[None]))  # the encoder's tokens, unquantized
+    assert torch.allclose(model.current_planes(), expected)
+    a, b = encode_image(model, image), encode_image(model, torch.rand(SIZE, SIZE, 3))
+    assert torch.allclose(interpolate(model, a, b, 0.0), expected, atol=1e-6)  # latent blends end on the image
+    with pytest.raises(NoCodesError):
+        interpolate(model, a, b, 0.5, "codes")
+
+
 def test_fsq_groups_model_indices_have_a_group_axis_and_round_trip():
     model = tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2).eval()
     images = torch.rand(2, 3, SIZE, SIZE)

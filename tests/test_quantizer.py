@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from vq3d_nerfstudio.stage1.quantizer import (
+    ContinuousTokens,
     FactorizedQuantizer,
     FSQuantizer,
+    NoCodesError,
     build_quantizer,
     code_perplexity,
     fsq_bound,
@@ -437,6 +439,19 @@ def test_fsq_groups_need_fsq_and_at_least_one_group():
         build_quantizer("vq", input_dim=8, codebook_size=16, code_dim=4, fsq_groups=2)
     with pytest.raises(ValueError, match="groups must be >= 1"):
         FSQuantizer(input_dim=8, levels=(3, 3), groups=0)
+
+
+def test_no_quantizer_passes_tokens_through_and_has_no_codes():
+    quantizer = build_quantizer("none", input_dim=8, codebook_size=0, code_dim=4)
+    assert isinstance(quantizer, ContinuousTokens) and not quantizer.has_codes and quantizer.codebook_size == 0
+    assert build_quantizer("fsq", 8, 12, 4, fsq_levels=(4, 3)).has_codes and build_quantizer("vq", 8, 12, 4).has_codes
+    tokens = torch.randn(2, 5, 8, requires_grad=True)
+    quantized, indices, losses = quantizer(tokens)
+    assert quantized is tokens and indices is None and all(float(v) == 0 for v in losses.values())
+    assert quantizer.output_from_codes(quantizer.encode(tokens)) is tokens
+    for method in (quantizer.snap, quantizer.get_codes_from_indices, quantizer.get_output_from_indices):
+        with pytest.raises(NoCodesError, match="continuous tokens"):
+            method(tokens)
 
 
 # --- builder ----------------------------------------------------------------------------------------

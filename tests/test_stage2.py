@@ -433,3 +433,5 @@ def test_sampler_refuses_a_stage1_model_with_several_codes_per_token():
     check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2)))
     with pytest.raises(SampleError, match="2 codes per token"):
         check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2))
+    with pytest.raises(SampleError, match="continuous tokens"):
+        check_compatible(info, tiny_model(quantizer="none"))

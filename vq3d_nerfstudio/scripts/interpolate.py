@@ -49,6 +49,9 @@ class Interpolate:
         if self.steps < 2:
             raise SystemExit("vq3d interpolate: error: --steps must be at least 2")
         model = load_run(self.load_config, "interpolate").model
+        if self.space == "codes" and not model.quantizer.has_codes:
+            raise SystemExit("vq3d interpolate: error: --space codes needs codes, and this run has continuous tokens "
+                             "(quantizer none); use --space latent or triplane")
         try:
             ends = [encode_image(model, load_image(path, model.config.image_size)) for path in self.images]
         except DatasetError as err:

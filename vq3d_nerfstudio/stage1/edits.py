@@ -26,7 +26,7 @@ from typing import Literal, Optional, Tuple
 import torch
 
 from vq3d_nerfstudio.stage1.field import PointField
-from vq3d_nerfstudio.stage1.quantizer import FSQuantizer
+from vq3d_nerfstudio.stage1.quantizer import FactorizedQuantizer
 
 InterpolationSpace = Literal["latent", "triplane", "codes"]
 
@@ -59,7 +59,8 @@ def encode_image(model, image: torch.Tensor) -> EncodedImage:
     x = image.permute(2, 0, 1)[None].to(model.device, torch.float32)
     quantizer = model.quantizer
     latents = quantizer.encode(model.encoder(x))
-    codes = quantizer.get_codes_from_indices(quantizer.snap(latents))
+    # continuous tokens (quantizer none) are their own codes
+    codes = quantizer.get_codes_from_indices(quantizer.snap(latents)) if quantizer.has_codes else latents
     return EncodedImage(latents, codes, model.decoder(quantizer.output_from_codes(codes)))
 
 
@@ -69,8 +70,9 @@ def interpolate(model, a: EncodedImage, b: EncodedImage, t: float, space: Interp
     if space == "triplane":
         return torch.lerp(a.planes, b.planes, t)
     quantizer = model.quantizer
-    # VQ latents are unit vectors (great-circle blend); FSQ latents are points of a box (straight blend)
-    z = torch.lerp(a.latents, b.latents, t) if isinstance(quantizer, FSQuantizer) else slerp(a.latents, b.latents, t)
+    # VQ latents are unit vectors (great-circle blend); FSQ latents are points of a box and continuous
+    # tokens points of their space (straight blends)
+    z = slerp(a.latents, b.latents, t) if isinstance(quantizer, FactorizedQuantizer) else torch.lerp(a.latents, b.latents, t)
     if space == "codes":
         return model.decoder(quantizer.output_from_codes(quantizer.get_codes_from_indices(quantizer.snap(z))))
     if space != "latent":

@@ -68,10 +68,12 @@ class Vq3dModelConfig(ModelConfig):
     """Transformer blocks in the decoder."""
     num_heads: int = 4
     """Attention heads."""
-    quantizer: Literal["vq", "fsq"] = "vq"
+    quantizer: Literal["vq", "fsq", "none"] = "vq"
     """'vq': ViT-VQGAN's factorized, l2-normalised codebook (the paper's choice); 'fsq': finite
     scalar quantization (Mentzer et al. 2023), a fixed grid of fsq_levels per channel with no
-    codebook to learn or collapse. Both give code indices to stage 2, the token cache and edits."""
+    codebook to learn or collapse. Both give code indices to stage 2, the token cache and edits.
+    'none' (beyond the paper): continuous tokens, for single-image 3D only; stage 2, token caches and
+    code-space edits refuse such a run."""
     codebook_size: int = 1024
     """Number of codes (VQ). With FSQ it is set to the product of fsq_levels."""
     code_dim: int = 32
@@ -225,6 +227,8 @@ class Vq3dModel(Model):
         self.grid_size = self.encoder.grid_size
         if cfg.quantizer == "fsq":
             cfg.codebook_size = math.prod(cfg.fsq_levels)
+        elif cfg.quantizer == "none":
+            cfg.codebook_size = 0
         self.quantizer = build_quantizer(
             cfg.quantizer, cfg.hidden_dim, cfg.codebook_size, cfg.code_dim, cfg.commitment_beta, cfg.fsq_levels,
             fsq_groups=cfg.fsq_groups, kmeans_init=cfg.codebook_kmeans_init, dead_code_fraction=cfg.dead_code_fraction,
@@ -292,6 +296,8 @@ class Vq3dModel(Model):
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` images in [0, 1] -> ``[B, h, w]`` code indices (raster order; ``[B, h, w, G]``
         with G codes per token)."""
+        if not self.quantizer.has_codes:
+            self.quantizer.snap(images)  # raises NoCodesError, the one-line reason
         _, indices = self.quantizer.quantize(self.encoder(images))
         return indices.reshape(-1, *self.index_shape)
 
@@ -471,12 +477,9 @@ class Vq3dModel(Model):
             quantized, indices, vq = self.encode(batch["input_images"])
             planes = self.decoder(quantized)
             batch_idx = ray_bundle.metadata["batch_idx"][:, 0].long()
-            extra = {
-                "vq_codebook": vq["codebook"],
-                "vq_commitment": vq["commitment"],
-                "code_indices": indices,
-                "batch_idx": batch_idx,
-            }
+            extra = {"vq_codebook": vq["codebook"], "vq_commitment": vq["commitment"], "batch_idx": batch_idx}
+            if indices is not None:  # quantizer none has no codes
+                extra["code_indices"] = indices
             # Extra renders only when a loss uses them this step: the discriminator's (canonical and
             # novel views) once it has started, LPIPS's (canonical view) whenever it is on.
             with_novel = self.training and self.discriminator_active(self.step)

@@ -215,6 +215,9 @@ class FactorizedQuantizer(nn.Module):
     initialisation or a restart, so every rank keeps the same codes.
     """
 
+    has_codes = True
+    """Tokens become code indices (``quantizer none`` has none)."""
+
     def __init__(
         self,
         input_dim: int,
@@ -465,6 +468,9 @@ class FSQuantizer(nn.Module):
     ``(8, 5, 5, 5)`` for ~2^10 codes, ``(8, 8, 8, 5, 5, 5)`` for 2^16.
     """
 
+    has_codes = True
+    """Tokens become code indices (``quantizer none`` has none)."""
+
     def __init__(self, input_dim: int, levels: Sequence[int], eps: float = 1e-3, groups: int = 1) -> None:
         """
         Args:
@@ -538,6 +544,48 @@ class FSQuantizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# No quantizer: continuous tokens
+# ---------------------------------------------------------------------------------------------------
+
+
+class NoCodesError(ValueError):
+    """Asked a model with continuous tokens (``quantizer none``) for code indices."""
+
+
+class ContinuousTokens(nn.Module):
+    """``quantizer none``: the encoder's tokens go to the decoder as they are, with no codes. Beyond
+    the paper: a reconstruction-only model (single image to 3D, as LRM-style models are), which measured
+    the token bound (BENCHMARKS.md, token capacity). The quantizer interface where it makes sense
+    (``encode``, ``output_from_codes`` and ``forward`` pass tokens through; the losses are zeros);
+    everything about codes raises :class:`NoCodesError`, since stage 2, the token cache and code-space
+    edits need codes."""
+
+    has_codes = False
+    codebook_size = 0
+
+    def _no_codes(self, *args) -> torch.Tensor:
+        raise NoCodesError(
+            "this model has continuous tokens (quantizer none) and no codes: stage 2, token caches and "
+            "code-space edits need a run trained with --pipeline.model.quantizer fsq (or vq)"
+        )
+
+    snap = get_codes_from_indices = get_output_from_indices = _no_codes
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def output_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+    def forward(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, None, Dict[str, torch.Tensor]]:
+        zero = torch.zeros((), device=tokens.device)
+        return tokens, None, {"codebook": zero, "commitment": zero.clone()}
+
+    def quantize(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return tokens, None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Builder
 # ---------------------------------------------------------------------------------------------------
 
@@ -557,7 +605,8 @@ def build_quantizer(
     """The quantizer named by ``kind``.
 
     Args:
-        kind: ``"vq"`` (``FactorizedQuantizer``) or ``"fsq"`` (``FSQuantizer``).
+        kind: ``"vq"`` (``FactorizedQuantizer``), ``"fsq"`` (``FSQuantizer``) or ``"none"``
+            (``ContinuousTokens``: no codes; the other arguments are ignored).
         input_dim: token width.
         codebook_size: number of codes. For ``"fsq"`` it must equal ``prod(fsq_levels)`` (the model
             checks indices against it), else ``ValueError``.
@@ -581,4 +630,6 @@ def build_quantizer(
                 f"{codebook_size}: set codebook_size={quantizer.codebook_size}"
             )
         return quantizer
-    raise ValueError(f"unknown quantizer kind {kind!r}: expected 'vq' or 'fsq'")
+    if kind == "none":
+        return ContinuousTokens()
+    raise ValueError(f"unknown quantizer kind {kind!r}: expected 'vq', 'fsq' or 'none'")

@@ -59,6 +59,11 @@ def class_label_name(class_id: int, class_names: Sequence[str], num_classes: int
 def check_compatible(info: Dict, stage1_model) -> None:
     """Stop before any work when the stage-2 model was trained on another codebook, token grid or number
     of codes per token."""
+    if not stage1_model.quantizer.has_codes:
+        raise SampleError(
+            "the stage-1 model has continuous tokens (quantizer none) and no codes to decode; pass the stage-1 "
+            "run the stage-2 model was trained on (--stage1-config)"
+        )
     groups = int(getattr(stage1_model.config, "fsq_groups", 1))
     if groups > 1:
         raise SampleError(

@@ -229,6 +229,11 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
 
     stage1, pipeline, checkpoint_path, stage1_step = eval_setup(cfg.stage1_config, test_mode="inference")
     model = pipeline.model.to(dist.device)
+    if not model.quantizer.has_codes:
+        raise SystemExit(
+            f"vq3d-train-stage2: error: {cfg.stage1_config} has continuous tokens (quantizer none) and no codes "
+            "for stage 2 to model; train stage 1 with --pipeline.model.quantizer fsq"
+        )
     groups = int(getattr(model.config, "fsq_groups", 1))
     if groups > 1:
         raise SystemExit(
