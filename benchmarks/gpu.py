@@ -359,8 +359,8 @@ def build_trainer(preset: str, data: Path, out: Path, device: str, amp: bool, sm
 
 
 def time_steps(trainer, first_step: int, warmup: int, steps: int, device: str) -> dict:
-    """Seconds per training step (median-free: total over ``steps`` after ``warmup`` steps), images/s
-    and peak GPU memory, through the trainer's own ``train_iteration`` (data loading included)."""
+    """Mean seconds per training step over ``steps`` steps after ``warmup`` untimed ones, images/s and
+    peak GPU memory, through the trainer's own ``train_iteration`` (data loading included)."""
     images = trainer.pipeline.datamanager.images_per_step
     step = first_step
     for _ in range(warmup):
@@ -623,7 +623,9 @@ def stage2_on_tiny_run(args, run_dir: Path, work: Path) -> dict:
     bits = [r["eval/bits_per_token"] for r in rows if "eval/bits_per_token" in r]
     timed = [r for r in rows if "train/loss" in r]
     train_s = timed[-1]["time_s"] - timed[0]["time_s"] if len(timed) > 1 else float("nan")
-    tokens = (timed[-1]["step"] - timed[0]["step"]) * config.batch_size * 256 if len(timed) > 1 else 0
+    info = json.loads(sorted((out / "checkpoints").glob("step-*"))[-1].joinpath("config.json").read_text())
+    per_scene = math.prod(info["grid"])
+    tokens = (timed[-1]["step"] - timed[0]["step"]) * config.batch_size * per_scene if len(timed) > 1 else 0
     return {"steps": steps, "batch": config.batch_size, "wall_s": wall, "eval_bits_per_token": bits[-1] if bits else None,
             "train_tokens_per_s": tokens / train_s if tokens else None}
 

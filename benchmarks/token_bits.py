@@ -13,9 +13,13 @@ Finished rows are kept in `outputs/token_bits/<row>/result.json` and reused (del
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
-from common import git_revision, machine, update_section
+from common import BIN, cli_env, git_revision, machine, update_section
 from quality_levers import run_row, table
 
 M = "--pipeline.model."
@@ -28,6 +32,33 @@ ROWS = [
 ]
 
 
+def stage2_row(run_dir: Path, out: Path, steps: int) -> dict:
+    """`vq3d-train-stage2 --model tiny` on a row's run for ``steps`` steps: held-out bits per code and
+    per token (G codes), seconds per step; kept in ``out/stage2.json``."""
+    result_file = out / "stage2.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    folder = out / "stage2"
+    if folder.exists():
+        shutil.rmtree(folder)
+    command = [str(BIN / "vq3d-train-stage2"), "--stage1-config", str(run_dir / "config.yml"), "--output-dir", str(folder),
+               "--model", "tiny", "--max-steps", str(steps), "--eval-every", str(steps), "--save-every", str(steps),
+               "--batch-size", "32", "--num-workers", "1", "--device", "cpu"]
+    print("running:", " ".join(command), flush=True)
+    start = time.time()
+    subprocess.run(command, check=True, env=cli_env(), stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "train/loss" in r]
+    info = json.loads(sorted((folder / "checkpoints").glob("step-*"))[-1].joinpath("config.json").read_text())
+    groups = info["grid"][2] if len(info["grid"]) > 2 else 1
+    bits = [r["eval/bits_per_token"] for r in rows if "eval/bits_per_token" in r][-1]
+    row = {"bits_per_code": bits, "bits_per_token": bits * groups, "groups": groups,
+           "s_per_step": (timed[-1]["time_s"] - timed[0]["time_s"]) / max(1, timed[-1]["step"] - timed[0]["step"]),
+           "wall_min": (time.time() - start) / 60, "steps": steps}
+    result_file.write_text(json.dumps(row, indent=1))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1650, help="training steps per row (the preset's own by default)")
@@ -35,6 +66,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/synth"), help="training scenes (made if missing)")
     parser.add_argument("--eval-scenes", type=Path, default=Path("data/synth_eval"), help="unseen scenes (made if missing)")
     parser.add_argument("--out", type=Path, default=Path("outputs/token_bits"), help="runs and per-row results")
+    parser.add_argument("--stage2-steps", type=int, default=0,
+                        help="also train stage 2 (--model tiny) this many steps on each row's run (0: not)")
     args = parser.parse_args()
 
     from vq3d_nerfstudio.data.synth import write_scenes
@@ -47,14 +80,27 @@ def main() -> None:
         if args.rows is not None and name not in args.rows and not done:
             continue
         rows.append((name, versus, change, run_row(name, extra, args.data, args)))
+    stage2 = []
+    if args.stage2_steps:
+        stage2 = ["| row | bits per code | codes per token | bits per token | s/step | minutes (with encoding) |",
+                  "|---|---|---|---|---|---|"]
+        for name, _, _, row in rows:
+            if not row or name == "none":  # no codes: no stage 2
+                continue
+            r = stage2_row(args.out / name / "run" / "vq3d-tiny" / "run", args.out / name, args.stage2_steps)
+            stage2.append(f"| {name} | {r['bits_per_code']:.2f} | {r['groups']} | {r['bits_per_token']:.2f} | "
+                          f"{r['s_per_step']:.3f} | {r['wall_min']:.1f} |")
+        stage2 = ["", f"Stage 2 on each run's codes: `vq3d-train-stage2 --model tiny --batch-size 32` for {args.stage2_steps} "
+                  "steps, held-out bits per code (a token's G codes are one sequence, in a row) and per token "
+                  "(the `log2(15360)` = 13.9 bits of a uniform guess per code):", "", *stage2]
     body = (
         "## More bits per token in 3D (`vq3d-tiny`, issue 22)\n\n"
-        + table(rows) + "\n\n"
+        + table(rows) + "\n" + "\n".join(stage2) + "\n\n"
         f"Each row: `ns-train vq3d-tiny` with the row's flags for {args.steps} steps (the learning-rate schedule over "
         "those steps), scored by `vq3d eval` on the 20 unseen `vq3d synth --seed 1` scenes; codes used and perplexity "
         "over the first 500 training images' codes (every group's). s/step: median training step.\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
-        f"Command: `.venv/bin/python benchmarks/token_bits.py --steps {args.steps}`\n"
+        f"Command: `.venv/bin/python benchmarks/token_bits.py --steps {args.steps} --stage2-steps {args.stage2_steps}`\n"
     )
     print(body)
     update_section("token-bits", body)

@@ -164,13 +164,13 @@ def main() -> None:
         seconds = f"{row['s_per_step']:.2f}" if "s_per_step" in row else "-"
         lines.append(f"| {name} | {versus or '-'} | {change} | {row['psnr']:.2f} | {codes} | {seconds} |")
     body = (
-        "## Token capacity: the 2D ceiling of `vq3d-tiny`'s tokens (issue 14)\n\n"
+        "## Token capacity: the 2D ceiling of `vq3d-tiny`'s tokens (issues 14 and 22)\n\n"
         + "\n".join(lines) + "\n\n"
         f"Trained rows: the preset's encoder, quantizer and decoder transformer with a linear pixel head "
         f"instead of the tri-plane and renderer (a 2D autoencoder), {args.steps} steps of 8 images from the 1000 "
         "`vq3d synth` input views (seed 0), the preset's learning rate, warm-up and cosine schedule; PSNR on "
         "the 20 unseen input views (`--seed 1`). Codes used: distinct codes in those 20 images' tokens "
-        "(5,120 tokens; 20,480 at patch 2). s/step: training only, wall-clock on 2 cores (rows that shared the "
+        "(5,120 tokens, each of G codes with fsq_groups G; 20,480 at patch 2). s/step: training only, wall-clock on 2 cores (rows that shared the "
         "cores with other jobs are slower; compare PSNR, not s/step, unless a row ran alone).\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
         f"Command: `.venv/bin/python benchmarks/token_capacity.py --steps {args.steps}`\n"

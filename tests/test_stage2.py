@@ -45,6 +45,25 @@ def test_changing_a_token_leaves_earlier_logits_unchanged():
         assert not torch.allclose(after[:, t + 2 :], before[:, t + 2 :])
 
 
+def test_a_tokens_codes_are_predicted_in_order_within_and_across_tokens():
+    """G = 2 codes a token, flattened token-major ((h, w, G) -> one sequence): the prediction of a
+    token's first code sees neither of its own codes nor later tokens'; its second code's prediction
+    sees the first code of the same token, not the second."""
+    model = tiny_transformer(block=12)  # 6 tokens x 2 codes
+    grid = torch.randint(0, 16, (1, 6, 2), generator=torch.Generator().manual_seed(2))  # (B, tokens, G)
+    codes = grid.reshape(1, 12)
+    before = model(codes[:, :-1], torch.tensor([1]))  # (1, 12, 16): position 2k + g predicts code (k, g)
+    for k in range(6):
+        for g in range(2):
+            changed = grid.clone()
+            changed[0, k, g] = (changed[0, k, g] + 3) % 16
+            after = model(changed.reshape(1, 12)[:, :-1], torch.tensor([1]))
+            own = 2 * k + g  # the position predicting code (k, g) and every earlier one are blind to it
+            assert torch.equal(after[:, : own + 1], before[:, : own + 1])
+            if own + 1 < 12:
+                assert not torch.allclose(after[:, own + 1], before[:, own + 1])  # the next code sees it
+
+
 def test_the_class_changes_every_position():
     model = tiny_transformer()
     codes = torch.randint(0, 16, (1, 11))
@@ -223,6 +242,22 @@ def test_resumed_run_continues_with_the_same_losses_and_weights(tmp_path, cli_en
     b, _, _ = ckpt.load_model(interrupted)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_codes_of_several_groups_train_as_one_sequence(tmp_path, cli_env):
+    """A cache of G = 2 codes per token ((N, h, w, 2) codes) is one sequence of h * w * 2 codes to stage
+    2, a token's codes in a row: the transformer's block is 32 positions for 4x4 tokens, and the
+    checkpoint records the (4, 4, 2) grid that sampling reshapes its codes to."""
+    rng = np.random.default_rng(1)
+    splits = {split: (rng.integers(0, 16, (n, 4, 4, 2)), rng.integers(0, 2, n)) for split, n in (("train", 32), ("eval", 8))}
+    cache = write_token_cache(tmp_path / "cache", splits, 16, ["a", "b"])
+    assert cache.num_tokens == 32 and cache.meta["grid"] == [4, 4, 2]
+    out = tmp_path / "run"
+    run([cli("vq3d-train-stage2"), *train_args(cache.path, out, "--max-steps", "3")], cli_env)
+    model, info, _ = ckpt.load_model(out)
+    assert info["grid"] == [4, 4, 2] and model.config.block_size == 32
+    codes = sample_tokens(model, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (2, 32) and codes.reshape(2, 4, 4, 2).shape == (2, 4, 4, 2)
 
 
 def test_ddp_on_two_processes_equals_one_process_on_the_combined_batch(tmp_path, cli_env):
@@ -424,14 +459,36 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint_in_use(tmp_path):
     torch.testing.assert_close(loaded.head.weight, model.head.weight)
 
 
-def test_sampler_refuses_a_stage1_model_with_several_codes_per_token():
-    """A stage-2 model writes one code per token; a stage-1 model with fsq_groups 2 reads two: refused
-    in one line before any sampling (a matching one-code model passes)."""
+def test_sampler_refuses_a_stage1_model_of_another_number_of_codes_per_token():
+    """A stage-2 model trained on one code per token against a stage-1 model with fsq_groups 2 (and
+    the other way round) is refused in one line before any sampling; matching ones pass. A model
+    without codes (quantizer none) is refused too."""
     from helpers import tiny_model
 
     info = {"model": {"vocab_size": 12}, "grid": [4, 4]}
     check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2)))
-    with pytest.raises(SampleError, match="2 codes per token"):
+    with pytest.raises(SampleError, match="writes 4x4 tokens of 1 code but the stage-1 model reads 4x4 tokens of 2 codes"):
         check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2))
+    check_compatible({"model": {"vocab_size": 12}, "grid": [4, 4, 2]}, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2))
     with pytest.raises(SampleError, match="continuous tokens"):
         check_compatible(info, tiny_model(quantizer="none"))
+
+
+def test_a_run_without_codes_is_refused_by_stage2_and_code_blends_in_one_line(synth_dir, tmp_path, cli_env):
+    """`--pipeline.model.quantizer none` trains (continuous tokens); stage-2 training and
+    `vq3d interpolate --space codes` on it stop in one line that says why, before any work."""
+    from helpers import FAST
+
+    run([cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "none",
+         "--timestamp", "t", "--max-num-iterations", "2", "--pipeline.model.quantizer", "none", *FAST], cli_env)
+    config = tmp_path / "none" / "vq3d-tiny" / "t" / "config.yml"
+    stage2 = subprocess.run([cli("vq3d-train-stage2"), "--stage1-config", str(config), "--output-dir", str(tmp_path / "s2"),
+                             "--device", "cpu"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert stage2.returncode != 0 and "continuous tokens (quantizer none)" in stage2.stderr
+    assert stage2.stderr.strip().count("\n") == 0 and "Traceback" not in stage2.stderr
+    image = next(synth_dir.glob("scene_*/images/frame_00000.png"))
+    blend = subprocess.run([cli("vq3d"), "interpolate", "--load-config", str(config), "--images", str(image), str(image),
+                            "--space", "codes", "--output-dir", str(tmp_path / "i")], env=cli_env, capture_output=True, text=True,
+                           timeout=300)
+    assert blend.returncode != 0 and "--space codes needs codes" in blend.stderr
+    assert "Traceback" not in blend.stderr

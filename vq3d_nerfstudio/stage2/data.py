@@ -3,7 +3,8 @@
 Layout of a cache folder (plain ``.npy`` and JSON: loading never executes code)::
 
     meta.json              codebook size, grid, classes, split sizes, fingerprint, stage-1 paths
-    train.codes.npy        (N, h, w) uint16 (int32 when the codebook exceeds 65536 codes)
+    train.codes.npy        (N, h, w) uint16 (int32 when the codebook exceeds 65536 codes); (N, h, w, G)
+                           with G codes per token, read by stage 2 as one sequence, a token's codes in a row
     train.classes.npy      (N,) int64, class ids in [0, num_classes) (0 for unlabelled data)
     eval.codes.npy / eval.classes.npy   the held-out split (bits per token)
 
@@ -40,7 +41,7 @@ class TokenCacheError(ValueError):
 
 @dataclass
 class TokenSplit:
-    codes: np.ndarray  # (N, h, w) memory-mapped
+    codes: np.ndarray  # (N, h, w) or (N, h, w, G), memory-mapped
     classes: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -68,8 +69,8 @@ class TokenCache:
 
     @property
     def num_tokens(self) -> int:
-        h, w = self.meta["grid"]
-        return int(h * w)
+        """Codes per scene: the sequence stage 2 models (h * w, times G with G codes per token)."""
+        return int(np.prod(self.meta["grid"]))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -92,7 +93,7 @@ def write_token_cache(
     class_names: Sequence[str],
     extra_meta: Optional[Dict] = None,
 ) -> TokenCache:
-    """Write a complete cache from in-memory ``{split: (codes (N, h, w), classes (N,))}``."""
+    """Write a complete cache from in-memory ``{split: (codes (N, h, w) or (N, h, w, G), classes (N,))}``."""
     path.mkdir(parents=True, exist_ok=True)
     grid = None
     sizes = {}

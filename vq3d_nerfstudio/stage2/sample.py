@@ -64,22 +64,18 @@ def check_compatible(info: Dict, stage1_model) -> None:
             "the stage-1 model has continuous tokens (quantizer none) and no codes to decode; pass the stage-1 "
             "run the stage-2 model was trained on (--stage1-config)"
         )
-    groups = int(getattr(stage1_model.config, "fsq_groups", 1))
-    if groups > 1:
-        raise SampleError(
-            f"the stage-1 model has {groups} codes per token (fsq_groups {groups}) and the stage-2 model writes "
-            "one; pass the stage-1 run it was trained on (--stage1-config)"
-        )
     vocab, grid = int(info["model"]["vocab_size"]), list(info["grid"])
     if vocab != int(stage1_model.config.codebook_size):
         raise SampleError(
             f"the stage-2 model predicts {vocab} codes but the stage-1 model has a codebook of "
             f"{stage1_model.config.codebook_size}; pass the stage-1 run it was trained on (--stage1-config)"
         )
-    if grid != [stage1_model.grid_size, stage1_model.grid_size]:
+    wanted = list(stage1_model.index_shape)
+    if grid != wanted:
+        describe = lambda g: "x".join(map(str, g[:2])) + (f" tokens of {g[2]} codes" if len(g) > 2 else " tokens of 1 code")  # noqa: E731
         raise SampleError(
-            f"the stage-2 model writes {grid[0]}x{grid[1]} token grids but the stage-1 model reads "
-            f"{stage1_model.grid_size}x{stage1_model.grid_size}; pass the matching stage-1 run (--stage1-config)"
+            f"the stage-2 model writes {describe(grid)} but the stage-1 model reads {describe(wanted)}; "
+            "pass the matching stage-1 run (--stage1-config)"
         )
 
 
@@ -110,14 +106,14 @@ class SceneSampler:
 
     @torch.no_grad()
     def sample(self, class_id: int, num: int, settings: SamplingSettings, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``(num, h, w)`` code grids of class ``class_id`` (``num_classes`` = unconditional)."""
+        """``(num, h, w)`` (``(num, h, w, G)``) code grids of class ``class_id`` (``num_classes`` =
+        unconditional). A token's G codes are consecutive in the sampled sequence."""
         classes = torch.full((num,), int(class_id), dtype=torch.long)
         codes = sample_tokens(
             self.transformer, classes, settings.temperature, settings.top_k, settings.top_p,
             settings.cfg_scale, generator, settings.use_kv_cache,
         )
-        grid = self.stage1_model.grid_size
-        return codes.reshape(num, grid, grid)
+        return codes.reshape(num, *self.stage1_model.index_shape)
 
 
 def stage1_config_of(info: Dict, override: Optional[Path]) -> Path:

@@ -234,12 +234,6 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
             f"vq3d-train-stage2: error: {cfg.stage1_config} has continuous tokens (quantizer none) and no codes "
             "for stage 2 to model; train stage 1 with --pipeline.model.quantizer fsq"
         )
-    groups = int(getattr(model.config, "fsq_groups", 1))
-    if groups > 1:
-        raise SystemExit(
-            f"vq3d-train-stage2: error: {cfg.stage1_config} has {groups} codes per token (fsq_groups {groups}); "
-            "stage 2 models one code per token: train stage 1 with --pipeline.model.fsq-groups 1"
-        )
 
     stage1_parser = stage1.pipeline.datamanager.dataparser
     data = Path(cfg.data or stage1_parser.data)
@@ -297,7 +291,6 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
         parts.mkdir(parents=True, exist_ok=True)
         stamp.write_text(fingerprint)
     dist.barrier()
-    grid = model.grid_size
     mine = {
         split: sum(b - a for c, (a, b) in enumerate(chunk_ranges(len(datasets[split]), cfg.encode_chunk_size)) if c % dist.world_size == dist.rank)
         for split in SPLITS
@@ -319,7 +312,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
             "codebook_size": int(model.config.codebook_size),
-            "grid": [grid, grid],
+            "grid": list(model.index_shape),  # (h, w), or (h, w, G) with G codes per token
             "class_names": class_names,
             "num_classes": max(1, len(class_names)),
             "stage1_config": str(cfg.stage1_config.resolve()),
