@@ -40,28 +40,30 @@ M = "--pipeline.model."
 # Today's preset before this ablation: world-axis tri-plane, features-only field, VQ with random
 # init and the dead-code threshold 0.03 picks per step (= 0.06 of the expected 512 / 1024), 8x8
 # tokens, linear decoder head.
-BASELINE = [M + "triplane-layout", "world", M + "num-depth-frequencies", "0", M + "quantizer", "vq",
-            M + "codebook-kmeans-init", "False", M + "dead-code-fraction", "0.06",
-            M + "patch-size", "8", M + "decoder-upsampler", "linear"]
+BASELINE = {"triplane_layout": "world", "num_depth_frequencies": "0", "patch_size": "8", "decoder_upsampler": "linear"}
+BASELINE_VQ = {"kmeans_init": "False", "dead_code_fraction": "0.06"}
 
 
-def flags(**changes) -> list:
-    """BASELINE with some flags changed (keys: flag names without the prefix, '-' as '_'; a tuple
-    value is several arguments)."""
-    out = list(BASELINE)
-    for key, value in changes.items():
-        name = M + key.replace("_", "-")
-        values = list(value) if isinstance(value, tuple) else [value]
-        if name in out:
-            out[out.index(name) + 1] = values[0]  # only single-valued flags are in BASELINE
-        else:
-            out += [name, *values]
-    return out
+def flags(quantizer: str = "vq", **changes) -> list:
+    """ns-train flags: BASELINE with some model options changed (keys: flag names without the prefix,
+    '-' as '_'; ``q_`` keys are the quantizer's own options; a tuple value is several arguments), then
+    the quantizer's subcommand (``vq`` keeps the baseline's VQ options) with its options. Flags for
+    ns-train itself must come before these (after a subcommand only its own options are read)."""
+
+    def pairs(prefix: str, options: dict) -> list:
+        out = []
+        for key, value in options.items():
+            out += [prefix + key.replace("_", "-"), *(list(value) if isinstance(value, tuple) else [value])]
+        return out
+
+    model = {**BASELINE, **{k: v for k, v in changes.items() if not k.startswith("q_")}}
+    options = {**(BASELINE_VQ if quantizer == "vq" else {}), **{k[2:]: v for k, v in changes.items() if k.startswith("q_")}}
+    return pairs(M, model) + [f"{quantizer}-quantizer"] + pairs(M + "quantizer.", options)
 
 
 FRUSTUM = dict(triplane_layout="frustum")
 DEPTH_INPUT = dict(FRUSTUM, num_depth_frequencies="4")
-CODEBOOK = dict(DEPTH_INPUT, codebook_kmeans_init="True")
+CODEBOOK = dict(DEPTH_INPUT, q_kmeans_init="True")
 FSQ = dict(DEPTH_INPUT, quantizer="fsq")
 # (name, compared with, what changed, ns-train flags)
 ROWS = [
@@ -74,7 +76,7 @@ ROWS = [
     ("conv-decoder", "patch4", "+ convolutional upsampler", flags(**FSQ, patch_size="4", decoder_upsampler="conv")),
     # Second session: the 2D ceiling of these tokens (benchmarks/token_capacity.py) says the codes,
     # not the 3D part, bound canonical PSNR; 14 bits a token instead of 10 (the vq3d preset's levels).
-    ("fsq-15k", "patch4", "FSQ (8,8,8,6,5) = 15,360 codes", flags(**FSQ, patch_size="4", fsq_levels=("8", "8", "8", "6", "5"))),
+    ("fsq-15k", "patch4", "FSQ (8,8,8,6,5) = 15,360 codes", flags(**FSQ, patch_size="4", q_levels=("8", "8", "8", "6", "5"))),
 ]
 
 def make_relative_folder(scenes: Path, out: Path, seed: int = 0) -> Path:
@@ -104,9 +106,10 @@ def train(out: Path, data: Path, extra: list, steps: int = 0, budget_min: float 
     if out.exists():
         shutil.rmtree(out)
     command = [str(BIN / "ns-train"), "vq3d-tiny", "--data", str(data), "--vis", "tensorboard",
-               "--output-dir", str(out), "--experiment-name", "run", "--timestamp", "run", *extra]
+               "--output-dir", str(out), "--experiment-name", "run", "--timestamp", "run"]
     if steps:
         command += ["--max-num-iterations", str(steps), "--steps-per-save", str(steps)]
+    command += extra  # last: it may hold a subcommand (fsq-quantizer ...), after which only its options are read
     print("running:", " ".join(command), flush=True)
     start = time.time()
     proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -26,9 +26,9 @@ M = "--pipeline.model."
 # (name, compared with, what changed, ns-train flags)
 ROWS = [
     ("preset", None, "`vq3d-tiny` as it is: one FSQ (8,8,8,6,5) code a token (14 bits)", []),
-    ("groups-2", "preset", "2 codes a token (fsq-groups 2: 28 bits)", [M + "fsq-groups", "2"]),
-    ("groups-4", "preset", "4 codes a token (fsq-groups 4: 56 bits)", [M + "fsq-groups", "4"]),
-    ("none", "preset", "no quantizer: continuous tokens (128 floats; no codes, so no stage 2)", [M + "quantizer", "none"]),
+    ("groups-2", "preset", "2 codes a token (groups 2: 28 bits)", ["fsq-quantizer", M + "quantizer.groups", "2"]),
+    ("groups-4", "preset", "4 codes a token (groups 4: 56 bits)", ["fsq-quantizer", M + "quantizer.groups", "4"]),
+    ("none", "preset", "no quantizer: continuous tokens (128 floats; no codes, so no stage 2)", ["no-quantizer"]),
 ]
 
 

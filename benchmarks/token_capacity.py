@@ -31,15 +31,15 @@ ROWS = [
     ("tiny-tokens", None, "`vq3d-tiny`'s token path: patch 4, FSQ (8,8,8,6,5) = 15,360 codes", {}, None),
     ("no-quantizer", "tiny-tokens", "tokens passed on unquantized (128 floats)", {}, "identity"),
     ("unrounded", "tiny-tokens", "FSQ's 5 bounded channels, not rounded", {}, "unrounded"),
-    ("fsq-1000", "tiny-tokens", "FSQ (8,5,5,5) = 1000 codes (the preset before)", {"fsq_levels": (8, 5, 5, 5)}, None),
-    ("levels-4x5", "fsq-1000", "FSQ (4,4,4,4,4): 1024 codes in 5 channels", {"fsq_levels": (4, 4, 4, 4, 4)}, None),
-    ("binary-10", "fsq-1000", "FSQ (2,)*10: 1024 codes in 10 binary channels", {"fsq_levels": (2,) * 10}, None),
+    ("fsq-1000", "tiny-tokens", "FSQ (8,5,5,5) = 1000 codes (the preset before)", {"q_levels": (8, 5, 5, 5)}, None),
+    ("levels-4x5", "fsq-1000", "FSQ (4,4,4,4,4): 1024 codes in 5 channels", {"q_levels": (4, 4, 4, 4, 4)}, None),
+    ("binary-10", "fsq-1000", "FSQ (2,)*10: 1024 codes in 10 binary channels", {"q_levels": (2,) * 10}, None),
     ("encoder-4", "tiny-tokens", "4 encoder blocks instead of 2", {"num_encoder_layers": 4}, None),
     ("decoder-4", "tiny-tokens", "4 decoder blocks instead of 2", {"num_decoder_layers": 4}, None),
     ("lr-3e-3", "tiny-tokens", "learning rate 3e-3 instead of 1e-3", {"_lr": 3e-3}, None),
     ("patch-2", "tiny-tokens", "32x32 tokens (patch 2)", {"patch_size": 2}, None),
-    ("groups-2", "tiny-tokens", "2 FSQ codes per token (fsq_groups 2: 28 bits)", {"fsq_groups": 2}, None),
-    ("groups-4", "tiny-tokens", "4 FSQ codes per token (fsq_groups 4: 56 bits)", {"fsq_groups": 4}, None),
+    ("groups-2", "tiny-tokens", "2 FSQ codes per token (groups 2: 28 bits)", {"q_groups": 2}, None),
+    ("groups-4", "tiny-tokens", "4 FSQ codes per token (groups 4: 56 bits)", {"q_groups": 4}, None),
 ]
 
 
@@ -76,8 +76,9 @@ def train_row(overrides: dict, bypass, data: Path, images, steps: int) -> dict:
     torch.manual_seed(0)
     config = build_trainer_config("vq3d-tiny")
     lr = overrides.pop("_lr", PRESETS["vq3d-tiny"]["train"]["lr"])
-    for key, value in overrides.items():
-        setattr(config.pipeline.model, key, value)
+    for key, value in overrides.items():  # q_*: the quantizer's own options
+        target = config.pipeline.model.quantizer if key.startswith("q_") else config.pipeline.model
+        setattr(target, key.removeprefix("q_"), value)
     config.pipeline.datamanager.data = data
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     model, datamanager = pipeline.model, pipeline.datamanager
@@ -170,7 +171,7 @@ def main() -> None:
         f"instead of the tri-plane and renderer (a 2D autoencoder), {args.steps} steps of 8 images from the 1000 "
         "`vq3d synth` input views (seed 0), the preset's learning rate, warm-up and cosine schedule; PSNR on "
         "the 20 unseen input views (`--seed 1`). Codes used: distinct codes in those 20 images' tokens "
-        "(5,120 tokens, each of G codes with fsq_groups G; 20,480 at patch 2). s/step: training only, wall-clock on 2 cores (rows that shared the "
+        "(5,120 tokens, each of G codes with FSQ groups G; 20,480 at patch 2). s/step: training only, wall-clock on 2 cores (rows that shared the "
         "cores with other jobs are slower; compare PSNR, not s/step, unless a row ran alone).\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
         f"Command: `.venv/bin/python benchmarks/token_capacity.py --steps {args.steps}`\n"

@@ -12,6 +12,7 @@ from nerfstudio.data.scene_box import SceneBox
 from PIL import Image
 
 from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
+from vq3d_nerfstudio.stage1.quantizer import VQConfig
 
 BIN = Path(sys.executable).parent
 
@@ -53,9 +54,10 @@ def run(args, env, timeout=300):
 def tiny_model(size: int = 16, triplane_resolution: int = 8, samples_per_ray: int = 8, num_train_data: int = 4,
                metadata=None, **overrides):
     """A stage-1 model small enough for unit tests (seeded weights), built as nerfstudio builds it."""
+    overrides.setdefault("quantizer", VQConfig(size=32, code_dim=8))
     config = Vq3dModelConfig(
         image_size=size, patch_size=4, hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=2,
-        codebook_size=32, code_dim=8, triplane_resolution=triplane_resolution, triplane_channels=4,
+        triplane_resolution=triplane_resolution, triplane_channels=4,
         field_hidden_dim=16, coarse_samples_per_ray=samples_per_ray, fine_samples_per_ray=samples_per_ray, **overrides,
     )
     torch.manual_seed(0)

@@ -373,8 +373,8 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_one_line(trained_run, tmp_
 
     config, env = trained_run
     loaded = yaml.load(config.read_text(), Loader=yaml.Loader)
-    channels = len(loaded.pipeline.model.fsq_levels)
-    loaded.pipeline.model.fsq_levels = (*loaded.pipeline.model.fsq_levels, 2)  # another codebook: one FSQ channel more
+    channels = len(loaded.pipeline.model.quantizer.levels)
+    loaded.pipeline.model.quantizer.levels = (*loaded.pipeline.model.quantizer.levels, 2)  # another codebook: one FSQ channel more
     wrong = tmp_path / "config.yml"
     wrong.write_text(yaml.dump(loaded))
     result = subprocess.run([cli("vq3d"), "render-orbit", "--load-config", str(wrong), "--output-dir", str(tmp_path / "out")],

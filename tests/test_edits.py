@@ -10,6 +10,7 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 
 from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 from vq3d_nerfstudio.stage1.edits import ComposedField, Placement, composite, encode_image, interpolate, slerp
+from vq3d_nerfstudio.stage1.quantizer import FSQConfig, VQConfig
 
 
 @pytest.fixture(scope="module", params=["vq", "fsq"])
@@ -20,7 +21,7 @@ def model(synth_dir, request):
     config = build_trainer_config("vq3d-tiny").pipeline
     config.datamanager.data = synth_dir
     config.datamanager.num_workers = 0
-    config.model.quantizer = request.param
+    config.model.quantizer = VQConfig() if request.param == "vq" else FSQConfig(levels=(8, 8, 8, 6, 5))
     torch.manual_seed(0)
     return config.setup(device="cpu", test_mode="val").eval().model
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from vq3d_nerfstudio.geometry import cameras
 from vq3d_nerfstudio.stage1 import gan
+from vq3d_nerfstudio.stage1.quantizer import VQConfig
 
 
 # ---- pure pieces, against hand computations --------------------------------------------------------
@@ -303,7 +304,7 @@ def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
 def test_restarted_codes_start_with_fresh_adam_moments(synth_dir, tmp_path):
     """The trainer zeroes the Adam moments of codes the quantizer restarted, before the step, and
     leaves every other code's moments as they were."""
-    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0, quantizer="vq")
+    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0, quantizer=VQConfig())
     model = trainer.pipeline.model
     codebook = model.quantizer.codebook
     trainer.train_iteration(0)  # optimizer state exists now

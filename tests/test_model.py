@@ -7,6 +7,7 @@ from nerfstudio.data.scene_box import SceneBox
 
 from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
+from vq3d_nerfstudio.stage1.quantizer import FSQConfig, NoQuantizerConfig
 
 SIZE = 16
 
@@ -115,7 +116,7 @@ def test_paper_scale_preset_shapes():
     config = build_trainer_config("vq3d").pipeline.model
     model = config.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1,
                          metadata={}).eval()
-    assert (config.image_size, config.patch_size, config.codebook_size) == (256, 8, 8 * 8 * 8 * 6 * 5)
+    assert (config.image_size, config.patch_size, config.quantizer.codebook_size) == (256, 8, 8 * 8 * 8 * 6 * 5)
     indices = model.encode_to_indices(torch.rand(1, 3, 256, 256))
     assert indices.shape == (1, 32, 32) and int(indices.max()) < 15360
     with torch.no_grad():
@@ -150,8 +151,8 @@ def test_viewer_camera_renders_the_clicked_training_image():
 
 
 def test_fsq_model_round_trip_and_codebook_size():
-    model = tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2)).eval()
-    assert model.config.codebook_size == 12 and model.quantizer.codebook_size == 12
+    model = tiny_model(quantizer=FSQConfig(levels=(3, 2, 2))).eval()
+    assert model.config.quantizer.codebook_size == 12 and model.quantizer.codebook_size == 12
     images = torch.rand(2, 3, SIZE, SIZE)
     indices = model.encode_to_indices(images)
     assert int(indices.min()) >= 0 and int(indices.max()) < 12
@@ -164,8 +165,8 @@ def test_a_model_without_quantizer_trains_renders_and_refuses_codes():
     from vq3d_nerfstudio.stage1.edits import encode_image, interpolate
     from vq3d_nerfstudio.stage1.quantizer import NoCodesError
 
-    model = tiny_model(quantizer="none").train()
-    assert model.config.codebook_size == 0
+    model = tiny_model(quantizer=NoQuantizerConfig()).train()
+    assert model.config.quantizer.codebook_size == 0
     bundle, batch = train_batch(model)
     outputs = model(bundle, batch)
     losses = model.get_loss_dict(outputs, batch, model.get_metrics_dict(outputs, batch))
@@ -174,7 +175,7 @@ def test_a_model_without_quantizer_trains_renders_and_refuses_codes():
     assert model.encoder.patchify.weight.grad.abs().sum() > 0  # the photometric gradient reaches the encoder
     assert "code_indices" not in outputs and "code_perplexity" not in model.get_metrics_dict(outputs, batch)
     model.eval()
-    with pytest.raises(NoCodesError, match="quantizer none"):
+    with pytest.raises(NoCodesError, match="no-quantizer"):
         model.encode_to_indices(torch.rand(1, 3, SIZE, SIZE))
     image = torch.rand(SIZE, SIZE, 3)
     model.set_scene_images(image)
@@ -187,7 +188,7 @@ def test_a_model_without_quantizer_trains_renders_and_refuses_codes():
 
 
 def test_fsq_groups_model_indices_have_a_group_axis_and_round_trip():
-    model = tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2).eval()
+    model = tiny_model(quantizer=FSQConfig(levels=(3, 2, 2), groups=2)).eval()
     images = torch.rand(2, 3, SIZE, SIZE)
     indices = model.encode_to_indices(images)
     assert indices.shape == (2, 4, 4, 2) and model.index_shape == (4, 4, 2)

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from vq3d_nerfstudio.stage1.quantizer import (
     ContinuousTokens,
     FactorizedQuantizer,
+    FSQConfig,
     FSQuantizer,
     NoCodesError,
-    build_quantizer,
+    NoQuantizerConfig,
+    VQConfig,
     code_perplexity,
     fsq_bound,
     fsq_codes_to_indices,
@@ -434,17 +436,15 @@ def test_fsq_groups_give_a_code_per_group_and_round_trip_from_indices():
     assert torch.allclose(moved, codes_delta[..., 1, :] @ quantizer.project_out.weight[:, 2:4].T, atol=1e-6)
 
 
-def test_fsq_groups_need_fsq_and_at_least_one_group():
-    with pytest.raises(ValueError, match="needs quantizer 'fsq'"):
-        build_quantizer("vq", input_dim=8, codebook_size=16, code_dim=4, fsq_groups=2)
+def test_fsq_needs_at_least_one_group():
     with pytest.raises(ValueError, match="groups must be >= 1"):
         FSQuantizer(input_dim=8, levels=(3, 3), groups=0)
 
 
 def test_no_quantizer_passes_tokens_through_and_has_no_codes():
-    quantizer = build_quantizer("none", input_dim=8, codebook_size=0, code_dim=4)
+    quantizer = NoQuantizerConfig().setup(8)
     assert isinstance(quantizer, ContinuousTokens) and not quantizer.has_codes and quantizer.codebook_size == 0
-    assert build_quantizer("fsq", 8, 12, 4, fsq_levels=(4, 3)).has_codes and build_quantizer("vq", 8, 12, 4).has_codes
+    assert FSQConfig(levels=(4, 3)).setup(8).has_codes and VQConfig(size=12, code_dim=4).setup(8).has_codes
     tokens = torch.randn(2, 5, 8, requires_grad=True)
     quantized, indices, losses = quantizer(tokens)
     assert quantized is tokens and indices is None and all(float(v) == 0 for v in losses.values())
@@ -454,24 +454,62 @@ def test_no_quantizer_passes_tokens_through_and_has_no_codes():
             method(tokens)
 
 
-# --- builder ----------------------------------------------------------------------------------------
+# --- configs ----------------------------------------------------------------------------------------
 
 
-def test_build_quantizer_kinds():
-    vq = build_quantizer("vq", input_dim=8, codebook_size=16, code_dim=4, beta=0.5, fsq_levels=(2, 2))
+def test_quantizer_configs_build_their_modules_and_derive_the_codebook_size():
+    vq_config = VQConfig(size=16, code_dim=4, commitment_beta=0.5, kmeans_init=False, dead_code_fraction=0.1)
+    vq = vq_config.setup(8)
     assert isinstance(vq, FactorizedQuantizer) and (vq.codebook_size, vq.code_dim, vq.beta) == (16, 4, 0.5)
-    fsq = build_quantizer("fsq", input_dim=8, codebook_size=12, code_dim=4, beta=0.5, fsq_levels=(4, 3))
-    assert isinstance(fsq, FSQuantizer) and (fsq.codebook_size, fsq.code_dim) == (12, 2)
-    with pytest.raises(ValueError, match="codebook_size=12"):
-        build_quantizer("fsq", input_dim=8, codebook_size=16, code_dim=4, beta=0.5, fsq_levels=(4, 3))
-    with pytest.raises(ValueError, match="unknown quantizer"):
-        build_quantizer("rvq", input_dim=8, codebook_size=16, code_dim=4, beta=0.5, fsq_levels=(4, 3))
+    assert (vq_config.codebook_size, vq_config.groups, vq_config.has_codes) == (16, 1, True)
+    fsq_config = FSQConfig(levels=(4, 3), groups=3)
+    fsq = fsq_config.setup(8)
+    assert isinstance(fsq, FSQuantizer) and (fsq.codebook_size, fsq.code_dim, fsq.groups) == (12, 2, 3)
+    assert (fsq_config.codebook_size, fsq_config.groups) == (4 * 3, 3)
+    fsq_config.levels = (5, 5, 2)  # derived, not stored: it follows the levels
+    assert fsq_config.codebook_size == 50
+    none = NoQuantizerConfig()
+    assert (none.codebook_size, none.groups, none.has_codes) == (0, 1, False)
+
+
+@pytest.mark.parametrize("state, expected", [
+    ({"quantizer": "fsq", "fsq_levels": (4, 3), "fsq_groups": 2, "codebook_size": 12, "code_dim": 32},
+     FSQConfig(levels=(4, 3), groups=2)),
+    ({"quantizer": "vq", "codebook_size": 64, "code_dim": 8, "commitment_beta": 0.5, "codebook_kmeans_init": False,
+      "dead_code_fraction": 0.06, "fsq_levels": (8, 5, 5, 5), "fsq_groups": 1},
+     VQConfig(size=64, code_dim=8, commitment_beta=0.5, kmeans_init=False, dead_code_fraction=0.06)),
+    ({"quantizer": "none", "codebook_size": 0, "fsq_groups": 1}, NoQuantizerConfig()),
+])
+def test_a_model_config_saved_with_flat_quantizer_fields_loads_nested(state, expected):
+    """Runs saved before the nested config (``quantizer: fsq`` beside ``fsq_levels``, ...) load with
+    the same quantizer, and the flat fields are gone."""
+    from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
+
+    config = Vq3dModelConfig.__new__(Vq3dModelConfig)
+    config.__setstate__({"image_size": 32, **state})
+    assert config.quantizer == expected and config.image_size == 32
+    assert not {"codebook_size", "fsq_levels", "fsq_groups", "code_dim"} & set(vars(config))
+
+
+def test_the_quantizer_is_a_subcommand_of_ns_train():
+    """`ns-train vq3d-tiny fsq-quantizer --pipeline.model.quantizer.groups 4` keeps the preset's levels
+    and sets the groups; `no-quantizer` and `vq-quantizer` switch the kind."""
+    import tyro
+    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
+
+    def parse(*args):
+        return tyro.cli(AnnotatedBaseConfigUnion, args=["vq3d-tiny", *args]).pipeline.model.quantizer
+
+    assert parse() == FSQConfig(levels=(8, 8, 8, 6, 5), groups=1)
+    assert parse("fsq-quantizer", "--pipeline.model.quantizer.groups", "4") == FSQConfig(levels=(8, 8, 8, 6, 5), groups=4)
+    assert parse("--max-num-iterations", "3", "no-quantizer") == NoQuantizerConfig()
+    assert parse("vq-quantizer", "--pipeline.model.quantizer.size", "256").codebook_size == 256
 
 
 @pytest.mark.parametrize("kind", ["vq", "fsq"])
 def test_both_quantizers_share_the_interface(kind):
     torch.manual_seed(12)
-    quantizer = build_quantizer(kind, input_dim=8, codebook_size=12, code_dim=4, beta=0.25, fsq_levels=(4, 3))
+    quantizer = (VQConfig(size=12, code_dim=4) if kind == "vq" else FSQConfig(levels=(4, 3))).setup(8)
     tokens = torch.randn(2, 5, 8)
     quantized, indices, losses = quantizer.train()(tokens)
     assert quantized.shape == (2, 5, 8) and indices.shape == (2, 5) and set(losses) == {"codebook", "commitment"}

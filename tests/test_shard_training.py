@@ -21,6 +21,7 @@ from vq3d_nerfstudio.data.prepare import prepare_shards
 from vq3d_nerfstudio.data.shard_dataset import HeldOut
 from vq3d_nerfstudio.data.shards import ShardError, ShardReader
 from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.stage1.quantizer import VQConfig
 
 SIZE = 64  # vq3d-tiny's image size
 
@@ -225,7 +226,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, data: str, out: str) -> N
     dm = config.pipeline.datamanager
     dm.data, dm.images_per_batch, dm.rays_per_image, dm.num_workers = Path(data), 2, 32, 0
     model = config.pipeline.model  # the GAN too: its discriminator step all-reduces outside DDP
-    model.quantizer = "vq"  # a learned codebook, whose k-means init and restarts must agree across ranks
+    model.quantizer = VQConfig()  # a learned codebook, whose k-means init and restarts must agree across ranks
     model.adversarial_loss_mult, model.adversarial_start_step, model.adversarial_ramp_steps = 0.1, 0, 1
     model.gan_resolution, model.gan_images_per_batch, model.r1_interval = 8, 2, 1
     torch.manual_seed(rank)  # as nerfstudio seeds each rank (seed + rank): DDP must make them agree

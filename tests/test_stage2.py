@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import cli, run
 
+from vq3d_nerfstudio.stage1.quantizer import FSQConfig, NoQuantizerConfig
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import TokenCacheError, global_batch, load_token_cache, rank_share, write_token_cache
 from vq3d_nerfstudio.stage2.sample import SampleError, check_compatible, resolve_class
@@ -460,31 +461,31 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint_in_use(tmp_path):
 
 
 def test_sampler_refuses_a_stage1_model_of_another_number_of_codes_per_token():
-    """A stage-2 model trained on one code per token against a stage-1 model with fsq_groups 2 (and
+    """A stage-2 model trained on one code per token against a stage-1 model with FSQ groups 2 (and
     the other way round) is refused in one line before any sampling; matching ones pass. A model
-    without codes (quantizer none) is refused too."""
+    without codes (no-quantizer) is refused too."""
     from helpers import tiny_model
 
     info = {"model": {"vocab_size": 12}, "grid": [4, 4]}
-    check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2)))
+    check_compatible(info, tiny_model(quantizer=FSQConfig(levels=(3, 2, 2))))
     with pytest.raises(SampleError, match="writes 4x4 tokens of 1 code but the stage-1 model reads 4x4 tokens of 2 codes"):
-        check_compatible(info, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2))
-    check_compatible({"model": {"vocab_size": 12}, "grid": [4, 4, 2]}, tiny_model(quantizer="fsq", fsq_levels=(3, 2, 2), fsq_groups=2))
+        check_compatible(info, tiny_model(quantizer=FSQConfig(levels=(3, 2, 2), groups=2)))
+    check_compatible({"model": {"vocab_size": 12}, "grid": [4, 4, 2]}, tiny_model(quantizer=FSQConfig(levels=(3, 2, 2), groups=2)))
     with pytest.raises(SampleError, match="continuous tokens"):
-        check_compatible(info, tiny_model(quantizer="none"))
+        check_compatible(info, tiny_model(quantizer=NoQuantizerConfig()))
 
 
 def test_a_run_without_codes_is_refused_by_stage2_and_code_blends_in_one_line(synth_dir, tmp_path, cli_env):
-    """`--pipeline.model.quantizer none` trains (continuous tokens); stage-2 training and
+    """`ns-train vq3d-tiny no-quantizer` trains (continuous tokens); stage-2 training and
     `vq3d interpolate --space codes` on it stop in one line that says why, before any work."""
     from helpers import FAST
 
     run([cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "none",
-         "--timestamp", "t", "--max-num-iterations", "2", "--pipeline.model.quantizer", "none", *FAST], cli_env)
+         "--timestamp", "t", "--max-num-iterations", "2", *FAST, "no-quantizer"], cli_env)
     config = tmp_path / "none" / "vq3d-tiny" / "t" / "config.yml"
     stage2 = subprocess.run([cli("vq3d-train-stage2"), "--stage1-config", str(config), "--output-dir", str(tmp_path / "s2"),
                              "--device", "cpu"], env=cli_env, capture_output=True, text=True, timeout=300)
-    assert stage2.returncode != 0 and "continuous tokens (quantizer none)" in stage2.stderr
+    assert stage2.returncode != 0 and "continuous tokens (no-quantizer)" in stage2.stderr
     assert stage2.stderr.strip().count("\n") == 0 and "Traceback" not in stage2.stderr
     image = next(synth_dir.glob("scene_*/images/frame_00000.png"))
     blend = subprocess.run([cli("vq3d"), "interpolate", "--load-config", str(config), "--images", str(image), str(image),

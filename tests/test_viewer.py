@@ -172,7 +172,7 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
 
     names = ["box", "cylinder", "sphere"]
     tiny = pipeline.model
-    write_stage2_checkpoint(tmp_path / "s2", tiny.config.codebook_size, tiny.grid_size, names)
+    write_stage2_checkpoint(tmp_path / "s2", tiny.config.quantizer.codebook_size, tiny.grid_size, names)
     # given in the config, the controls appear among the viewer's custom elements
     torch.manual_seed(0)
     sampling = dataclasses.replace(pipeline.config, stage2_checkpoint=tmp_path / "s2").setup(device="cpu", test_mode="val").eval()
@@ -196,7 +196,7 @@ def test_sample_button_shows_a_stage2_scene(pipeline, tmp_path):
     assert model.scene.key == ("sample", 1)
 
     # a checkpoint for another codebook is refused in the viewer, not with a traceback
-    write_stage2_checkpoint(tmp_path / "other", tiny.config.codebook_size * 2, tiny.grid_size, names)
+    write_stage2_checkpoint(tmp_path / "other", tiny.config.quantizer.codebook_size * 2, tiny.grid_size, names)
     other = SampleControls(sampling, tmp_path / "other", shown)
     other._on_sample()
     assert "cannot sample" in shown.value and "codebook" in shown.value

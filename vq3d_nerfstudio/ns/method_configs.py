@@ -7,6 +7,7 @@ at start-up, so it builds configs only (no data, no weights).
 
 from __future__ import annotations
 
+import copy
 from typing import Dict
 
 from nerfstudio.configs.base_config import ViewerConfig
@@ -19,6 +20,7 @@ from vq3d_nerfstudio.ns.pipeline import Vq3dPipelineConfig
 from vq3d_nerfstudio.ns.schedulers import WarmupCosineSchedulerConfig
 from vq3d_nerfstudio.ns.trainer import AdamWithBetasConfig, Vq3dTrainerConfig
 from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
+from vq3d_nerfstudio.stage1.quantizer import FSQConfig
 
 PRESETS: Dict[str, Dict[str, Dict]] = {
     # ViT-VQGAN scale (Yu et al. 2022; VQ3D builds on it): 256 px, 8 px patches -> 32x32 tokens.
@@ -30,7 +32,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
     "vq3d": dict(
         model=dict(
             image_size=256, patch_size=8, hidden_dim=512, num_encoder_layers=8, num_decoder_layers=8, num_heads=8,
-            quantizer="fsq", fsq_levels=(8, 8, 8, 6, 5), codebook_size=15_360, code_dim=32,
+            quantizer=FSQConfig(levels=(8, 8, 8, 6, 5)),
             triplane_resolution=128, triplane_margin=4, triplane_channels=32, field_hidden_dim=64,
             coarse_samples_per_ray=48, fine_samples_per_ray=48,
             # 3D-aware GAN: D sees 64 px renders of canonical and novel views (full 256 px renders
@@ -50,7 +52,7 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
     "vq3d-tiny": dict(
         model=dict(
             image_size=64, patch_size=4, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
-            quantizer="fsq", fsq_levels=(8, 8, 8, 6, 5), codebook_size=15_360, code_dim=32,
+            quantizer=FSQConfig(levels=(8, 8, 8, 6, 5)),
             triplane_resolution=64, triplane_margin=3, triplane_channels=16, field_hidden_dim=64,
             coarse_samples_per_ray=24, fine_samples_per_ray=24,
             # GAN off by default (turn on with --pipeline.model.adversarial-loss-mult 0.1): on 2
@@ -68,7 +70,7 @@ def build_trainer_config(name: str) -> Vq3dTrainerConfig:
     """The full ``TrainerConfig`` for preset ``name`` (a key of :data:`PRESETS`)."""
     preset = PRESETS[name]
     p = preset["train"]
-    model = Vq3dModelConfig(**preset["model"], eval_num_rays_per_chunk=4096)
+    model = Vq3dModelConfig(**copy.deepcopy(preset["model"]), eval_num_rays_per_chunk=4096)  # configs are mutable
     datamanager = Vq3dDataManagerConfig(
         dataparser=Vq3dImagesDataParserConfig(image_size=model.image_size), **preset["data"]
     )

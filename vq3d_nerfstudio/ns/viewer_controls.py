@@ -252,7 +252,7 @@ class EditControls:
         a, b = self.ends["A"], self.ends["B"]
         space = self.space.value if a.latents is not None and b.latents is not None else "triplane"
         if space == "codes" and not self._pipeline.model.quantizer.has_codes:
-            space = "latent"  # continuous tokens (quantizer none): no codes to snap to
+            space = "latent"  # continuous tokens (no-quantizer): no codes to snap to
         t = float(self.blend.value)
         self._pipeline.model.set_scene_planes(interpolate(self._pipeline.model, a, b, t, space), key=("blend", 0))
         self._shown.value = f"A -> B at t = {t:.2f} ({space})"

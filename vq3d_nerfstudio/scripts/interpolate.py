@@ -51,7 +51,7 @@ class Interpolate:
         model = load_run(self.load_config, "interpolate").model
         if self.space == "codes" and not model.quantizer.has_codes:
             raise SystemExit("vq3d interpolate: error: --space codes needs codes, and this run has continuous tokens "
-                             "(quantizer none); use --space latent or triplane")
+                             "(no-quantizer); use --space latent or triplane")
         try:
             ends = [encode_image(model, load_image(path, model.config.image_size)) for path in self.images]
         except DatasetError as err:

@@ -59,7 +59,7 @@ def encode_image(model, image: torch.Tensor) -> EncodedImage:
     x = image.permute(2, 0, 1)[None].to(model.device, torch.float32)
     quantizer = model.quantizer
     latents = quantizer.encode(model.encoder(x))
-    # continuous tokens (quantizer none) are their own codes
+    # continuous tokens (no-quantizer) are their own codes
     codes = quantizer.get_codes_from_indices(quantizer.snap(latents)) if quantizer.has_codes else latents
     return EncodedImage(latents, codes, model.decoder(quantizer.output_from_codes(codes)))
 

@@ -11,7 +11,6 @@ choice: ``default_scene_index`` of the eval images, or ``VQ3D_SCENE``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
@@ -38,7 +37,7 @@ from vq3d_nerfstudio.stage1.edits import ComposedField
 from vq3d_nerfstudio.stage1.encoder import ViTEncoder
 from vq3d_nerfstudio.stage1.field import TriplaneField
 from vq3d_nerfstudio.stage1.perceptual import LPIPS, LPIPSUnavailable
-from vq3d_nerfstudio.stage1.quantizer import build_quantizer, code_perplexity
+from vq3d_nerfstudio.stage1.quantizer import AnnotatedQuantizerUnion, VQConfig, code_perplexity, legacy_quantizer_config
 from vq3d_nerfstudio.stage1.renderer import NerfRenderer
 from vq3d_nerfstudio.stage1.scene import ShownScene
 from vq3d_nerfstudio.stage1.triplane import PlaneLayout
@@ -68,31 +67,14 @@ class Vq3dModelConfig(ModelConfig):
     """Transformer blocks in the decoder."""
     num_heads: int = 4
     """Attention heads."""
-    quantizer: Literal["vq", "fsq", "none"] = "vq"
-    """'vq': ViT-VQGAN's factorized, l2-normalised codebook (the paper's choice); 'fsq': finite
-    scalar quantization (Mentzer et al. 2023), a fixed grid of fsq_levels per channel with no
-    codebook to learn or collapse. Both give code indices to stage 2, the token cache and edits.
-    'none' (beyond the paper): continuous tokens, for single-image 3D only; stage 2, token caches and
-    code-space edits refuse such a run."""
-    codebook_size: int = 1024
-    """Number of codes (VQ). With FSQ it is set to the product of fsq_levels."""
-    code_dim: int = 32
-    """Dimension of the l2-normalised code space (factorized codes, ViT-VQGAN)."""
-    commitment_beta: float = 0.25
-    """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
-    fsq_levels: Tuple[int, ...] = (8, 5, 5, 5)
-    """FSQ: levels per channel; the codebook is their product (8*5*5*5 = 1000: the FSQ paper's levels for ~2^10 codes)."""
-    fsq_groups: int = 1
-    """FSQ: codes per token, each over its own channels with fsq_levels (1: the paper's one code per
-    token). G codes carry G times the bits; code indices then have a trailing axis of G."""
-    codebook_kmeans_init: bool = True
-    """VQ: initialise the codebook by spherical k-means on the first training batch's latents
-    (random codes far from every encoding are never picked, so most of the codebook stayed unused)."""
-    dead_code_fraction: float = 0.03
-    """VQ: a code is restarted on a current latent when its usage (an EMA of picks per step) falls
-    below this fraction of the expected picks per code per step (latents per step / codebook size),
-    so the threshold scales with batch and codebook size; 0 turns restarts off. The optimizer's
-    moments of restarted codes are reset."""
+    quantizer: AnnotatedQuantizerUnion = field(default_factory=VQConfig)
+    """How tokens become codes; on the command line a subcommand with its own options
+    (``--pipeline.model.quantizer.*``). ``vq-quantizer``: ViT-VQGAN's factorized, l2-normalised
+    codebook (the paper's choice); ``fsq-quantizer``: finite scalar quantization (Mentzer et al. 2023),
+    a fixed grid of levels per channel with no codebook to learn or collapse, optionally G codes per
+    token (``groups``). Both give code indices to stage 2, the token cache and edits.
+    ``no-quantizer`` (beyond the paper): continuous tokens, for single-image 3D only; stage 2, token
+    caches and code-space edits refuse such a run."""
     triplane_resolution: int = 32
     """Tri-plane texels covering the canonical image, on a side; a multiple of the token grid. In
     the frustum layout the planes have ``triplane_margin`` more texels on each side."""
@@ -213,7 +195,10 @@ class Vq3dModelConfig(ModelConfig):
         """A run's ``config.yml`` written before a field was renamed loads with its values under the
         new names (``num_coarse_samples`` clashed with nerfstudio's own tests, which take any config
         with that field for vanilla-nerf's)."""
-        self.__dict__.update({RENAMED_FIELDS.get(key, key): value for key, value in state.items()})
+        state = {RENAMED_FIELDS.get(key, key): value for key, value in state.items()}
+        if isinstance(state.get("quantizer"), str):  # saved before the quantizer had its own config
+            state["quantizer"] = legacy_quantizer_config(state)
+        self.__dict__.update(state)
 
 
 class Vq3dModel(Model):
@@ -225,14 +210,7 @@ class Vq3dModel(Model):
         cfg = self.config
         self.encoder = ViTEncoder(cfg.image_size, cfg.patch_size, cfg.hidden_dim, cfg.num_encoder_layers, cfg.num_heads)
         self.grid_size = self.encoder.grid_size
-        if cfg.quantizer == "fsq":
-            cfg.codebook_size = math.prod(cfg.fsq_levels)
-        elif cfg.quantizer == "none":
-            cfg.codebook_size = 0
-        self.quantizer = build_quantizer(
-            cfg.quantizer, cfg.hidden_dim, cfg.codebook_size, cfg.code_dim, cfg.commitment_beta, cfg.fsq_levels,
-            fsq_groups=cfg.fsq_groups, kmeans_init=cfg.codebook_kmeans_init, dead_code_fraction=cfg.dead_code_fraction,
-        )
+        self.quantizer = cfg.quantizer.setup(cfg.hidden_dim)
         metadata = self.kwargs.get("metadata") or {}
         self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
         self.camera_distance = float(metadata.get("camera_distance", 2.0))
@@ -289,7 +267,7 @@ class Vq3dModel(Model):
     @property
     def index_shape(self) -> Tuple[int, ...]:
         """One image's code grid: ``(h, w)``, or ``(h, w, G)`` with G > 1 codes per token."""
-        groups = self.config.fsq_groups
+        groups = self.config.quantizer.groups
         return (self.grid_size, self.grid_size) + ((groups,) if groups > 1 else ())
 
     @torch.no_grad()
@@ -320,8 +298,9 @@ class Vq3dModel(Model):
         """Show the NeRF decoded from a code grid (a stage-2 sample). ``indices``: ``[h, w]`` or ``[1, h, w]``
         (``[h, w, G]`` with G codes per token)."""
         indices = indices.reshape(1, *self.index_shape).to(self.device, torch.long)
-        if int(indices.max()) >= self.config.codebook_size or int(indices.min()) < 0:
-            raise ValueError(f"code indices must lie in [0, {self.config.codebook_size})")
+        size = self.config.quantizer.codebook_size
+        if int(indices.max()) >= size or int(indices.min()) < 0:
+            raise ValueError(f"code indices must lie in [0, {size})")
         self.scene = ShownScene(indices=indices, key=key)
 
     @torch.no_grad()
@@ -478,7 +457,7 @@ class Vq3dModel(Model):
             planes = self.decoder(quantized)
             batch_idx = ray_bundle.metadata["batch_idx"][:, 0].long()
             extra = {"vq_codebook": vq["codebook"], "vq_commitment": vq["commitment"], "batch_idx": batch_idx}
-            if indices is not None:  # quantizer none has no codes
+            if indices is not None:  # no-quantizer has no codes
                 extra["code_indices"] = indices
             # Extra renders only when a loss uses them this step: the discriminator's (canonical and
             # novel views) once it has started, LPIPS's (canonical view) whenever it is on.
@@ -562,8 +541,9 @@ class Vq3dModel(Model):
         gt = batch["image"].to(self.device)
         metrics = {"psnr": -10 * torch.log10(F.mse_loss(outputs["rgb"], gt).clamp_min(1e-10))}
         if "code_indices" in outputs:
-            metrics["code_perplexity"] = code_perplexity(outputs["code_indices"], self.config.codebook_size)
-            metrics["codes_used"] = torch.unique(outputs["code_indices"]).numel() / self.config.codebook_size
+            size = self.config.quantizer.codebook_size
+            metrics["code_perplexity"] = code_perplexity(outputs["code_indices"], size)
+            metrics["codes_used"] = torch.unique(outputs["code_indices"]).numel() / size
             restarted = getattr(self.quantizer, "last_restarted", None)
             if restarted is not None:
                 metrics["codes_restarted"] = restarted.sum()  # churn: codes moved onto new latents this step

@@ -1,7 +1,8 @@
 """Quantizers: encoder tokens ``[B, N, input_dim]`` -> discrete codes -> ``[B, N, input_dim]``.
 
-Two quantizers share one interface (see ``FactorizedQuantizer``'s docstring), built by
-``build_quantizer``:
+Quantizers share one interface (see ``FactorizedQuantizer``'s docstring); each is built by its
+config (``VQConfig``, ``FSQConfig``, ``NoQuantizerConfig``: the model's nested ``quantizer`` option,
+picked on the command line by the ``vq-quantizer`` / ``fsq-quantizer`` / ``no-quantizer`` subcommand):
 
 - ``FactorizedQuantizer`` ("vq"): factorized, l2-normalised vector quantizer (ViT-VQGAN, Yu et al.
   2022, sec. 3.2). Encoder features are projected to a small code dimension, l2-normalised, and
@@ -19,12 +20,16 @@ Two quantizers share one interface (see ``FactorizedQuantizer``'s docstring), bu
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import tyro
+from nerfstudio.configs.base_config import InstantiateConfig
 from torch import nn
+from typing_extensions import Annotated
 
 # ---------------------------------------------------------------------------------------------------
 # Vector quantization: pure functions
@@ -216,7 +221,7 @@ class FactorizedQuantizer(nn.Module):
     """
 
     has_codes = True
-    """Tokens become code indices (``quantizer none`` has none)."""
+    """Tokens become code indices (``no-quantizer`` has none)."""
 
     def __init__(
         self,
@@ -469,7 +474,7 @@ class FSQuantizer(nn.Module):
     """
 
     has_codes = True
-    """Tokens become code indices (``quantizer none`` has none)."""
+    """Tokens become code indices (``no-quantizer`` has none)."""
 
     def __init__(self, input_dim: int, levels: Sequence[int], eps: float = 1e-3, groups: int = 1) -> None:
         """
@@ -549,11 +554,11 @@ class FSQuantizer(nn.Module):
 
 
 class NoCodesError(ValueError):
-    """Asked a model with continuous tokens (``quantizer none``) for code indices."""
+    """Asked a model with continuous tokens (``no-quantizer``) for code indices."""
 
 
 class ContinuousTokens(nn.Module):
-    """``quantizer none``: the encoder's tokens go to the decoder as they are, with no codes. Beyond
+    """``no-quantizer``: the encoder's tokens go to the decoder as they are, with no codes. Beyond
     the paper: a reconstruction-only model (single image to 3D, as LRM-style models are), which measured
     the token bound (BENCHMARKS.md, token capacity). The quantizer interface where it makes sense
     (``encode``, ``output_from_codes`` and ``forward`` pass tokens through; the losses are zeros);
@@ -565,8 +570,8 @@ class ContinuousTokens(nn.Module):
 
     def _no_codes(self, *args) -> torch.Tensor:
         raise NoCodesError(
-            "this model has continuous tokens (quantizer none) and no codes: stage 2, token caches and "
-            "code-space edits need a run trained with --pipeline.model.quantizer fsq (or vq)"
+            "this model has continuous tokens (no-quantizer) and no codes: stage 2, token caches and "
+            "code-space edits need a run trained with fsq-quantizer (or vq-quantizer)"
         )
 
     snap = get_codes_from_indices = get_output_from_indices = _no_codes
@@ -586,50 +591,124 @@ class ContinuousTokens(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Builder
+# Configs: the model's ``quantizer`` is one of these (a tyro subcommand on the command line)
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_quantizer(
-    kind: str,
-    input_dim: int,
-    codebook_size: int,
-    code_dim: int,
-    beta: float = 0.25,
-    fsq_levels: Sequence[int] = (8, 5, 5, 5),
-    *,
-    fsq_groups: int = 1,
-    kmeans_init: bool = True,
-    dead_code_fraction: float = 0.03,
-) -> nn.Module:
-    """The quantizer named by ``kind``.
+@dataclass
+class QuantizerConfig(InstantiateConfig):
+    """What every quantizer config tells the model: ``setup(input_dim)`` builds the module;
+    ``codebook_size`` (codes a code index ranges over) and ``groups`` (codes per token) are derived
+    from the options, never stored, so they cannot disagree with them."""
 
-    Args:
-        kind: ``"vq"`` (``FactorizedQuantizer``), ``"fsq"`` (``FSQuantizer``) or ``"none"``
-            (``ContinuousTokens``: no codes; the other arguments are ignored).
-        input_dim: token width.
-        codebook_size: number of codes. For ``"fsq"`` it must equal ``prod(fsq_levels)`` (the model
-            checks indices against it), else ``ValueError``.
-        code_dim: VQ code width (``"fsq"``: ignored, the width is ``len(fsq_levels)``).
-        beta: VQ commitment weight (``"fsq"``: ignored).
-        fsq_levels: FSQ levels per channel (``"vq"``: ignored).
-        fsq_groups: FSQ codes per token (``"vq"``: must be 1).
-        kmeans_init, dead_code_fraction: VQ codebook learning (``"fsq"``: ignored).
-    """
-    if kind == "vq":
-        if fsq_groups != 1:
-            raise ValueError(f"fsq_groups={fsq_groups} needs quantizer 'fsq' (VQ has one code per token)")
+    @property
+    def codebook_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def groups(self) -> int:
+        return 1
+
+    @property
+    def has_codes(self) -> bool:
+        return self.codebook_size > 0
+
+    def setup(self, input_dim: int) -> nn.Module:  # type: ignore[override]
+        raise NotImplementedError
+
+
+@dataclass
+class VQConfig(QuantizerConfig):
+    """ViT-VQGAN's factorized, l2-normalised learned codebook (the paper's choice)."""
+
+    _target: Type = field(default_factory=lambda: FactorizedQuantizer)
+    size: int = 1024
+    """Number of codes in the learned codebook."""
+    code_dim: int = 32
+    """Dimension of the l2-normalised code space (factorized codes, ViT-VQGAN)."""
+    commitment_beta: float = 0.25
+    """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
+    kmeans_init: bool = True
+    """Initialise the codebook by spherical k-means on the first training batch's latents (random
+    codes far from every encoding are never picked, so most of the codebook stayed unused)."""
+    dead_code_fraction: float = 0.03
+    """A code is restarted on a current latent when its usage (an EMA of picks per step) falls below
+    this fraction of the expected picks per code per step (latents per step / codebook size), so the
+    threshold scales with batch and codebook size; 0 turns restarts off. The optimizer's moments of
+    restarted codes are reset."""
+
+    @property
+    def codebook_size(self) -> int:
+        return self.size
+
+    def setup(self, input_dim: int) -> FactorizedQuantizer:  # type: ignore[override]
         return FactorizedQuantizer(
-            input_dim, codebook_size, code_dim, beta, kmeans_init=kmeans_init, dead_code_fraction=dead_code_fraction
+            input_dim, self.size, self.code_dim, self.commitment_beta,
+            kmeans_init=self.kmeans_init, dead_code_fraction=self.dead_code_fraction,
         )
-    if kind == "fsq":
-        quantizer = FSQuantizer(input_dim, fsq_levels, groups=fsq_groups)
-        if quantizer.codebook_size != codebook_size:
-            raise ValueError(
-                f"FSQ levels {tuple(fsq_levels)} give {quantizer.codebook_size} codes but codebook_size is "
-                f"{codebook_size}: set codebook_size={quantizer.codebook_size}"
-            )
-        return quantizer
-    if kind == "none":
+
+
+@dataclass
+class FSQConfig(QuantizerConfig):
+    """Finite scalar quantization (Mentzer et al. 2023): a fixed grid of levels per channel, no
+    codebook to learn or collapse, no auxiliary loss; G codes per token with ``groups``."""
+
+    _target: Type = field(default_factory=lambda: FSQuantizer)
+    levels: Tuple[int, ...] = (8, 5, 5, 5)
+    """Levels per channel; a code is one point of their product grid (8*5*5*5 = 1000 codes: the FSQ
+    paper's levels for ~2^10; (8, 8, 8, 6, 5) = 15,360 for ~2^14)."""
+    groups: int = 1  # type: ignore[assignment]
+    """Codes per token, each over its own channels with these levels (1: the paper's one code per
+    token). G codes carry G times the bits; code indices then have a trailing axis of G, and stage 2
+    models h x w x G codes."""
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(int(level) for level in self.levels)
+
+    def setup(self, input_dim: int) -> FSQuantizer:  # type: ignore[override]
+        return FSQuantizer(input_dim, self.levels, groups=self.groups)
+
+
+@dataclass
+class NoQuantizerConfig(QuantizerConfig):
+    """Beyond the paper: continuous tokens (no codes), a reconstruction-only model for single-image
+    3D; stage 2, token caches and code-space edits refuse such a run."""
+
+    _target: Type = field(default_factory=lambda: ContinuousTokens)
+
+    @property
+    def codebook_size(self) -> int:
+        return 0
+
+    def setup(self, input_dim: int) -> ContinuousTokens:  # type: ignore[override]
         return ContinuousTokens()
-    raise ValueError(f"unknown quantizer kind {kind!r}: expected 'vq', 'fsq' or 'none'")
+
+
+QUANTIZER_COMMANDS = {"vq-quantizer": VQConfig, "fsq-quantizer": FSQConfig, "no-quantizer": NoQuantizerConfig}
+"""The subcommand that picks each config on the command line (``ns-train vq3d-tiny fsq-quantizer
+--pipeline.model.quantizer.groups 4``)."""
+
+AnnotatedQuantizerUnion = Union[  # type: ignore  # prefix_name=False: "fsq-quantizer", not "pipeline.model.quantizer:fsq-quantizer"
+    tuple(Annotated[config, tyro.conf.subcommand(name=name, prefix_name=False)] for name, config in QUANTIZER_COMMANDS.items())
+]
+
+
+def legacy_quantizer_config(state: Dict) -> QuantizerConfig:
+    """The nested config for a model config saved before quantizers had their own (``quantizer``
+    a string beside flat ``codebook_size``, ``fsq_levels``, ... fields), which it pops from ``state``."""
+    old = {key: state.pop(key) for key in LEGACY_QUANTIZER_FIELDS if key in state}
+    kind = state.pop("quantizer")
+    if kind == "fsq":
+        return FSQConfig(levels=tuple(old.get("fsq_levels", (8, 5, 5, 5))), groups=int(old.get("fsq_groups", 1)))
+    if kind == "none":
+        return NoQuantizerConfig()
+    return VQConfig(
+        size=int(old.get("codebook_size", 1024)), code_dim=int(old.get("code_dim", 32)),
+        commitment_beta=float(old.get("commitment_beta", 0.25)), kmeans_init=bool(old.get("codebook_kmeans_init", True)),
+        dead_code_fraction=float(old.get("dead_code_fraction", 0.03)),
+    )
+
+
+LEGACY_QUANTIZER_FIELDS = ("codebook_size", "code_dim", "commitment_beta", "fsq_levels", "fsq_groups",
+                           "codebook_kmeans_init", "dead_code_fraction")

@@ -61,14 +61,14 @@ def check_compatible(info: Dict, stage1_model) -> None:
     of codes per token."""
     if not stage1_model.quantizer.has_codes:
         raise SampleError(
-            "the stage-1 model has continuous tokens (quantizer none) and no codes to decode; pass the stage-1 "
+            "the stage-1 model has continuous tokens (no-quantizer) and no codes to decode; pass the stage-1 "
             "run the stage-2 model was trained on (--stage1-config)"
         )
     vocab, grid = int(info["model"]["vocab_size"]), list(info["grid"])
-    if vocab != int(stage1_model.config.codebook_size):
+    if vocab != int(stage1_model.config.quantizer.codebook_size):
         raise SampleError(
             f"the stage-2 model predicts {vocab} codes but the stage-1 model has a codebook of "
-            f"{stage1_model.config.codebook_size}; pass the stage-1 run it was trained on (--stage1-config)"
+            f"{stage1_model.config.quantizer.codebook_size}; pass the stage-1 run it was trained on (--stage1-config)"
         )
     wanted = list(stage1_model.index_shape)
     if grid != wanted:

@@ -231,8 +231,8 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
     model = pipeline.model.to(dist.device)
     if not model.quantizer.has_codes:
         raise SystemExit(
-            f"vq3d-train-stage2: error: {cfg.stage1_config} has continuous tokens (quantizer none) and no codes "
-            "for stage 2 to model; train stage 1 with --pipeline.model.quantizer fsq"
+            f"vq3d-train-stage2: error: {cfg.stage1_config} has continuous tokens (no-quantizer) and no codes "
+            "for stage 2 to model; train stage 1 with fsq-quantizer (or vq-quantizer)"
         )
 
     stage1_parser = stage1.pipeline.datamanager.dataparser
@@ -311,7 +311,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
         meta = {
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
-            "codebook_size": int(model.config.codebook_size),
+            "codebook_size": int(model.config.quantizer.codebook_size),
             "grid": list(model.index_shape),  # (h, w), or (h, w, G) with G codes per token
             "class_names": class_names,
             "num_classes": max(1, len(class_names)),
