@@ -25,10 +25,15 @@ from vq3d_nerfstudio.stage2.transformer import (
 )
 
 
-def tiny_transformer(seed=0, vocab=16, classes=3, block=12, dtype=torch.float64):
+def tiny_transformer(seed=0, vocab=16, classes=3, block=12, dtype=torch.float64, groups=1, depth_layers=0):
     torch.manual_seed(seed)
-    config = TokenTransformerConfig(vocab_size=vocab, num_classes=classes, block_size=block, num_layers=2, num_heads=2, embed_dim=32)
+    config = TokenTransformerConfig(vocab_size=vocab, num_classes=classes, block_size=block, num_layers=2, num_heads=2,
+                                    embed_dim=32, groups=groups, depth_layers=depth_layers)
     return TokenTransformer(config).to(dtype).eval()
+
+
+#: the two ways to read G = 2 codes a token: one interleaved sequence, or a depth head (RQ-Transformer)
+TWO_CODES = {"interleaved": dict(groups=2), "depth-head": dict(groups=2, depth_layers=1)}
 
 
 # ---- the network ------------------------------------------------------------------------------------
@@ -46,11 +51,13 @@ def test_changing_a_token_leaves_earlier_logits_unchanged():
         assert not torch.allclose(after[:, t + 2 :], before[:, t + 2 :])
 
 
-def test_a_tokens_codes_are_predicted_in_order_within_and_across_tokens():
+@pytest.mark.parametrize("kind", TWO_CODES)
+def test_a_tokens_codes_are_predicted_in_order_within_and_across_tokens(kind):
     """G = 2 codes a token, flattened token-major ((h, w, G) -> one sequence): the prediction of a
     token's first code sees neither of its own codes nor later tokens'; its second code's prediction
-    sees the first code of the same token, not the second."""
-    model = tiny_transformer(block=12)  # 6 tokens x 2 codes
+    sees the first code of the same token, not the second. Both models: causal across positions
+    (the depth head's spatial transformer) and within one (its depth transformer)."""
+    model = tiny_transformer(block=12, **TWO_CODES[kind])  # 6 tokens x 2 codes
     grid = torch.randint(0, 16, (1, 6, 2), generator=torch.Generator().manual_seed(2))  # (B, tokens, G)
     codes = grid.reshape(1, 12)
     before = model(codes[:, :-1], torch.tensor([1]))  # (1, 12, 16): position 2k + g predicts code (k, g)
@@ -63,6 +70,28 @@ def test_a_tokens_codes_are_predicted_in_order_within_and_across_tokens():
             assert torch.equal(after[:, : own + 1], before[:, : own + 1])
             if own + 1 < 12:
                 assert not torch.allclose(after[:, own + 1], before[:, own + 1])  # the next code sees it
+
+
+def test_the_depth_head_attends_over_positions_and_reads_any_prefix():
+    """With a depth head the spatial transformer has one position per token (6, not 12 codes); every
+    prefix length gives the logits of the full sequence's first positions (the sampler's reference
+    path feeds growing prefixes)."""
+    model = tiny_transformer(block=12, groups=2, depth_layers=1)
+    assert model.position_embedding.shape[1] == 6 and model.new_cache(1).keys[0].shape[2] == 6
+    assert model.token_embedding.num_embeddings == 2 * 16  # a table per group
+    codes = torch.randint(0, 16, (2, 11), generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([0, 2])
+    full = model(codes, classes)
+    assert full.shape == (2, 12, 16)
+    for length in range(0, 11):
+        torch.testing.assert_close(model(codes[:, :length], classes), full[:, : length + 1], rtol=1e-10, atol=1e-10)
+
+
+def test_a_depth_head_needs_several_codes_a_position():
+    with pytest.raises(ValueError, match="needs groups > 1"):
+        TokenTransformerConfig(vocab_size=16, num_classes=1, block_size=12, depth_layers=1)
+    with pytest.raises(ValueError, match="whole number of positions"):
+        TokenTransformerConfig(vocab_size=16, num_classes=1, block_size=13, groups=2)
 
 
 def test_the_class_changes_every_position():
@@ -90,8 +119,9 @@ def test_kv_cache_logits_equal_full_recomputation():
     dict(top_p=0.8, cfg_scale=2.5),
     dict(temperature=0.0),
 ])
-def test_kv_cache_sampler_draws_the_same_tokens_as_full_recomputation(settings):
-    model = tiny_transformer(seed=3)
+@pytest.mark.parametrize("kind", ["one-code", *TWO_CODES])
+def test_kv_cache_sampler_draws_the_same_tokens_as_full_recomputation(settings, kind):
+    model = tiny_transformer(seed=3, **TWO_CODES.get(kind, {}))
     classes = torch.tensor([0, 1, 2, 3])
     cached = sample_tokens(model, classes, generator=torch.Generator().manual_seed(7), use_kv_cache=True, **settings)
     full = sample_tokens(model, classes, generator=torch.Generator().manual_seed(7), use_kv_cache=False, **settings)
@@ -130,11 +160,13 @@ def test_filter_logits_by_hand():
     torch.testing.assert_close(guided_logits(torch.tensor([2.0]), torch.tensor([1.0]), 3.0), torch.tensor([4.0]))
 
 
-def test_a_tiny_model_overfits_one_batch():
+@pytest.mark.parametrize("kind", ["one-code", *TWO_CODES])
+def test_a_tiny_model_overfits_one_batch(kind):
     torch.manual_seed(0)
     # one class per scene, so even the first code is determined (with shared classes, the first code
     # of scenes in a class could only be guessed: a floor of ln(scenes per class) / 16 nats)
-    config = TokenTransformerConfig(vocab_size=32, num_classes=8, block_size=16, num_layers=2, num_heads=2, embed_dim=64)
+    config = TokenTransformerConfig(vocab_size=32, num_classes=8, block_size=16, num_layers=2, num_heads=2, embed_dim=64,
+                                    **TWO_CODES.get(kind, {}))
     model = TokenTransformer(config)
     codes = torch.randint(0, 32, (8, 16))
     classes = torch.arange(8)
@@ -245,20 +277,31 @@ def test_resumed_run_continues_with_the_same_losses_and_weights(tmp_path, cli_en
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_codes_of_several_groups_train_as_one_sequence(tmp_path, cli_env):
-    """A cache of G = 2 codes per token ((N, h, w, 2) codes) is one sequence of h * w * 2 codes to stage
-    2, a token's codes in a row: the transformer's block is 32 positions for 4x4 tokens, and the
-    checkpoint records the (4, 4, 2) grid that sampling reshapes its codes to."""
+def test_codes_of_several_groups_train_as_one_sequence_or_with_a_depth_head(tmp_path, cli_env):
+    """A cache of G = 2 codes per token ((N, h, w, 2) codes) is, with --depth-layers 0, one sequence of
+    h * w * 2 codes to stage 2, a token's codes in a row: the transformer's block is 32 positions for
+    4x4 tokens, and the checkpoint records the (4, 4, 2) grid that sampling reshapes its codes to. By
+    default a depth head reads them (16 positions), and a resume with another depth is refused."""
     rng = np.random.default_rng(1)
     splits = {split: (rng.integers(0, 16, (n, 4, 4, 2)), rng.integers(0, 2, n)) for split, n in (("train", 32), ("eval", 8))}
     cache = write_token_cache(tmp_path / "cache", splits, 16, ["a", "b"])
     assert cache.num_tokens == 32 and cache.meta["grid"] == [4, 4, 2]
     out = tmp_path / "run"
-    run([cli("vq3d-train-stage2"), *train_args(cache.path, out, "--max-steps", "3")], cli_env)
+    run([cli("vq3d-train-stage2"), *train_args(cache.path, out, "--max-steps", "3", "--depth-layers", "0")], cli_env)
     model, info, _ = ckpt.load_model(out)
-    assert info["grid"] == [4, 4, 2] and model.config.block_size == 32
+    assert info["grid"] == [4, 4, 2] and model.config.block_size == 32 and model.config.depth_layers == 0
     codes = sample_tokens(model, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 32) and codes.reshape(2, 4, 4, 2).shape == (2, 4, 4, 2)
+    # by default with a depth head of 2 layers: 16 positions of 2 codes, the same flat order out
+    depth = tmp_path / "depth"
+    run([cli("vq3d-train-stage2"), *train_args(cache.path, depth, "--max-steps", "3")], cli_env)
+    model, info, _ = ckpt.load_model(depth)
+    assert info["model"]["depth_layers"] == 2 and info["model"]["groups"] == 2 and model.config.positions == 16
+    codes = sample_tokens(model, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (2, 32) and 0 <= codes.min() and codes.max() < 16
+    other = subprocess.run([cli("vq3d-train-stage2"), *train_args(cache.path, depth, "--max-steps", "4", "--depth-layers", "1")],
+                           env=cli_env, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "--depth-layers 2, not 1" in other.stderr and "Traceback" not in other.stderr
 
 
 def test_ddp_on_two_processes_equals_one_process_on_the_combined_batch(tmp_path, cli_env):
@@ -493,3 +536,32 @@ def test_a_run_without_codes_is_refused_by_stage2_and_code_blends_in_one_line(sy
                            timeout=300)
     assert blend.returncode != 0 and "--space codes needs codes" in blend.stderr
     assert "Traceback" not in blend.stderr
+
+
+def test_a_run_of_two_codes_a_token_goes_through_stage2_sampling_and_code_blends(synth_dir, tmp_path, cli_env):
+    """`ns-train vq3d-tiny ... fsq-quantizer --pipeline.model.quantizer.groups 2` -> its token cache of
+    (16, 16, 2) codes -> stage 2 with the default depth head -> `vq3d sample` writes (16, 16, 2) codes
+    that decode to a scene; `vq3d interpolate --space codes` blends the run's grouped codes."""
+    import imageio.v3 as iio
+    from helpers import FAST
+
+    run([cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "g2",
+         "--timestamp", "t", "--max-num-iterations", "2", *FAST, "fsq-quantizer", "--pipeline.model.quantizer.groups", "2"],
+        cli_env)
+    config = tmp_path / "g2" / "vq3d-tiny" / "t" / "config.yml"
+    out = tmp_path / "stage2"
+    run([cli("vq3d-train-stage2"), "--stage1-config", str(config), "--output-dir", str(out), "--model", "nano",
+         "--batch-size", "4", "--max-steps", "2", "--eval-every", "2", "--num-workers", "0", "--device", "cpu"], cli_env)
+    model, info, _ = ckpt.load_model(out)
+    assert info["grid"] == [16, 16, 2] and model.config.depth_layers == 2 and model.config.positions == 256
+    samples = tmp_path / "samples"
+    run([cli("vq3d"), "sample", "--stage2-checkpoint", str(out), "--num-samples", "1", "--num-frames", "2",
+         "--output-dir", str(samples)], cli_env)
+    codes = np.load(next(samples.glob("*_000_codes.npy")))
+    assert codes.shape == (16, 16, 2) and 0 <= codes.min() and codes.max() < 15360
+    assert iio.imread(next(samples.glob("*_000_canonical.png"))).shape == (64, 64, 3)
+    images = sorted(synth_dir.glob("scene_*/images/frame_00000.png"))[:2]
+    blend = tmp_path / "blend"
+    run([cli("vq3d"), "interpolate", "--load-config", str(config), "--images", *map(str, images), "--space", "codes",
+         "--steps", "3", "--output-dir", str(blend)], cli_env)
+    assert iio.imread(blend / "interpolation_strip.png").shape == (64, 5 * 64, 3)

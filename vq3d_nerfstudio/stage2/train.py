@@ -70,6 +70,12 @@ class Stage2TrainConfig:
     model: Literal["nano", "tiny", "small", "paper"] = "tiny"
     """Network size preset (layers / heads / width): nano 2/2/64, tiny 4/4/128, small 8/8/512,
     paper 24/16/1024."""
+    depth_layers: int = 2
+    """With G > 1 codes per token (a stage-1 run with FSQ groups): N > 0 is an RQ-Transformer depth
+    head, N layers over a token's G codes, under a spatial transformer over h x w positions (1/G of the
+    sequence to attend over); 0 reads a token's G codes as consecutive steps of one sequence of
+    h x w x G. The depth head won on both counts in BENCHMARKS.md (fewer held-out bits, less time a
+    step). Ignored with one code per token."""
     dropout: float = 0.0
     """Dropout inside the transformer (0.1 helps on small datasets that it would otherwise memorise)."""
     max_steps: PositiveInt = 2000
@@ -390,6 +396,8 @@ def train(cfg: Stage2TrainConfig) -> Path:
 
 
 def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
+    if cfg.depth_layers < 0:
+        raise SystemExit(f"vq3d-train-stage2: error: --depth-layers must be >= 0, got {cfg.depth_layers}")
     if cfg.batch_size % dist.world_size:
         raise SystemExit(
             f"vq3d-train-stage2: error: --batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes"
@@ -401,9 +409,10 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
             f"--batch-size {cfg.batch_size}; lower it"
         )
     preset = PRESETS[cfg.model]
+    groups = int(cache.meta["grid"][2]) if len(cache.meta["grid"]) > 2 else 1
     model_config = TokenTransformerConfig(
         vocab_size=cache.codebook_size, num_classes=cache.num_classes, block_size=cache.num_tokens,
-        dropout=cfg.dropout, **preset,
+        dropout=cfg.dropout, groups=groups, depth_layers=cfg.depth_layers if groups > 1 else 0, **preset,
     )
     torch.manual_seed(cfg.seed)
     model = TokenTransformer(model_config).to(dist.device)
@@ -428,6 +437,11 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
             raise SystemExit(
                 f"vq3d-train-stage2: error: {latest} was trained on another codebook or token grid "
                 f"({saved.get('model', {}).get('vocab_size')} codes, grid {saved.get('grid')}); pass a new --output-dir"
+            )
+        if saved["model"].get("depth_layers", 0) != model_config.depth_layers:
+            raise SystemExit(
+                f"vq3d-train-stage2: error: {latest} was trained with --depth-layers {saved['model'].get('depth_layers', 0)}, "
+                f"not {model_config.depth_layers}; pass that or a new --output-dir"
             )
         try:
             state = ckpt.load_training_state(latest, model, optimizer)
