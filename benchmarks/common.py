@@ -33,10 +33,15 @@ def machine() -> str:
 
 
 def git_revision() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it (the figures then come
+    from code no commit holds)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.strip()
     except OSError:
         return "unknown"
+    return f"{head}-dirty" if head and changed else head or "unknown"
 
 
 def _section_pattern(name: str) -> "re.Pattern[str]":

@@ -29,21 +29,37 @@ ROWS = [
     ("groups-2", "preset", "2 codes a token (groups 2: 28 bits)", ["fsq-quantizer", M + "quantizer.groups", "2"]),
     ("groups-4", "preset", "4 codes a token (groups 4: 56 bits)", ["fsq-quantizer", M + "quantizer.groups", "4"]),
     ("none", "preset", "no quantizer: continuous tokens (128 floats; no codes, so no stage 2)", ["no-quantizer"]),
+    # round 2: where do the extra bits go in 3D?
+    ("groups-8", "groups-4", "8 codes a token (groups 8: 112 bits)", ["fsq-quantizer", M + "quantizer.groups", "8"]),
+    ("groups-4-rays", "groups-4", "4 codes a token, 1024 supervised rays an image (of 4096; 256 before)",
+     ["--pipeline.datamanager.rays-per-image", "1024", "fsq-quantizer", M + "quantizer.groups", "4"]),
 ]
 
 
-def stage2_row(run_dir: Path, out: Path, steps: int) -> dict:
-    """`vq3d-train-stage2 --model tiny` on a row's run for ``steps`` steps: held-out bits per code and
-    per token (G codes), seconds per step; kept in ``out/stage2.json``."""
-    result_file = out / "stage2.json"
+# stage-2 rows: (label, the stage-1 row whose codes it models, extra vq3d-train-stage2 flags, its folder)
+DEPTH, ONE_SEQUENCE = ["--depth-layers", "2"], ["--depth-layers", "0"]
+STAGE2_ROWS = [
+    ("preset", "preset", [], "stage2"),
+    ("groups-2", "groups-2", ONE_SEQUENCE, "stage2"),
+    ("groups-2, depth head", "groups-2", DEPTH, "stage2-depth"),
+    ("groups-4", "groups-4", ONE_SEQUENCE, "stage2"),
+    ("groups-4, depth head", "groups-4", DEPTH, "stage2-depth"),
+    ("groups-8, depth head", "groups-8", DEPTH, "stage2-depth"),
+]
+
+
+def stage2_row(run_dir: Path, out: Path, steps: int, extra: list = (), name: str = "stage2") -> dict:
+    """`vq3d-train-stage2 --model tiny` (with ``extra`` flags) on a row's run for ``steps`` steps:
+    held-out bits per code and per token (G codes), seconds per step; kept in ``out/<name>.json``."""
+    result_file = out / f"{name}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    folder = out / "stage2"
+    folder = out / name
     if folder.exists():
         shutil.rmtree(folder)
     command = [str(BIN / "vq3d-train-stage2"), "--stage1-config", str(run_dir / "config.yml"), "--output-dir", str(folder),
                "--model", "tiny", "--max-steps", str(steps), "--eval-every", str(steps), "--save-every", str(steps),
-               "--batch-size", "32", "--num-workers", "1", "--device", "cpu"]
+               "--batch-size", "32", "--num-workers", "1", "--device", "cpu", *extra]
     print("running:", " ".join(command), flush=True)
     start = time.time()
     subprocess.run(command, check=True, env=cli_env(), stdout=subprocess.DEVNULL)
@@ -68,6 +84,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/token_bits"), help="runs and per-row results")
     parser.add_argument("--stage2-steps", type=int, default=0,
                         help="also train stage 2 (--model tiny) this many steps on each row's run (0: not)")
+    parser.add_argument("--stage2-rows", nargs="*", default=None,
+                        help="only these stage-2 rows, by label (default: all); the others show 'not run' "
+                             f"(labels: {', '.join(repr(r[0]) for r in STAGE2_ROWS)})")
     args = parser.parse_args()
 
     from vq3d_nerfstudio.data.synth import write_scenes
@@ -84,15 +103,20 @@ def main() -> None:
     if args.stage2_steps:
         stage2 = ["| row | bits per code | codes per token | bits per token | s/step | minutes (with encoding) |",
                   "|---|---|---|---|---|---|"]
-        for name, _, _, row in rows:
-            if not row or name == "none":  # no codes: no stage 2
+        done = {name for name, _, _, row in rows if row}
+        for label, source, extra, folder in STAGE2_ROWS:
+            out = args.out / source
+            if source not in done or (args.stage2_rows is not None and label not in args.stage2_rows
+                                      and not (out / f"{folder}.json").exists()):
+                stage2.append(f"| {label} | not run | | | | |")
                 continue
-            r = stage2_row(args.out / name / "run" / "vq3d-tiny" / "run", args.out / name, args.stage2_steps)
-            stage2.append(f"| {name} | {r['bits_per_code']:.2f} | {r['groups']} | {r['bits_per_token']:.2f} | "
+            r = stage2_row(out / "run" / "vq3d-tiny" / "run", out, args.stage2_steps, extra, folder)
+            stage2.append(f"| {label} | {r['bits_per_code']:.2f} | {r['groups']} | {r['bits_per_token']:.2f} | "
                           f"{r['s_per_step']:.3f} | {r['wall_min']:.1f} |")
         stage2 = ["", f"Stage 2 on each run's codes: `vq3d-train-stage2 --model tiny --batch-size 32` for {args.stage2_steps} "
-                  "steps, held-out bits per code (a token's G codes are one sequence, in a row) and per token "
-                  "(the `log2(15360)` = 13.9 bits of a uniform guess per code):", "", *stage2]
+                  "steps, held-out bits per code and per token (G codes). A token's G codes are read as one sequence, in a row "
+                  "(`--depth-layers 0`), or with a depth head (`--depth-layers 2`, now the default: a spatial transformer over "
+                  "tokens, 2 layers over a token's codes; RQ-Transformer); a uniform guess is `log2(15360)` = 13.9 bits a code:", "", *stage2]
     body = (
         "## More bits per token in 3D (`vq3d-tiny`, issue 22)\n\n"
         + table(rows) + "\n" + "\n".join(stage2) + "\n\n"
@@ -100,7 +124,8 @@ def main() -> None:
         "those steps), scored by `vq3d eval` on the 20 unseen `vq3d synth --seed 1` scenes; codes used and perplexity "
         "over the first 500 training images' codes (every group's). s/step: median training step.\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
-        f"Command: `.venv/bin/python benchmarks/token_bits.py --steps {args.steps} --stage2-steps {args.stage2_steps}`\n"
+        f"Command: `.venv/bin/python benchmarks/token_bits.py --steps {args.steps} --stage2-steps {args.stage2_steps}"
+        + (" --stage2-rows " + " ".join(f"'{label}'" for label in args.stage2_rows) if args.stage2_rows else "") + "`\n"
     )
     print(body)
     update_section("token-bits", body)

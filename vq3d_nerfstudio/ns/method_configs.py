@@ -49,6 +49,8 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
     # cores. Chosen by the ablation in BENCHMARKS.md (quality levers): frustum planes + depth input +
     # FSQ + 16x16 tokens + 14-bit codes (the tokens, not the 3D part, bound its canonical PSNR: token
     # capacity); the convolutional upsampler lost there, so the decoder keeps its linear head.
+    # One code a token (groups 1): 4 codes buy +1.2 dB canonical for 4x the bits stage 2 must model
+    # and 5x its step time (BENCHMARKS.md, more bits per token in 3D); not worth it on a CPU.
     "vq3d-tiny": dict(
         model=dict(
             image_size=64, patch_size=4, hidden_dim=128, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
