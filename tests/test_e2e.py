@@ -114,8 +114,9 @@ def test_vq3d_eval_on_synth_scenes(trained_run, synth_dir, tmp_path):
     out = tmp_path / "eval.json"
     # torch hub cache with no AlexNet: LPIPS is skipped with a note naming where the weights go
     env = dict(env, TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    renders = tmp_path / "renders"
     result = run([cli("vq3d"), "eval", "--load-config", str(config), "--scenes", str(synth_dir), "--output", str(out),
-                  "--load-step", "5"], env)
+                  "--load-step", "5", "--save-renders", str(renders)], env)
     assert "Wrote" in result.stdout
     assert "LPIPS skipped" in result.stdout and "alexnet-owt-7be5be79.pth" in result.stdout
     report = json.loads(out.read_text())
@@ -125,6 +126,19 @@ def test_vq3d_eval_on_synth_scenes(trained_run, synth_dir, tmp_path):
     assert summary["0"]["count"] == 24 and "still_psnr" in summary["20"]
     assert 0 < summary["20"]["psnr"] < 60 and summary["0"]["abs_rel"] >= 0
     assert summary["0"]["depth_spread"] > 0 and "lpips" not in summary["0"]
+    # what one image allows (synth scenes have depth), and the objects apart (synth writes their masks)
+    assert summary["20"]["ceiling_psnr"] > summary["20"]["still_psnr"] and "gap_gained" in summary["20"]
+    assert 0 < summary["20"]["covisible_fraction"] < 1 and "covisible_psnr" in summary["20"]
+    assert "fg_psnr" in summary["0"] and 0 <= summary["0"]["fg_delta1"] <= 1
+    # every scored frame's render, named after its scene folder and image
+    scene = sorted(synth_dir.glob("scene_*"))[3]
+    frames = sorted((scene / "images").glob("*.png"))
+    assert sorted(p.name for p in (renders / scene.name).iterdir()) == sorted(
+        [f.name for f in frames] + [f"{f.stem}_depth.npy" for f in frames])
+    size = iio.imread(frames[0]).shape
+    assert iio.imread(renders / scene.name / frames[0].name).shape == size
+    depth = np.load(renders / scene.name / f"{frames[0].stem}_depth.npy")
+    assert depth.shape == size[:2] and depth.dtype == np.float32 and (depth > 0).all()
 
 
 def test_vq3d_eval_lpips_with_cached_weights_and_bad_step(trained_run, tmp_path):

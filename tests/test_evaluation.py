@@ -65,9 +65,10 @@ def test_alignment_undoes_a_moved_and_scaled_world(scenes, tmp_path):
     rot = np.array([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]])
     rot = rot @ np.array([[1, 0, 0], [0, math.cos(0.3), -math.sin(0.3)], [0, math.sin(0.3), math.cos(0.3)]])
     moved = tmp_path / source.parent.name
-    (moved / "depths").mkdir(parents=True)
-    (moved / "images").mkdir()
+    for sub in ("depths", "images", "masks"):
+        (moved / sub).mkdir(parents=True)
     for frame in meta["frames"]:
+        (moved / frame["mask_path"]).write_bytes((source.parent / frame["mask_path"]).read_bytes())
         c2w = np.asarray(frame["transform_matrix"])
         new = np.eye(4)
         new[:3, :3] = rot @ c2w[:3, :3]
@@ -81,6 +82,10 @@ def test_alignment_undoes_a_moved_and_scaled_world(scenes, tmp_path):
     assert result["scale"] == pytest.approx(1 / k)
     assert all(v["psnr"] > 45 for v in result["views"])
     assert all(v["abs_rel"] < 1e-4 for v in result["views"])
+    # what one image allows does not depend on where the world is
+    original = evaluate_scene(load_scene(source), oracle_for(source), 2.0, load_rgb, load_rgb)
+    for a, b in zip(result["views"][1:], original["views"][1:]):
+        assert a["ceiling_psnr"] == pytest.approx(b["ceiling_psnr"], abs=1e-3) and a["covisible_fraction"] == b["covisible_fraction"]
 
 
 def test_shifted_image_scores_the_hand_computed_psnr(tmp_path):
@@ -244,3 +249,133 @@ def test_eval_depth_without_a_valid_pixel_is_a_bad_file(scenes, tmp_path):
     np.save(depth, -np.load(depth))  # OpenGL camera-space z
     with pytest.raises(DatasetError, match=rf"{re.escape(depth.name)}: depth has no valid pixel .*OpenGL camera-space z"):
         evaluate_scene(load_scene(scene / "transforms.json"), oracle_for(scenes[0]), 2.0, load_rgb, load_rgb)
+
+
+# ---- what one image allows: the perfect-geometry ceiling, co-visibility, foreground -----------------
+
+K16 = {"fl_x": 8.0, "fl_y": 8.0, "cx": 8.0, "cy": 8.0}
+
+
+def test_the_warp_is_exact_when_the_novel_camera_is_the_input_camera():
+    """Warping an image into its own camera gives it back, every pixel co-visible, sky included."""
+    from vq3d_nerfstudio.evaluation.warp import covisible_warp
+
+    rng = np.random.default_rng(0)
+    image = rng.random((16, 16, 3))
+    depth = rng.uniform(1.0, 5.0, (16, 16))
+    depth[:3] = np.inf  # sky rows: points at infinity
+    c2w = orbit_matrix(15.0, 5.0)
+    warped, covisible = covisible_warp(image, depth, c2w, depth, c2w, K16)
+    assert covisible.all()
+    np.testing.assert_allclose(warped, image, atol=1e-9)
+
+
+def test_a_two_plane_scene_has_the_hand_derived_covisible_mask():
+    """Input camera at the origin looking down -z; a 1x1 square at z-depth 2 (x, y in [-0.5, 0.5])
+    in front of a wall at z-depth 4; f = 8, c = 8, 16x16 pixels. Pixel centre (col j): x = (j + 0.5 - 8) / 8
+    * depth, so the square covers columns and rows 6..9 of the input. The novel camera moves 1 to the
+    right: a wall pixel j lands on input column j + 2 (8 * 1 / 4 px), a square pixel on j + 4, so the
+    square sits on novel columns 2..5. Not co-visible: wall pixels that land behind the square in the
+    input (rows 6..9, columns 6 and 7: disoccluded) and those landing outside it (columns 14, 15)."""
+    from vq3d_nerfstudio.evaluation.warp import covisible_warp
+
+    input_depth = np.full((16, 16), 4.0)
+    input_depth[6:10, 6:10] = 2.0
+    novel_depth = np.full((16, 16), 4.0)
+    novel_depth[6:10, 2:6] = 2.0
+    input_c2w, novel_c2w = np.eye(4), np.eye(4)
+    novel_c2w[0, 3] = 1.0
+    image = np.random.default_rng(1).random((16, 16, 3))
+    warped, covisible = covisible_warp(image, input_depth, input_c2w, novel_depth, novel_c2w, K16)
+    expected = np.ones((16, 16), bool)
+    expected[6:10, 6:8] = False
+    expected[:, 14:] = False
+    np.testing.assert_array_equal(covisible, expected)
+    # co-visible pixels carry the input's colour from where they land; the others stay where they were
+    np.testing.assert_allclose(warped[0, 3], image[0, 5])  # wall: 2 px
+    np.testing.assert_allclose(warped[7, 3], image[7, 7])  # square: 4 px
+    np.testing.assert_allclose(warped[7, 6], image[7, 6])  # disoccluded: unmoved
+    np.testing.assert_allclose(warped[2, 15], image[2, 15])  # outside the input's frame: unmoved
+
+
+def write_posed_scene(folder, images, depths, poses, masks=None, size=16):
+    """A transforms.json scene of the given frames (uint8 images, z-depth arrays, c2w poses, masks)."""
+    for sub in ("images", "depths", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    frames = []
+    for i, (image, depth, pose) in enumerate(zip(images, depths, poses)):
+        Image.fromarray(image).save(folder / "images" / f"{i}.png")
+        np.save(folder / "depths" / f"{i}.npy", depth.astype(np.float32))
+        frame = {"file_path": f"images/{i}.png", "depth_file_path": f"depths/{i}.npy", "transform_matrix": pose.tolist()}
+        if masks is not None:
+            Image.fromarray(masks[i].astype(np.uint8) * 255).save(folder / "masks" / f"{i}.png")
+            frame["mask_path"] = f"masks/{i}.png"
+        frames.append(frame)
+    transforms = {**K16, "w": size, "h": size, "pivot": [0, 0, -3.0], "frames": frames}
+    (folder / "transforms.json").write_text(json.dumps(transforms))
+    return folder / "transforms.json"
+
+
+def test_the_ceiling_of_a_novel_view_at_the_input_camera_is_perfect_and_the_gap_needs_one(tmp_path):
+    """A 'novel' frame at the input camera: the warped input is the frame itself (PSNR cap), and with
+    the floor at the cap too there is no gap to gain. A moved frame has a finite ceiling above its
+    floor, and a model scoring the ceiling gains all of the gap (1), the floor none (0)."""
+    rng = np.random.default_rng(2)
+    image = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+    depth = np.full((16, 16), 3.0)
+    path = write_posed_scene(tmp_path / "same", [image, image], [depth, depth], [np.eye(4), np.eye(4)])
+    still = lambda image, poses, k: [{"rgb": load_rgb(tmp_path / "same" / "images" / "0.png"), "z_depth": torch.full((16, 16), 3.0)}] * len(poses)  # noqa: E731
+    view = evaluate_scene(load_scene(path), still, 3.0, load_rgb, load_rgb)["views"][1]
+    assert view["ceiling_psnr"] == PSNR_CAP and view["covisible_fraction"] == 1.0 and view["covisible_psnr"] == PSNR_CAP
+    assert "gap_gained" not in summarize([{"views": [view]}])["0"]
+
+    rows = [{"offset_deg": 10, "psnr": p, "still_psnr": 16.0, "ceiling_psnr": 20.0} for p in (16.0, 20.0, 18.0)]
+    assert [summarize([{"views": [r]}])["10"]["gap_gained"] for r in rows] == pytest.approx([0.0, 1.0, 0.5])
+    # a ratio of the views' means: (18 - 16) / (20 - 16) over all three
+    assert summarize([{"views": rows}])["10"]["gap_gained"] == pytest.approx(0.5)
+
+
+def test_foreground_scores_read_the_masks(tmp_path):
+    """A model right on the masked foreground (colour and depth) and wrong elsewhere scores the PSNR
+    cap and delta 1 there, and the hand-computed figures on the whole image: 3/4 of the pixels off by
+    0.2 -> MSE 0.03 -> 15.23 dB."""
+    image = np.full((16, 16, 3), 100, np.uint8)
+    depth = np.full((16, 16), 3.0)
+    mask = np.zeros((16, 16), bool)
+    mask[:, :4] = True  # a quarter
+    path = write_posed_scene(tmp_path / "s", [image, image], [depth, depth], [np.eye(4), np.eye(4)], [mask, mask])
+    truth = torch.full((16, 16, 3), 100 / 255)
+
+    def half_right(image, poses, k):
+        rgb, z = truth.clone(), torch.full((16, 16), 3.0)
+        rgb[:, 4:] += 0.2
+        z[:, 4:] = 9.0
+        return [{"rgb": rgb, "z_depth": z} for _ in poses]
+
+    for view in evaluate_scene(load_scene(path), half_right, 3.0, load_rgb, load_rgb)["views"]:
+        assert view["fg_psnr"] == PSNR_CAP and view["fg_delta1"] == 1.0 and view["fg_abs_rel"] == pytest.approx(0.0)
+        assert view["psnr"] == pytest.approx(-10 * math.log10(0.75 * 0.04), rel=1e-4) and view["delta1"] == 0.25
+    bad = tmp_path / "s" / "masks" / "1.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(bad)
+    with pytest.raises(DatasetError, match=re.escape(str(bad)) + ".*8x8.*16x16"):
+        evaluate_scene(load_scene(path), half_right, 3.0, load_rgb, load_rgb)
+
+
+def test_synth_masks_are_the_pixels_above_the_ground(scenes):
+    """`vq3d synth`'s masks (nerfstudio's mask_path, nonzero = foreground) are exactly the pixels whose
+    3D point (unprojected from the z-depth) is off the ground plane y = -0.5 and not sky."""
+    from vq3d_nerfstudio.evaluation.warp import _pixel_rays
+
+    some_object = False
+    for path in scenes:
+        scene = load_scene(path)
+        assert len(scene.masks) == len(scene.images)
+        for mask_file, depth_file, c2w in zip(scene.masks, scene.depths, scene.camera_to_worlds):
+            mask = np.asarray(Image.open(mask_file)) > 0
+            depth = np.load(depth_file).astype(np.float64)
+            rays = _pixel_rays(*depth.shape, {k: scene.intrinsics[k] for k in ("fl_x", "fl_y", "cx", "cy")})
+            y = c2w[1, 3] + np.where(np.isfinite(depth), depth, 0.0) * (rays @ c2w[:3, :3].T)[..., 1]
+            clear = ~np.isfinite(depth) | (np.abs(y - synth.GROUND_Y) > 1e-3)  # not where objects touch the ground
+            np.testing.assert_array_equal(mask[clear], (np.isfinite(depth) & (y > synth.GROUND_Y))[clear])
+            some_object |= bool(mask.any())
+    assert some_object

@@ -2,14 +2,15 @@
 multi-view evaluation protocol and multi-view supervision (frame 0 is the input view).
 
 A scene lists per frame a camera-to-world OpenGL ``transform_matrix``, ``file_path`` and an optional
-``depth_file_path`` (z-depth ``.npy``), the shared intrinsics ``fl_x fl_y cx cy w h`` and an optional
+``depth_file_path`` (z-depth ``.npy``) and ``mask_path`` (a one-channel image whose nonzero pixels
+are the foreground, nerfstudio's convention), the shared intrinsics ``fl_x fl_y cx cy w h`` and an optional
 top-level ``pivot``."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -28,6 +29,7 @@ class EvalScene:
     camera_to_worlds: np.ndarray  # (N, 4, 4) OpenGL, world units
     intrinsics: Dict[str, float]  # fl_x, fl_y, cx, cy, w, h
     pivot: Optional[np.ndarray]
+    masks: List[Optional[Path]] = field(default_factory=list)  # per frame, or empty: no masks
 
 
 def load_scene(transforms_path: Path) -> EvalScene:
@@ -46,7 +48,7 @@ def load_scene(transforms_path: Path) -> EvalScene:
     if not isinstance(frames, list) or len(frames) < 2:
         raise DatasetError(f"{transforms_path}: needs frame 0 (the input) and at least one novel view")
     root = transforms_path.parent
-    images, depths, poses = [], [], []
+    images, depths, masks, poses = [], [], [], []
     for i, frame in enumerate(frames):
         if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or "transform_matrix" not in frame:
             raise DatasetError(f"{transforms_path}: frame {i} lacks file_path or transform_matrix")
@@ -58,6 +60,10 @@ def load_scene(transforms_path: Path) -> EvalScene:
         if depth is not None and not depth.is_file():
             raise DatasetError(f"{depth}: listed in {transforms_path} (frame {i}) but missing; add it or remove depth_file_path")
         depths.append(depth)
+        mask = root / str(frame["mask_path"]) if frame.get("mask_path") else None
+        if mask is not None and not mask.is_file():
+            raise DatasetError(f"{mask}: listed in {transforms_path} (frame {i}) but missing; add it or remove mask_path")
+        masks.append(mask)
         try:
             pose = np.asarray(frame["transform_matrix"], dtype=np.float64)
         except (TypeError, ValueError):
@@ -78,4 +84,5 @@ def load_scene(transforms_path: Path) -> EvalScene:
         raise DatasetError(f"{transforms_path}: pivot is not a finite [x, y, z]; fix or remove it")
     if not all(math.isfinite(v) and v > 0 for k, v in intrinsics.items() if k in ("fl_x", "fl_y", "w", "h")):
         raise DatasetError(f"{transforms_path}: fl_x, fl_y, w and h must be positive numbers")
-    return EvalScene(root.name, images, depths, np.stack(poses), intrinsics, pivot)
+    return EvalScene(root.name, images, depths, np.stack(poses), intrinsics, pivot,
+                     masks if any(m is not None for m in masks) else [])

@@ -16,6 +16,10 @@ Conventions
 * Depth maps are float32 *z-depth* (distance along the viewing axis, i.e. ``-z`` in
   camera coordinates, not ray length) in world units, ``inf`` where the ray hits
   nothing (sky).
+* Foreground masks (``mask_path``, nerfstudio's convention: one-channel PNG, nonzero
+  pixels count) are 255 on the objects and 0 on the ground and the sky. nerfstudio's own
+  methods read ``mask_path`` as the pixels to train on; ``vq3d eval`` reads it as the
+  foreground to score apart.
 
 Scene family (see :func:`sample_scene`)
 ---------------------------------------
@@ -55,6 +59,7 @@ __all__ = [
     "SynthScene",
     "camera_directions",
     "render_view",
+    "render_view_with_foreground",
     "sample_scene",
     "scene_dir_name",
     "scene_rng",
@@ -66,8 +71,8 @@ __all__ = [
 # Constants
 # --------------------------------------------------------------------------------------
 
-SYNTH_VERSION = 1
-"""Bumped whenever the generated content for a given (seed, index) changes."""
+SYNTH_VERSION = 2
+"""Bumped whenever the generated content for a given (seed, index) changes (2: foreground masks)."""
 
 GROUND_Y = -0.5
 AMBIENT = 0.35
@@ -376,6 +381,13 @@ def render_view(scene: SynthScene, c2w: np.ndarray, resolution: int) -> Tuple[np
     Returns ``(rgb, depth)``: rgb float32 (R, R, 3) in [0, 1] and z-depth float32 (R, R)
     with ``inf`` for sky pixels.
     """
+    rgb, depth, _ = render_view_with_foreground(scene, c2w, resolution)
+    return rgb, depth
+
+
+def render_view_with_foreground(scene: SynthScene, c2w: np.ndarray, resolution: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`render_view` plus a bool (R, R) mask of the pixels whose ray first hits an object
+    (not the ground, not the sky)."""
     c2w = np.asarray(c2w, dtype=np.float64)
     rot = c2w[:3, :3]
     origin = c2w[:3, 3].copy()
@@ -424,7 +436,7 @@ def render_view(scene: SynthScene, c2w: np.ndarray, resolution: int) -> Tuple[np
 
     rgb = np.clip(rgb, 0.0, 1.0).astype(np.float32).reshape(resolution, resolution, 3)
     depth = t_best.astype(np.float32).reshape(resolution, resolution)
-    return rgb, depth
+    return rgb, depth, (hit_id >= 1).reshape(resolution, resolution)
 
 
 # --------------------------------------------------------------------------------------
@@ -459,19 +471,23 @@ def write_scene(scene_dir: Union[str, Path], index: int, seed: int, resolution: 
     scene_dir = Path(scene_dir)
     (scene_dir / "images").mkdir(parents=True, exist_ok=True)
     (scene_dir / "depths").mkdir(parents=True, exist_ok=True)
+    (scene_dir / "masks").mkdir(parents=True, exist_ok=True)
     scene = sample_scene(scene_rng(seed, index))
     frames = []
     for k, (yaw, el) in enumerate(VIEW_OFFSETS_DEG[:num_views]):
         c2w = orbit_matrix(yaw, el)
-        rgb, depth = render_view(scene, c2w, resolution)
+        rgb, depth, foreground = render_view_with_foreground(scene, c2w, resolution)
         image_rel = f"images/frame_{k:05d}.png"
         depth_rel = f"depths/frame_{k:05d}.npy"
+        mask_rel = f"masks/frame_{k:05d}.png"
         Image.fromarray(_to_uint8(rgb), mode="RGB").save(scene_dir / image_rel, format="PNG")
         np.save(scene_dir / depth_rel, depth)
+        Image.fromarray(foreground.astype(np.uint8) * 255, mode="L").save(scene_dir / mask_rel, format="PNG")
         frames.append(
             {
                 "file_path": image_rel,
                 "depth_file_path": depth_rel,
+                "mask_path": mask_rel,
                 "transform_matrix": [[float(v) for v in row] for row in c2w],
                 "yaw_deg": float(yaw),
                 "elevation_deg": float(el),

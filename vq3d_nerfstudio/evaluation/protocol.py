@@ -6,6 +6,12 @@ frame, ``fl_x fl_y cx cy w h``, optional ``depth_file_path`` to z-depth ``.npy``
 frame 0 becomes the canonical camera (identity rotation at ``(0, 0, distance)``) and scaled so that
 frame 0's distance to the pivot (without a pivot: its median finite ground-truth depth) equals the
 canonical distance; every other frame is rendered in that frame and scored.
+
+Where frame 0 and a novel frame both have depth, the novel view is also scored against what one
+image allows: the *perfect-geometry ceiling* (the true input warped through the true geometry,
+:mod:`vq3d_nerfstudio.evaluation.warp`), the model's PSNR on the *co-visible* pixels (those whose
+surface the input sees), and, in the summary, the share of the floor-to-ceiling gap the model gains.
+Where a frame has a ``mask_path`` (nonzero: foreground), PSNR and depth are also scored on it alone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from vq3d_nerfstudio.data.dataset import check_some_depth_valid, disparity_from_
 from vq3d_nerfstudio.data.scenes import EvalScene
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.evaluation.metrics import depth_errors, depth_spread, psnr, ssim
+from vq3d_nerfstudio.evaluation.warp import covisible_warp
 from vq3d_nerfstudio.geometry.poses import align_pose, canonical_alignment, view_offset_deg
 
 Renderer = Callable[[torch.Tensor, List[np.ndarray], Dict[str, float]], List[Dict[str, torch.Tensor]]]
@@ -71,6 +78,21 @@ def evaluate_scene(
             )
         return gt
 
+    def foreground(i: int) -> Optional[torch.Tensor]:
+        if not scene.masks or scene.masks[i] is None:
+            return None
+        from PIL import Image, UnidentifiedImageError
+
+        path = scene.masks[i]
+        try:
+            with Image.open(path) as pil:
+                mask = np.asarray(pil.convert("L")) > 0
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DatasetError(f"{path}: not a readable mask image ({err}); write a one-channel PNG") from err
+        if mask.shape != hw:
+            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, the scene's frames {hw[1]}x{hw[0]}; resize it")
+        return torch.from_numpy(mask)
+
     input_gt = ground_truth(scene.images[0])
     views = []
     for i, (image, depth, out) in enumerate(zip(scene.images, scene.depths, outputs)):
@@ -90,13 +112,28 @@ def evaluate_scene(
                 row["lpips"] = float(lpips(to_batch(out["rgb"]), to_batch(gt))[0])
                 if i > 0 and still:
                     row["still_lpips"] = float(lpips(to_batch(input_gt), to_batch(gt))[0])
+        gt_depth = None
         if depth is not None:
-            gt_depth = torch.from_numpy(load_z_depth(depth).astype(np.float64) * scale)
+            z_depth = load_z_depth(depth)
+            gt_depth = torch.from_numpy(z_depth.astype(np.float64) * scale)
             row.update(depth_errors(out["z_depth"], gt_depth))
             if "weights" in out:
                 spread = depth_spread(out["weights"], out["sample_z"], gt_depth)
                 if spread is not None:
                     row["depth_spread"] = spread
+            if i > 0 and still and depth0 is not None:
+                warped, covisible = covisible_warp(input_gt.numpy(), depth0, scene.camera_to_worlds[0], z_depth,
+                                                   scene.camera_to_worlds[i], scene.intrinsics)
+                row["ceiling_psnr"] = psnr(torch.from_numpy(warped), gt)
+                row["covisible_fraction"] = float(covisible.mean())
+                covisible = torch.from_numpy(covisible)
+                if bool(covisible.any()):
+                    row["covisible_psnr"] = psnr(out["rgb"][covisible], gt[covisible])
+        fg = foreground(i)
+        if fg is not None and bool(fg.any()):
+            row["fg_psnr"] = psnr(out["rgb"][fg], gt[fg])
+            if gt_depth is not None:
+                row.update({f"fg_{k}": v for k, v in depth_errors(out["z_depth"][fg], gt_depth[fg]).items()})
         views.append(row)
     return {"scene": scene.name, "scale": scale, "views": views}
 
@@ -114,4 +151,16 @@ def summarize(results: List[Dict], bin_deg: float = 5.0) -> Dict[str, Dict[str, 
         metrics = sorted({m for row in rows for m in row} - {"frame", "offset_deg"})
         summary[key] = {m: float(np.mean([row[m] for row in rows if m in row])) for m in metrics}
         summary[key]["count"] = len(rows)
+        summary[key].update(gap_gained(rows))
     return summary
+
+
+def gap_gained(rows: List[Dict]) -> Dict[str, float]:
+    """The share of the floor-to-ceiling gap the model gains, over the views that have a ceiling:
+    ``(mean psnr - mean still_psnr) / (mean ceiling_psnr - mean still_psnr)`` (means of the same
+    views; a ratio of means, steady where single views' gaps are near 0). Empty without ceilings."""
+    rows = [r for r in rows if "ceiling_psnr" in r and "still_psnr" in r]
+    if not rows:
+        return {}
+    model, floor, ceiling = (float(np.mean([r[m] for r in rows])) for m in ("psnr", "still_psnr", "ceiling_psnr"))
+    return {"gap_gained": (model - floor) / (ceiling - floor)} if ceiling - floor > 1e-9 else {}

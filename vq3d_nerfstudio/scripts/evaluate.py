@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -20,8 +21,12 @@ class Evaluate:
     other frames are novel views (PSNR, SSIM, LPIPS when its weights are here, depth AbsRel and
     delta<1.25, and how far the rendering weights spread from the true depth), grouped by how far
     each view is from the input, beside the 'nothing moves' floor (the input image scored against
-    each novel frame). A scene with a missing or unreadable file is skipped and listed (on the console
-    and under "skipped" in the output), unless --strict."""
+    each novel frame). Where the input and a novel frame have depth, also the perfect-geometry
+    ceiling (the true input warped through the true geometry: what one image allows), the share of
+    the floor-to-ceiling gap the model gains, and PSNR on the co-visible pixels (whose surface the
+    input sees); where frames have a mask_path (nonzero: foreground, as `vq3d synth` writes), PSNR
+    and depth on the foreground. A scene with a missing or unreadable file is skipped and listed (on
+    the console and under "skipped" in the output), unless --strict."""
 
     load_config: Path
     """The run's config.yml."""
@@ -36,6 +41,9 @@ class Evaluate:
     ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth). Without it LPIPS is skipped, with a note."""
     strict: bool = False
     """Stop at the first scene with a missing or unreadable file instead of skipping it."""
+    save_renders: Optional[Path] = None
+    """Also write every scored frame's render: DIR/<scene folder>/<image stem>.png and
+    <image stem>_depth.npy (z-depth, the scene's world units after the protocol's alignment)."""
 
     def main(self) -> None:
         from rich.console import Console
@@ -43,14 +51,16 @@ class Evaluate:
 
         skipped: List[Dict] = []
         summary, results = evaluate_run(
-            self.load_config, self.scenes, self.load_step, self.lpips_weights, strict=self.strict, skipped=skipped
+            self.load_config, self.scenes, self.load_step, self.lpips_weights, strict=self.strict, skipped=skipped,
+            save_renders=self.save_renders,
         )
         self.output.parent.mkdir(parents=True, exist_ok=True)
         report = {"summary_by_offset_deg": summary, "scenes": results, "skipped": skipped}
         self.output.write_text(json.dumps(report, indent=1, ensure_ascii=False))
         title = f"{len(results)} scenes" + (f" ({len(skipped)} skipped)" if skipped else "")
         table = Table(title=f"{title}: mean by view offset (degrees)")
-        columns = ["psnr", "ssim", "lpips", "still_psnr", "still_lpips", "abs_rel", "delta1", "depth_spread", "count"]
+        columns = ["psnr", "ssim", "lpips", "still_psnr", "ceiling_psnr", "gap_gained", "covisible_psnr", "fg_psnr",
+                   "still_lpips", "abs_rel", "delta1", "fg_delta1", "depth_spread", "count"]
         columns = [c for c in columns if any(c in row for row in summary.values())]
         table.add_column("offset")
         for column in columns:
@@ -72,12 +82,14 @@ def evaluate_run(
     rays_per_chunk: int = 8192,
     strict: bool = False,
     skipped: Optional[List[Dict]] = None,
+    save_renders: Optional[Path] = None,
 ) -> Tuple[Dict, List[Dict]]:
     """Load a trained run and score it on every scene: ``(summary by offset, per-scene results)``.
 
     A scene whose files are missing or unreadable is skipped with a warning line on stderr and
     appended to ``skipped`` (when given) as ``{"scene": transforms.json path, "error": message}``;
-    with ``strict`` it ends the run (``SystemExit``, one line), as does having no scene left."""
+    with ``strict`` it ends the run (``SystemExit``, one line), as does having no scene left. With
+    ``save_renders``, each scored scene's renders go to ``save_renders/<scene folder>/``."""
     import numpy as np
     import torch
     from rich.progress import track
@@ -104,6 +116,8 @@ def evaluate_run(
     else:
         lpips = lpips.to(model.device)
 
+    rendered: List = []  # the last scene's renders, for --save-renders
+
     @torch.no_grad()
     def render(image, poses, intrinsics):
         model.set_scene_images(image)
@@ -125,6 +139,7 @@ def evaluate_run(
                 "weights": out["weights_fine"].reshape(height, width, -1),
                 "sample_z": (1.0 / out["disp_fine"].clamp_min(1e-12)).reshape(height, width, -1),
             })
+        rendered[:] = outs
         return outs
 
     def load_rgb(path):  # ground truth as the input is read: EXIF rotation, modes, alpha over white
@@ -134,12 +149,13 @@ def evaluate_run(
     skipped = skipped if skipped is not None else []
     for scene_file in track(scene_files, description="Evaluating scenes"):
         try:
+            scene = load_scene(scene_file)
             results.append(
-                evaluate_scene(
-                    load_scene(scene_file), render, distance, load_rgb,
-                    lambda path: load_image(path, model.config.image_size), lpips=lpips,
-                )
+                evaluate_scene(scene, render, distance, load_rgb, lambda path: load_image(path, model.config.image_size),
+                               lpips=lpips)
             )
+            if save_renders is not None:
+                save_scene_renders(save_renders / scene_file.parent.name, scene.images, rendered)
         except DatasetError as err:
             if strict:
                 raise SystemExit(f"vq3d eval: error: {err} (--strict)") from None
@@ -150,6 +166,22 @@ def evaluate_run(
             f"vq3d eval: error: none of the {len(scene_files)} scenes could be scored; the first: {skipped[0]['error']}"
         )
     return summarize(results), results
+
+
+def save_scene_renders(folder: Path, images: List[Path], outputs: List[Dict]) -> None:
+    """``folder/<image stem>.png`` (8-bit RGB) and ``<image stem>_depth.npy`` (float32 z-depth) per frame."""
+    import numpy as np
+    from PIL import Image
+
+    from vq3d_nerfstudio.files import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, out in zip(images, outputs):
+        rgb = (out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"{image.stem}.png")
+        buffer = io.BytesIO()
+        np.save(buffer, out["z_depth"].cpu().numpy().astype(np.float32))
+        write_atomic(folder / f"{image.stem}_depth.npy", buffer.getvalue())
 
 
 if __name__ == "__main__":
