@@ -20,12 +20,10 @@ folder to retrain).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from common import git_revision, machine, update_section
-from quality_levers import seconds_per_step, train
-from quality_over_budget import summary_row
+from quality_levers import train_and_score
 
 ROWS = [
     ("single-view", "the preset: input views only", []),
@@ -33,22 +31,6 @@ ROWS = [
                                                       "--pipeline.datamanager.multiview-views", "2"]),
 ]
 GOAL_DB = 6.0
-
-
-def run_row(name: str, extra: list, args) -> dict:
-    from vq3d_nerfstudio.scripts.evaluate import evaluate_run
-
-    out = args.out / name
-    result_file = out / "result.json"
-    if result_file.exists():
-        return json.loads(result_file.read_text())
-    meta = train(out, args.data, extra, steps=args.steps)
-    run_dir = out / "run" / "vq3d-tiny" / "run"
-    summary, _ = evaluate_run(run_dir / "config.yml", args.eval_scenes)
-    row = {"steps": args.steps, **meta, "s_per_step": seconds_per_step(run_dir), **summary_row(summary)}
-    result_file.write_text(json.dumps(row, indent=1))
-    print(name, row, flush=True)
-    return row
 
 
 def table(rows: list) -> str:
@@ -76,7 +58,7 @@ def main() -> None:
 
     write_scenes(args.data, num_scenes=args.num_scenes, resolution=64, num_views=7, seed=0)
     write_scenes(args.eval_scenes, num_scenes=20, resolution=64, num_views=7, seed=1)
-    rows = [(name, change, run_row(name, extra, args)) for name, change, extra in ROWS]
+    rows = [(name, change, train_and_score(name, extra, args)) for name, change, extra in ROWS]
     gain = rows[1][2]["novel_psnr"] - rows[1][2]["still_psnr"]
     body = (
         "## Multi-view supervision vs single views (`vq3d-tiny`, issue 15)\n\n"

@@ -168,6 +168,25 @@ def event_minutes(run_dir: Path) -> float:
     return (steps[-1].wall_time - steps[0].wall_time) / 60
 
 
+def train_and_score(name: str, extra: list, args, to_row=summary_row) -> dict:
+    """One row of a `vq3d eval`-scored ablation: `ns-train vq3d-tiny` with ``extra`` flags for
+    ``args.steps`` steps on ``args.data`` into ``args.out/name``, scored on ``args.eval_scenes`` and
+    turned into table figures by ``to_row(summary)``; kept in ``result.json`` and reused."""
+    from vq3d_nerfstudio.scripts.evaluate import evaluate_run
+
+    out = args.out / name
+    result_file = out / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    meta = train(out, args.data, extra, steps=args.steps)
+    run_dir = out / "run" / "vq3d-tiny" / "run"
+    summary, _ = evaluate_run(run_dir / "config.yml", args.eval_scenes)
+    row = {"steps": args.steps, **meta, "s_per_step": seconds_per_step(run_dir), **to_row(summary)}
+    result_file.write_text(json.dumps(row, indent=1))
+    print(name, row, flush=True)
+    return row
+
+
 def run_row(name: str, extra: list, data: Path, args) -> dict:
     out = args.out / name
     result_file = out / "result.json"
