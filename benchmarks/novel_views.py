@@ -33,6 +33,14 @@ ROWS = [
     ("margin-6", "preset", "6 margin texels around the planes (3): more plane for what a 20 degree view sees",
      [M + "triplane-margin", "6"]),
     ("rays-1024", "preset", "1024 supervised rays an image (of 4096; 256)", [D + "rays-per-image", "1024"]),
+    # round 2
+    ("gan-stable", "gan", "the same GAN with VQGAN's recipe: adaptive weight, discriminator rate 1e-4 (1e-3), its gradients clipped to norm 1",
+     [M + "adversarial-loss-mult", "0.1", M + "adversarial-start-step", "800", M + "adversarial-ramp-steps", "400",
+      M + "adaptive-adversarial-weight", "True", "--optimizers.discriminator.optimizer.lr", "1e-4",
+      "--optimizers.discriminator.optimizer.max-norm", "1.0"]),
+    ("multiview-decoded-margin", "multiview", "the decoder writes a 4-texel margin (a ring of learned query tokens) instead of replicating 3 edge texels",
+     [D + "multiview-supervision", "True", D + "multiview-views", "2", M + "triplane-margin", "4",
+      M + "triplane-margin-source", "decoded"]),
 ]
 
 # (header, key, format); gap = (novel - floor) / (ceiling - floor) over the novel views

@@ -230,3 +230,43 @@ def test_field_depth_input_is_the_plane_coordinates_and_their_depth_frequencies(
     expected = torch.stack([torch.sin(math.pi * w), torch.sin(2 * math.pi * w), torch.cos(math.pi * w), torch.cos(2 * math.pi * w)], -1)
     assert torch.allclose(feats[:, 6:9], torch.stack([torch.zeros(2), torch.zeros(2), w], -1), atol=1e-6)
     assert torch.allclose(feats[:, 9:], expected, atol=1e-6)
+
+
+def test_a_decoded_margin_keeps_token_tiles_in_place_and_fills_the_rest_from_queries():
+    """``margin_source="decoded"``: with an identity transformer and a head that copies each token's
+    value into its whole tile, canonical rays through patch (i, j) still read token (i, j)'s value at
+    every depth, and every margin texel holds the learned query's value (nothing replicated)."""
+    from vq3d_nerfstudio.stage1.decoder import TriplaneDecoder
+
+    size, grid, dim = 16, 4, 8
+    s = size // grid
+    decoder = TriplaneDecoder(grid, dim, 1, 1, 1, size, margin=2 * s, margin_source="decoded")
+    assert decoder.ring == 2
+    decoder.transformer = torch.nn.Identity()
+    with torch.no_grad():
+        decoder.head.weight.fill_(1.0 / dim)
+        decoder.head.bias.zero_()
+        decoder.refine.weight.zero_()
+        decoder.refine.bias.zero_()
+        decoder.margin_query.fill_(-1.0)
+    tile_id = torch.arange(grid * grid, dtype=torch.float32)
+    planes = decoder(tile_id[None, :, None].expand(1, grid * grid, dim)).detach()
+    layout = PlaneLayout(inner_resolution=size, margin=2 * s)
+    assert planes.shape == (1, 3, 1, layout.resolution, layout.resolution)
+    inner = slice(2 * s, 2 * s + size)
+    margin_mask = torch.ones(layout.resolution, layout.resolution, dtype=torch.bool)
+    margin_mask[inner, inner] = False
+    assert torch.all(planes[0, :, 0][:, margin_mask] == -1.0)
+    rows, cols = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    expected = tile_id.reshape(grid, grid)[(rows // s).long(), (cols // s).long()]
+    for depth in (0.4, 1.3, 2.9, 1e4):
+        points = canonical_points(rows, cols, torch.full_like(rows, depth), size).reshape(1, -1, 3)
+        xy = sample_triplanes(planes, layout(points))[0, :, 0].reshape(size, size)
+        assert torch.allclose(xy, expected, atol=1e-4), depth
+
+
+def test_a_decoded_margin_must_be_whole_token_tiles():
+    from vq3d_nerfstudio.stage1.decoder import TriplaneDecoder
+
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        TriplaneDecoder(4, 8, 1, 1, 1, 16, margin=3, margin_source="decoded")

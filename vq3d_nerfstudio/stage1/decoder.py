@@ -48,8 +48,11 @@ class TriplaneDecoder(nn.Module):
     Tiles are laid out so that the image's axes line up with the planes' (:func:`align_to_image`):
     token (i, j) writes plane tile (i, j) which, in the frustum layout
     (:func:`vq3d_nerfstudio.stage1.triplane.frustum_coordinates`), is exactly where image patch (i, j)
-    samples the xy plane. The margin (space seen only from novel views) starts as a copy of the
-    edge texels; a 3x3 convolution over the whole plane then refines seams and margin.
+    samples the xy plane. The margin (space seen only from novel views) is either a copy of the
+    edge texels (``margin_source="replicate"``) or written by the decoder (``"decoded"``, LRM-style:
+    ``margin / upsample`` rings of learned query tokens around the token grid go through the same
+    transformer and head, so the margin's content comes from every token, not from the nearest edge
+    texel); a 3x3 convolution over the whole plane then refines seams and margin.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class TriplaneDecoder(nn.Module):
         triplane_resolution: int,
         margin: int = 0,
         upsampler: Literal["linear", "conv"] = "linear",
+        margin_source: Literal["replicate", "decoded"] = "replicate",
     ) -> None:
         super().__init__()
         if triplane_resolution % grid_size:
@@ -71,7 +75,20 @@ class TriplaneDecoder(nn.Module):
         self.channels = triplane_channels
         self.margin = margin
         self.upsampler = upsampler
-        self.transformer = Transformer(grid_size**2, hidden_dim, num_layers, num_heads)
+        self.margin_source = margin_source
+        if margin_source == "decoded":
+            if margin % self.upsample:
+                raise ValueError(
+                    f"a decoded margin is whole token tiles: triplane margin {margin} is not a multiple of {self.upsample} "
+                    f"(tri-plane resolution / token grid)"
+                )
+            self.ring = margin // self.upsample
+            self.margin_query = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
+        elif margin_source == "replicate":
+            self.ring = 0
+        else:
+            raise ValueError(f"margin_source must be 'replicate' or 'decoded', got {margin_source!r}")
+        self.transformer = Transformer((grid_size + 2 * self.ring) ** 2, hidden_dim, num_layers, num_heads)
         if upsampler == "linear":
             self.head = nn.Linear(hidden_dim, 3 * triplane_channels * self.upsample**2)
         elif upsampler == "conv":
@@ -85,18 +102,32 @@ class TriplaneDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         batch = tokens.shape[0]
-        x = self.transformer(tokens)  # (B, h*w, D)
+        side = self.grid_size + 2 * self.ring
+        if self.ring:
+            tokens = surround_with_queries(tokens, self.grid_size, self.ring, self.margin_query)  # (B, side^2, D)
+        x = self.transformer(tokens)  # (B, side^2, D)
         if self.upsampler == "linear":
-            x = self.head(x).transpose(1, 2).reshape(batch, -1, self.grid_size, self.grid_size)  # (B, 3C*s*s, h, w)
-            x = F.pixel_shuffle(x, self.upsample)  # (B, 3C, R, R)
+            x = self.head(x).transpose(1, 2).reshape(batch, -1, side, side)  # (B, 3C*s*s, side, side)
+            x = F.pixel_shuffle(x, self.upsample)  # (B, 3C, side*s, side*s)
         else:
-            x = self.head(x.transpose(1, 2).reshape(batch, -1, self.grid_size, self.grid_size))  # (B, 3C, R, R)
+            x = self.head(x.transpose(1, 2).reshape(batch, -1, side, side))  # (B, 3C, side*s, side*s)
         res = x.shape[-1]
-        x = place_planes(x.reshape(batch, 3, self.channels, res, res), self.margin)  # (B, 3, C, R+2m, R+2m)
+        # a decoded margin is already there (ring * s = margin texels a side): only the replicate one is added
+        x = place_planes(x.reshape(batch, 3, self.channels, res, res), 0 if self.ring else self.margin)
         res = x.shape[-1]
         x = x.reshape(batch, 3 * self.channels, res, res)
         x = x + self.refine(x)
         return x.reshape(batch, 3, self.channels, res, res)
+
+
+def surround_with_queries(tokens: torch.Tensor, grid_size: int, ring: int, query: torch.Tensor) -> torch.Tensor:
+    """``[B, g*g, D]`` tokens (row-major grid) -> ``[B, (g+2r)^2, D]``: the grid in the centre of a
+    larger one whose outer ``ring`` rows and columns hold ``query`` (``[1, 1, D]``), row-major."""
+    batch, _, dim = tokens.shape
+    side = grid_size + 2 * ring
+    grid = query.expand(batch, side * side, dim).reshape(batch, side, side, dim).clone()
+    grid[:, ring : ring + grid_size, ring : ring + grid_size] = tokens.reshape(batch, grid_size, grid_size, dim)
+    return grid.reshape(batch, side * side, dim)
 
 
 def place_planes(grids: torch.Tensor, margin: int) -> torch.Tensor:

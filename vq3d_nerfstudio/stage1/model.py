@@ -89,6 +89,11 @@ class Vq3dModelConfig(ModelConfig):
     triplane_margin: int = 3
     """Frustum layout: texels beyond the canonical image edge on each side; the space only novel
     views see (the GAN's +-30 degree yaw) is contracted into them."""
+    triplane_margin_source: Literal["replicate", "decoded"] = "replicate"
+    """Frustum layout: what fills the margin. 'replicate': copies of the edge texels (then the 3x3
+    refinement); 'decoded': the decoder writes it from rings of learned query tokens around the
+    token grid (LRM-style; the margin must be a multiple of triplane_resolution / token grid, and
+    only novel-view losses - multi-view supervision, the GAN - teach it anything)."""
     frustum_depth_halfwidth: float = 1.0
     """Frustum layout: half-width (world units of z-depth) of the slab around the pivot that the
     planes' depth axis resolves linearly (the synthetic objects and most of a photo's subject lie
@@ -234,6 +239,7 @@ class Vq3dModel(Model):
             cfg.triplane_resolution,
             margin=self.layout.margin,
             upsampler=cfg.decoder_upsampler,
+            margin_source=cfg.triplane_margin_source if cfg.triplane_layout == "frustum" else "replicate",
         )
         self.field = TriplaneField(
             cfg.triplane_channels, cfg.field_hidden_dim, self.layout, num_depth_frequencies=cfg.num_depth_frequencies
