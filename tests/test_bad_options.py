@@ -118,10 +118,10 @@ def test_counts_below_one_are_refused(tmp_path, cli_env):
     from vq3d_nerfstudio.stage2.train import Stage2TrainConfig
 
     with pytest.raises(SystemExit, match=r"^cmd: error: --num-frames must be >= 1, got 0$"):
-        check_options(RenderOrbit(load_config=tmp_path, orbit=RenderOrbitLoop(num_frames=0)), "cmd")
+        check_options(RenderOrbit(orbit=RenderOrbitLoop(num_frames=0)), "cmd")
     with pytest.raises(SystemExit, match=r"^cmd: error: --keep-checkpoints must be >= 1, got -1$"):
         check_options(Stage2TrainConfig(output_dir=tmp_path, keep_checkpoints=-1), "cmd")
-    check_options(RenderOrbit(load_config=tmp_path, orbit=RenderOrbitLoop(resolution=0)), "cmd")  # 0 = the model's size: allowed
+    check_options(RenderOrbit(orbit=RenderOrbitLoop(resolution=0)), "cmd")  # 0 = the model's size: allowed
     line = fails_in_one_line([cli("vq3d"), "render-orbit", "--load-config", str(tmp_path / "config.yml"), "--fps", "0"],
                              cli_env, "vq3d render-orbit: error: ")
     assert line == "vq3d render-orbit: error: --fps must be >= 1, got 0"

@@ -179,10 +179,11 @@ def test_gsplat_refinement_brings_splats_closer_to_their_targets():
 def test_export_splats_refines_with_gsplat_on_a_gpu_run(cuda_run, tmp_path, capsys):
     from plyfile import PlyData
 
+    from vq3d_nerfstudio.scripts.common import ModelSource
     from vq3d_nerfstudio.scripts.export_splats import ExportSplats
 
     output = tmp_path / "splats.ply"
-    ExportSplats(load_config=cuda_run[0], output=output, num_gaussians=2000, num_cameras=3,
+    ExportSplats(source=ModelSource(load_config=cuda_run[0]), output=output, num_gaussians=2000, num_cameras=3,
                  ray_resolution=32, refine_steps=20, report_resolution=32, timing_repeats=1).main()
     printed = capsys.readouterr().out
     assert "Refined the splats for 20 steps with gsplat" in printed and "gsplat (CUDA)" in printed

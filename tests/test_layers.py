@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vq3d_nerfstudio"
 
 #: Layer of each top-level module or folder, lowest first; a module may import its own layer and below.
 LAYERS = {
-    "errors": 0, "checks": 0, "files": 0, "geometry": 0,
+    "errors": 0, "checks": 0, "files": 0, "geometry": 0, "model_index": 0,
     "stage1": 1,
     "data": 2,
     "evaluation": 3, "export": 3,

@@ -28,12 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def viewer_url(trained_run_module):
-    config, env = trained_run_module
-    port = free_port()
-    proc = subprocess.Popen([cli("ns-viewer"), "--load-config", str(config), "--viewer.websocket-port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_viewer(args, port, env, cwd=None):
+    """Start a viewer command; return its process once the port answers (fail with its output if it dies)."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     deadline = time.time() + 240
     while time.time() < deadline:
         with socket.socket() as s:
@@ -41,6 +38,14 @@ def viewer_url(trained_run_module):
                 break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.5)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def viewer_url(trained_run_module):
+    config, env = trained_run_module
+    port = free_port()
+    proc = start_viewer([cli("ns-viewer"), "--load-config", str(config), "--viewer.websocket-port", str(port)], port, env)
     yield f"http://127.0.0.1:{port}", proc
     proc.terminate()
     proc.wait(timeout=30)
@@ -125,3 +130,35 @@ def test_viewer_controls_in_the_browser(viewer_url, tmp_path):
         assert "upload refused: bad.png" in shown_value(page)
         assert proc.poll() is None, "the viewer server died after a bad upload"
         browser.close()
+
+
+def test_vq3d_view_opens_the_shipped_model_without_training_data(tmp_path, cli_env):
+    """`vq3d view --model vq3d-tiny-synth`: nerfstudio's viewer on a package alone (no run, no
+    dataset): the VQ3D controls are there, the panel shows the package's example images, and an
+    uploaded photo becomes the shown scene."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    proc = start_viewer([cli("vq3d"), "view", "--model", "vq3d-tiny-synth", "--websocket-port", str(port)], port, cli_env, tmp_path)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"http://127.0.0.1:{port}")
+            for label in ("Image index", "Upload a photo", "Shown"):
+                wait_for_text(page, label)
+            deadline = time.time() + 60
+            while "image 0" not in shown_value(page) and time.time() < deadline:
+                time.sleep(0.5)
+            assert shown_value(page) == "held-out image 0"  # the package's first example
+            photo = tmp_path / "mine.png"
+            Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(photo)
+            page.locator("input[type=file]").set_input_files(str(photo))
+            deadline = time.time() + 60
+            while "uploaded photo mine.png" not in shown_value(page) and time.time() < deadline:
+                time.sleep(0.5)
+            assert shown_value(page) == "uploaded photo mine.png"
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -60,7 +60,7 @@ from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset, TrainingStream
 from vq3d_nerfstudio.data.shards import ShardReader
 from vq3d_nerfstudio.data.views import MultiviewDataset, check_perspective, posed_views_from_scene_files, single_image_outputs
 from vq3d_nerfstudio.errors import DatasetError
-from vq3d_nerfstudio.geometry.cameras import ray_generator, sample_novel_poses, square_pinhole_cameras
+from vq3d_nerfstudio.geometry.cameras import orbit_rays, ray_generator, sample_novel_poses, square_pinhole_cameras
 
 
 @dataclass
@@ -478,15 +478,10 @@ class Vq3dDataManager(VanillaDataManager):
         """``num_rays`` rays at random pixels of ``num_cameras`` random cameras orbiting the pivot
         (at the canonical distance, within the export yaw/elevation range), no ``batch_idx``."""
         size, distance, fov_deg = self.canonical()
-        poses = sample_novel_poses(
-            num_cameras, distance, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg
+        return orbit_rays(
+            num_rays, size, distance, fov_deg, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg,
+            self.device, num_cameras,
         )
-        cameras = square_pinhole_cameras(poses, size, fov_deg).to(self.device)
-        index = torch.stack(
-            [torch.randint(0, num_cameras, (num_rays,)), torch.randint(0, size, (num_rays,)), torch.randint(0, size, (num_rays,))],
-            dim=-1,
-        ).to(self.device)
-        return ray_generator(cameras)(index)
 
     def next_eval(self, step: int) -> Tuple[RayBundle, Dict]:
         self.eval_count += 1

@@ -28,15 +28,16 @@ def write_point_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals:
 
 
 @torch.no_grad()
-def point_cloud(pipeline, num_points: int, max_radius: float, min_accumulation: float = 0.5):
+def point_cloud(model, orbit_rays, num_points: int, max_radius: float, min_accumulation: float = 0.5):
     """Points of the shown scene seen from cameras orbiting the pivot (the export range): for each
     ray, the expected-depth point, its colour and normal; rays that hit nothing solid
-    (accumulation < ``min_accumulation``) or land beyond ``max_radius`` of the pivot (sky) are dropped."""
-    model = pipeline.model
+    (accumulation < ``min_accumulation``) or land beyond ``max_radius`` of the pivot (sky) are dropped.
+    ``orbit_rays(n)``: n such rays (a datamanager's ``orbit_rays``, or
+    :func:`vq3d_nerfstudio.geometry.cameras.orbit_rays` bound to the model's camera)."""
     points, colors, normals = [], [], []
     kept, tries = 0, 0
     while kept < num_points and tries < 20:
-        rays = pipeline.datamanager.orbit_rays(8192)
+        rays = orbit_rays(8192)
         out = model.get_outputs(rays)
         p = rays.origins + rays.directions * out["expected_depth"]
         keep = (out["accumulation"][:, 0] >= min_accumulation) & (p.norm(dim=-1) <= max_radius)

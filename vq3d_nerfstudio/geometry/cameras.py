@@ -3,7 +3,7 @@ orbits, camera-path files and random novel views."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -108,6 +108,32 @@ def sample_novel_poses(
         for a, b, c in u.tolist()
     ]
     return torch.from_numpy(np.stack(poses)[:, :3]).float()
+def orbit_rays(
+    num_rays: int,
+    image_size: int,
+    distance: float,
+    fov_deg: float,
+    max_yaw_deg: float,
+    max_elevation_deg: float,
+    device: Union[str, torch.device] = "cpu",
+    num_cameras: int = 64,
+):
+    """``num_rays`` rays at random pixels of ``num_cameras`` random cameras orbiting the pivot at
+    ``distance`` (yaw and elevation uniform within the given ranges; :func:`sample_novel_poses`),
+    no ``batch_idx``: what ns-export and point clouds sample the shown scene with."""
+    poses = sample_novel_poses(num_cameras, distance, max_yaw_deg, max_elevation_deg)
+    cameras = square_pinhole_cameras(poses, image_size, fov_deg).to(device)
+    index = torch.stack(
+        [
+            torch.randint(0, num_cameras, (num_rays,)),
+            torch.randint(0, image_size, (num_rays,)),
+            torch.randint(0, image_size, (num_rays,)),
+        ],
+        dim=-1,
+    ).to(device)
+    return ray_generator(cameras)(index)
+
+
 if __name__ == "__main__":
     # Regenerates the camera paths shipped in configs/camera_paths/.
     import json

@@ -13,15 +13,18 @@ from vq3d_nerfstudio.scripts.evaluate import Evaluate
 from vq3d_nerfstudio.scripts.export_splats import ExportSplats
 from vq3d_nerfstudio.scripts.fid import Fid
 from vq3d_nerfstudio.scripts.interpolate import Interpolate
+from vq3d_nerfstudio.scripts.package import Models, Package
 from vq3d_nerfstudio.scripts.prepare import Prepare
 from vq3d_nerfstudio.scripts.reconstruct import Reconstruct
 from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit
 from vq3d_nerfstudio.scripts.sample import Sample
 from vq3d_nerfstudio.scripts.synth import Synth
+from vq3d_nerfstudio.scripts.view import View
 
 SUBCOMMANDS = {
     "synth": Synth, "reconstruct": Reconstruct, "render-orbit": RenderOrbit, "eval": Evaluate, "prepare": Prepare,
     "sample": Sample, "fid": Fid, "interpolate": Interpolate, "compose": Compose, "export-splats": ExportSplats,
+    "package": Package, "models": Models, "view": View,
 }
 Commands = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls in SUBCOMMANDS.items())]  # type: ignore[misc]
 

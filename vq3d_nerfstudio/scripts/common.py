@@ -81,6 +81,120 @@ class OrbitLoop(Orbit):
 
 
 @dataclass
+class LoadedModel:
+    """A stage-1 model ready for inference, from a model package or a training run."""
+
+    model: Any
+    """The :class:`~vq3d_nerfstudio.stage1.model.Vq3dModel`, in eval mode."""
+    pipeline: Any = None
+    """A run's pipeline (its dataset images, its datamanager); None for a package."""
+    package: Optional[dict] = None
+    """A package's config.json; None for a run."""
+    folder: Optional[Path] = None
+    """A package's folder; None for a run."""
+
+    def dataset_image(self, split: str, index: int, command: str) -> Any:
+        """Image ``index`` of a run's ``split``; a package has no dataset: one line saying so."""
+        if self.pipeline is None:
+            raise SystemExit(f"vq3d {command}: error: a model package holds no dataset images; pass --image PHOTO")
+        return self.pipeline.load_image(split, index)
+
+    def orbit_rays(self, num_rays: int) -> Any:
+        """Rays of random cameras orbiting the pivot within ns-export's range (the run's datamanager
+        settings; a package uses their defaults)."""
+        if self.pipeline is not None:
+            return self.pipeline.datamanager.orbit_rays(num_rays)
+        from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
+        from vq3d_nerfstudio.geometry.cameras import orbit_rays
+
+        model, defaults = self.model, Vq3dDataManagerConfig()
+        return orbit_rays(
+            num_rays, model.config.image_size, model.camera_distance, model.fov_deg,
+            defaults.export_max_yaw_deg, defaults.export_max_elevation_deg, model.device,
+        )
+
+
+@dataclass
+class ModelSource:
+    """Which trained stage-1 model a command runs: a model package or a training run."""
+
+    model: Optional[str] = None
+    """A model package folder (vq3d package writes one), the name of a shipped model (vq3d models
+    lists them) or of one in $VQ3D_HOME/models, a hub id org/name (needs huggingface_hub), or a
+    training run's config.yml or folder."""
+    load_config: Optional[Path] = None
+    """A training run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml); the same
+    as --model with that path."""
+
+    def resolve(self, command: str) -> Path:
+        """A package folder or a run's ``config.yml``; a missing choice or an unknown name stops with
+        one line."""
+        from vq3d_nerfstudio.errors import PackageError
+        from vq3d_nerfstudio.model_index import resolve_model
+
+        if (self.model is None) == (self.load_config is None):
+            raise SystemExit(
+                f"vq3d {command}: error: pass one of --model NAME_OR_PATH (a package, a shipped model: see vq3d models) "
+                "or --load-config RUN/config.yml"
+            )
+        if self.load_config is not None:
+            return self.load_config
+        try:
+            return resolve_model(self.model)
+        except PackageError as err:
+            raise SystemExit(f"vq3d {command}: error: {err}") from None
+
+    def load(self, command: str, load_step: Optional[int] = None) -> LoadedModel:
+        """The model, built from a package alone (JSON and safetensors: no dataparser, no pickle) or
+        from a run's pipeline. A missing choice or a bad package stops with one line."""
+        from vq3d_nerfstudio.errors import PackageError
+        from vq3d_nerfstudio.model_index import is_package
+        from vq3d_nerfstudio.stage1.package import load_package
+
+        path = self.resolve(command)
+        try:
+            if not is_package(path):
+                pipeline = load_run(path, command, load_step)
+                return LoadedModel(pipeline.model.eval(), pipeline=pipeline)
+            if load_step is not None:
+                raise SystemExit(f"vq3d {command}: error: --load-step picks a checkpoint of a run; {path} is a package of one step")
+            import torch
+
+            model, info = load_package(path, "cuda" if torch.cuda.is_available() else "cpu")
+        except PackageError as err:
+            raise SystemExit(f"vq3d {command}: error: {err}") from None
+        return LoadedModel(model, package=info, folder=path)
+
+
+def load_stage2(command: str, stage2_checkpoint: Optional[Path], model: Optional[str], stage1_config: Optional[Path]):
+    """``(transformer, its config.json, checkpoint folder, LoadedModel)`` for sampling: the stage-2
+    model of ``--stage2-checkpoint`` (default: the ``stage2/`` of a ``--model`` package) and the
+    stage-1 model of ``--model``, else ``--stage1-config``, else the run the stage-2 checkpoint
+    records. Every problem stops with one line."""
+    from vq3d_nerfstudio.model_index import STAGE2_DIR
+    from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
+    from vq3d_nerfstudio.stage2.sample import stage1_config_of
+
+    loaded = ModelSource(model=model).load(command) if model is not None else None
+    if stage2_checkpoint is None:
+        if loaded is None or loaded.folder is None or not (loaded.folder / STAGE2_DIR).is_dir():
+            raise SystemExit(
+                f"vq3d {command}: error: pass --stage2-checkpoint (a vq3d-train-stage2 run), or --model a package "
+                f"with a {STAGE2_DIR}/ folder (vq3d package --stage2-checkpoint writes one)"
+            )
+        stage2_checkpoint = loaded.folder / STAGE2_DIR
+    try:
+        transformer, info, folder = load_model(stage2_checkpoint)
+        if loaded is None:
+            stage1_config = stage1_config_of(info, stage1_config)
+    except CheckpointError as err:
+        raise SystemExit(f"vq3d {command}: error: {err}") from None
+    if loaded is None:
+        loaded = ModelSource(load_config=stage1_config).load(command)
+    return transformer, info, folder, loaded
+
+
+@dataclass
 class ImageChoice:
     """Which image a command reconstructs: a photo (``--image``) or a dataset image of the run."""
 
@@ -88,11 +202,12 @@ class ImageChoice:
     """Any photo instead of a dataset image (centre-cropped and resized to the model's size);
     outputs are then named after the file."""
     split: Literal["eval", "train"] = "eval"
-    """Which split the image comes from; eval images were held out of training."""
+    """Which split the image comes from; eval images were held out of training (a run only: a
+    package has no dataset, pass --image)."""
     image_index: int = 0
     """Index of the image within the split."""
 
-    def load(self, pipeline: Any, command: str) -> Tuple[Any, str]:
+    def load(self, loaded: LoadedModel, command: str) -> Tuple[Any, str]:
         """``([S, S, 3] image, name)``: the photo and its file stem, or the dataset image and
         ``<split>_<index>``. A missing or unreadable image stops with one line."""
         from vq3d_nerfstudio.data.dataset import load_image
@@ -100,8 +215,8 @@ class ImageChoice:
 
         try:
             if self.image is not None:
-                return load_image(self.image, pipeline.model.config.image_size), self.image.stem
-            return pipeline.load_image(self.split, self.image_index), f"{self.split}_{self.image_index:05d}"
+                return load_image(self.image, loaded.model.config.image_size), self.image.stem
+            return loaded.dataset_image(self.split, self.image_index, command), f"{self.split}_{self.image_index:05d}"
         except (IndexError, DatasetError) as err:
             raise SystemExit(f"vq3d {command}: error: {err}") from None
 
@@ -112,7 +227,7 @@ def load_run(load_config: Path, command: str, load_step: Optional[int] = None) -
     run started from). A missing file stops with one line naming it and the fix, before
     nerfstudio's slow set-up and its traceback."""
     if not load_config.exists():
-        raise SystemExit(f"vq3d {command}: error: {load_config} does not exist; pass the run's config.yml")
+        raise SystemExit(f"vq3d {command}: error: {load_config} does not exist; pass the run's config.yml or a model package")
     if load_step is not None:
         checkpoint = load_config.parent / "nerfstudio_models" / f"step-{load_step:09d}.ckpt"
         if not checkpoint.exists():

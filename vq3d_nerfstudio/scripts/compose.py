@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir
-from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
+from vq3d_nerfstudio.scripts.common import Flat, ModelSource, OrbitLoop, reworded
 
 ComposeOrbit = reworded(
     OrbitLoop, num_frames="Frames in the orbit video.",
@@ -26,13 +26,12 @@ class Compose:
     composite_disparity.mp4 and composite_views.png (scene | object | composite from the input view
     | composite from +/- the largest yaw | its disparity) into the output folder."""
 
-    load_config: Path
-    """The stage-1 run's config.yml."""
     scene: Path
     """Photo of the scene."""
     object: Path
     """Photo of the object (its NeRF's pivot, the centre of the view at the camera distance, is what
     --position places)."""
+    source: Flat[ModelSource] = field(default_factory=ModelSource)
     position: Tuple[float, float, float] = (0.0, 0.0, 0.5)
     """Where the object's pivot goes in the scene, world units (the camera is at (0, 0, 2) looking at
     the origin; +x right, +y up, +z towards the camera)."""
@@ -65,7 +64,7 @@ class Compose:
         box = tuple(self.object_box)
         if self.scale <= 0 or any(lo >= hi for lo, hi in zip(box[:3], box[3:])):
             raise SystemExit("vq3d compose: error: --scale must be positive and --object-box x0 y0 z0 x1 y1 z1 needs x0 < x1, y0 < y1, z0 < z1")
-        model = load_run(self.load_config, "compose").model
+        model = self.source.load("compose").model
         size = self.orbit.size(model)
         try:
             scene = encode_image(model, load_image(self.scene, model.config.image_size))

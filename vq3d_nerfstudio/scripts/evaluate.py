@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import tyro
 
 from vq3d_nerfstudio.checks import OutputFile
-from vq3d_nerfstudio.scripts.common import load_run
+from vq3d_nerfstudio.scripts.common import Flat, ModelSource
 
 
 @dataclass
@@ -28,14 +28,13 @@ class Evaluate:
     and depth on the foreground. A scene with a missing or unreadable file is skipped and listed (on
     the console and under "skipped" in the output), unless --strict."""
 
-    load_config: Path
-    """The run's config.yml."""
     scenes: Path
     """A folder of scenes (`*/transforms.json`), or one scene folder."""
+    source: Flat[ModelSource] = field(default_factory=ModelSource)
     output: OutputFile = Path("eval_results.json")
     """Where to write per-view and grouped results (JSON)."""
     load_step: Optional[int] = None
-    """Score the checkpoint of this step (default: the latest)."""
+    """Score the checkpoint of this step of a run (default: the latest)."""
     lpips_weights: Optional[Path] = None
     """torchvision's ImageNet AlexNet state dict for LPIPS (default: where torch hub caches it,
     ~/.cache/torch/hub/checkpoints/alexnet-owt-7be5be79.pth). Without it LPIPS is skipped, with a note."""
@@ -51,7 +50,7 @@ class Evaluate:
 
         skipped: List[Dict] = []
         summary, results = evaluate_run(
-            self.load_config, self.scenes, self.load_step, self.lpips_weights, strict=self.strict, skipped=skipped,
+            self.source, self.scenes, self.load_step, self.lpips_weights, strict=self.strict, skipped=skipped,
             save_renders=self.save_renders,
         )
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +74,7 @@ class Evaluate:
 
 
 def evaluate_run(
-    load_config: Path,
+    source: Union[Path, ModelSource],
     scenes: Path,
     load_step: Optional[int] = None,
     lpips_weights: Optional[Path] = None,
@@ -84,7 +83,7 @@ def evaluate_run(
     skipped: Optional[List[Dict]] = None,
     save_renders: Optional[Path] = None,
 ) -> Tuple[Dict, List[Dict]]:
-    """Load a trained run and score it on every scene: ``(summary by offset, per-scene results)``.
+    """Load a trained model (a run's ``config.yml`` or a :class:`ModelSource`) and score it on every scene: ``(summary by offset, per-scene results)``.
 
     A scene whose files are missing or unreadable is skipped with a warning line on stderr and
     appended to ``skipped`` (when given) as ``{"scene": transforms.json path, "error": message}``;
@@ -107,9 +106,10 @@ def evaluate_run(
         scene_files = sorted(scenes.glob("*/transforms.json"))
     if not scene_files:
         raise SystemExit(f"vq3d eval: error: no transforms.json in {scenes} or its subfolders")
-    pipeline = load_run(load_config, "eval", load_step)
-    model = pipeline.model
-    distance = pipeline.model.camera_distance
+    if isinstance(source, Path):
+        source = ModelSource(load_config=source)
+    model = source.load("eval", load_step).model
+    distance = model.camera_distance
     lpips, why_not = load_lpips_if_available("alex", lpips_weights)
     if lpips is None:
         print(f"LPIPS skipped: {why_not}")

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import tyro
 
 from vq3d_nerfstudio.checks import OutputFile, PositiveInt
-from vq3d_nerfstudio.scripts.common import Flat, ImageChoice, load_run, reworded
+from vq3d_nerfstudio.scripts.common import Flat, ImageChoice, ModelSource, reworded
 
 SplatImage = reworded(
     ImageChoice, image="A photo (centre-cropped and resized to the model's size); without it, --split/--image-index.",
@@ -50,8 +50,7 @@ class ExportSplats:
     (NeRF | splats, a row per view). The world frame is the NeRF's: y up, the input camera on +z
     (viewers that assume y down show it upside down)."""
 
-    load_config: Path
-    """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
+    source: Flat[ModelSource] = field(default_factory=ModelSource)
     output: OutputFile = Path("splats.ply")
     """Where to write the .ply."""
     input: Flat[SplatImage] = field(default_factory=SplatImage)
@@ -106,9 +105,9 @@ class ExportSplats:
         torch.manual_seed(self.seed)
         if not self.report_views:
             raise SystemExit("vq3d export-splats: error: --report-views must name a view")
-        pipeline = load_run(self.load_config, "export-splats")
-        model = pipeline.model.eval()
-        image, _ = self.input.load(pipeline, "export-splats")
+        loaded = self.source.load("export-splats")
+        model = loaded.model
+        image, _ = self.input.load(loaded, "export-splats")
         model.set_scene_images(image)
         planes = model.current_planes()
         cuda = torch.cuda.is_available()

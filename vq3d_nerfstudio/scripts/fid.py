@@ -10,7 +10,7 @@ from typing import Literal, Optional
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
-from vq3d_nerfstudio.scripts.common import load_run
+from vq3d_nerfstudio.scripts.common import load_stage2
 
 
 @dataclass
@@ -29,7 +29,11 @@ class Fid:
     fake: Optional[Path] = None
     """Folder of generated images."""
     stage2_checkpoint: Optional[Path] = None
-    """Score samples of this vq3d-train-stage2 run (or step folder) instead of --fake."""
+    """Score samples of this vq3d-train-stage2 run (or step folder) instead of --fake (default with
+    --model: the package's stage2/ folder)."""
+    model: Optional[str] = None
+    """The stage-1 model that decodes the samples: a package (whose stage2/ is then the default
+    --stage2-checkpoint), a shipped model's name, or a run's config.yml; default: --stage1-config."""
     num_samples: int = 1000
     """With --stage2-checkpoint: scenes to sample (each rendered at every view)."""
     class_label: str = "all"
@@ -94,8 +98,8 @@ class Fid:
             raise fail(f"--device {self.device!r}: {err}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise fail(f"--device {self.device}: CUDA is not available here; use --device cpu")
-        if (self.fake is None) == (self.stage2_checkpoint is None):
-            raise fail("pass either --fake <folder of generated images> or --stage2-checkpoint <stage-2 run>")
+        if (self.fake is None) == (self.stage2_checkpoint is None and self.model is None):
+            raise fail("pass either --fake <folder of generated images> or --stage2-checkpoint <stage-2 run> (or --model <package with stage2/>)")
         try:
             network = load_inception(self.inception_weights, download=self.download, feature_dim=self.feature_dim)
             for folder in (self.real, self.fake) if self.fake is not None else (self.real,):
@@ -126,12 +130,12 @@ class Fid:
         output = dict(results["fake"]) if self.fake is not None else {"views": results}
         output.update(
             feature_dim=self.feature_dim, real=str(self.real), fake=str(self.fake) if self.fake else None,
-            stage2_checkpoint=str(self.stage2_checkpoint) if self.stage2_checkpoint else None,
+            stage2_checkpoint=str(self.stage2_checkpoint) if self.stage2_checkpoint else None, model=self.model,
             inception_weights=str(find_weights(self.inception_weights)),
         )
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.output.write_text(json.dumps(output, indent=1))
-        table = Table(title=f"{self.fake or self.stage2_checkpoint} vs {self.real}")
+        table = Table(title=f"{self.fake or self.stage2_checkpoint or self.model} vs {self.real}")
         for column in ("set", f"FID ({self.feature_dim}-d)", "IS", "IS std", "real images", "fake images"):
             table.add_column(column)
         for name, result in results.items():
@@ -152,24 +156,18 @@ class Fid:
         from rich.progress import Progress
 
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
-        from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
         from vq3d_nerfstudio.stage2.sample import (
             SampleError,
             SamplingSettings,
             SceneSampler,
             balanced_classes,
             render_sample_views,
-            stage1_config_of,
         )
 
         if self.num_samples < 2:
             raise fail("--num-samples must be at least 2 (FID needs a covariance)")
-        try:
-            transformer, info, _ = load_model(self.stage2_checkpoint)
-            config = stage1_config_of(info, self.stage1_config)
-        except CheckpointError as err:
-            raise fail(str(err)) from None
-        model = load_run(config, "fid").model
+        transformer, info, _, loaded = load_stage2("fid", self.stage2_checkpoint, self.model, self.stage1_config)
+        model = loaded.model
         try:
             sampler = SceneSampler(transformer, info, model)
             classes = balanced_classes(self.num_samples, self.class_label, sampler.class_names, sampler.num_classes)

@@ -9,7 +9,7 @@ from typing import List, Literal
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir
-from vq3d_nerfstudio.scripts.common import Flat, Orbit, load_run
+from vq3d_nerfstudio.scripts.common import Flat, ModelSource, Orbit
 
 
 @dataclass
@@ -18,10 +18,9 @@ class Interpolate:
     orbits, and write into the output folder: interpolation.mp4 and interpolation_disparity.mp4,
     and interpolation_strip.png (canonical views at t = 0, 1/4, 1/2, 3/4, 1)."""
 
-    load_config: Path
-    """The stage-1 run's config.yml."""
     images: List[Path]
     """Exactly two photos: the start and the end."""
+    source: Flat[ModelSource] = field(default_factory=ModelSource)
     output_dir: OutputDir = Path("interpolation")
     """Where the outputs go (created if missing)."""
     steps: int = 48
@@ -48,7 +47,7 @@ class Interpolate:
             raise SystemExit(f"vq3d interpolate: error: --images takes exactly two photos, got {len(self.images)}")
         if self.steps < 2:
             raise SystemExit("vq3d interpolate: error: --steps must be at least 2")
-        model = load_run(self.load_config, "interpolate").model
+        model = self.source.load("interpolate").model
         if self.space == "codes" and not model.quantizer.has_codes:
             raise SystemExit("vq3d interpolate: error: --space codes needs codes, and this run has continuous tokens "
                              "(no-quantizer); use --space latent or triplane")

@@ -9,7 +9,7 @@ from typing import List, Optional
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
-from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
+from vq3d_nerfstudio.scripts.common import Flat, ModelSource, OrbitLoop, reworded
 
 ReconstructOrbit = reworded(
     OrbitLoop, max_yaw_deg="Largest yaw of the orbit and of the novel views in <name>_views.png (degrees)."
@@ -54,11 +54,10 @@ class Reconstruct:
     <name>_views.png (input | canonical | two novel views | disparity) and <name>.ply (a coloured
     point cloud with normals)."""
 
-    load_config: Path
-    """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
     image: List[Path]
     """Photos, or folders of photos (jpg, png, webp, bmp, tif); each is centre-cropped to a square
     and resized to the model's input size."""
+    source: Flat[ModelSource] = field(default_factory=ModelSource)
     output_dir: OutputDir = Path("reconstructions")
     """Where the outputs go (created if missing)."""
     orbit: Flat[ReconstructOrbit] = field(default_factory=ReconstructOrbit)
@@ -84,8 +83,8 @@ class Reconstruct:
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
         images = expand_images(self.image)
-        pipeline = load_run(self.load_config, "reconstruct")
-        model = pipeline.model
+        loaded = self.source.load("reconstruct")
+        model = loaded.model
         size = self.orbit.size(model)
         yaw = self.orbit.max_yaw_deg
         poses = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)] + self.orbit.loop()
@@ -113,7 +112,7 @@ class Reconstruct:
                 write_video(f"{stem}_orbit.mp4", rgb[3:], self.orbit.fps)
                 write_video(f"{stem}_disparity.mp4", disp_rgb[3:], self.orbit.fps)
                 if self.num_points > 0:
-                    points, colors, normals = point_cloud(pipeline, self.num_points, self.max_point_radius)
+                    points, colors, normals = point_cloud(model, loaded.orbit_rays, self.num_points, self.max_point_radius)
                     write_point_ply(Path(f"{stem}.ply"), points, colors, normals)
         print(f"Wrote {len(images) - len(failed)} reconstruction(s) to {self.output_dir}")
         if self.contact_sheet is not None and strips:

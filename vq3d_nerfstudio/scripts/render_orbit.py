@@ -8,7 +8,7 @@ from pathlib import Path
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir
-from vq3d_nerfstudio.scripts.common import Flat, ImageChoice, OrbitLoop, load_run, reworded
+from vq3d_nerfstudio.scripts.common import Flat, ImageChoice, ModelSource, OrbitLoop, reworded
 
 RenderOrbitLoop = reworded(
     OrbitLoop, num_frames="Frames in the loop.",
@@ -21,8 +21,7 @@ class RenderOrbit:
     """Render an orbit video, a disparity video and the canonical view of one image's NeRF: a dataset
     image (--split/--image-index) or any photo (--image)."""
 
-    load_config: Path
-    """The run's config.yml (outputs/<experiment>/vq3d-tiny/<timestamp>/config.yml)."""
+    source: Flat[ModelSource] = field(default_factory=ModelSource)
     output_dir: OutputDir = Path("renders")
     """Where to write <split>_<index>_orbit.mp4, _disparity.mp4, _canonical.png and _input.png."""
     input: Flat[ImageChoice] = field(default_factory=ImageChoice)
@@ -35,9 +34,9 @@ class RenderOrbit:
         from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
-        pipeline = load_run(self.load_config, "render-orbit")
-        model = pipeline.model
-        image, stem_name = self.input.load(pipeline, "render-orbit")
+        loaded = self.source.load("render-orbit")
+        model = loaded.model
+        image, stem_name = self.input.load(loaded, "render-orbit")
         model.set_scene_images(image)
         poses = [(0.0, 0.0)] + self.orbit.loop()
         cameras = orbit_cameras(poses, self.orbit.size(model), model.camera_distance, model.fov_deg).to(model.device)

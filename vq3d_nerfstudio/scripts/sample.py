@@ -9,7 +9,7 @@ from typing import Optional
 import tyro
 
 from vq3d_nerfstudio.checks import OutputDir, PositiveInt
-from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_run, reworded
+from vq3d_nerfstudio.scripts.common import Flat, OrbitLoop, load_stage2, reworded
 
 SampleOrbit = reworded(OrbitLoop, resolution="Render size in pixels; 0 uses the stage-1 model's image size.")
 
@@ -21,8 +21,12 @@ class Sample:
     <name>_disparity.mp4 and <name>_disparity.png (turbo colours, near = warm), <name>_codes.npy (the
     code grid), plus samples.png (all canonical views in a row)."""
 
-    stage2_checkpoint: Path
-    """A vq3d-train-stage2 run folder (its latest checkpoint) or one of its checkpoints/step-* folders."""
+    stage2_checkpoint: Optional[Path] = None
+    """A vq3d-train-stage2 run folder (its latest checkpoint) or one of its checkpoints/step-* folders;
+    default with --model: the package's stage2/ folder."""
+    model: Optional[str] = None
+    """The stage-1 model that decodes the samples: a model package (with a stage2/ folder it needs
+    no --stage2-checkpoint), a shipped model's name, or a run's config.yml; default: --stage1-config."""
     class_label: str = "0"
     """Class id, class name (a folder name of the training data), or 'none' for unconditional samples."""
     num_samples: PositiveInt = 4
@@ -54,21 +58,10 @@ class Sample:
 
         from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
-        from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
-        from vq3d_nerfstudio.stage2.sample import (
-            SampleError,
-            SamplingSettings,
-            SceneSampler,
-            class_label_name,
-            stage1_config_of,
-        )
+        from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, SceneSampler, class_label_name
 
-        try:
-            transformer, info, folder = load_model(self.stage2_checkpoint)
-            stage1_config = stage1_config_of(info, self.stage1_config)
-        except CheckpointError as err:
-            raise SystemExit(f"vq3d sample: error: {err}") from None
-        model = load_run(stage1_config, "sample").model
+        transformer, info, folder, loaded = load_stage2("sample", self.stage2_checkpoint, self.model, self.stage1_config)
+        model = loaded.model
         try:
             sampler = SceneSampler(transformer, info, model)
             class_id = sampler.resolve(self.class_label)

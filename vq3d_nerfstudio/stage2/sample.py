@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from vq3d_nerfstudio.export.video import to_uint8
+from vq3d_nerfstudio.model_index import is_package
 from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
 from vq3d_nerfstudio.stage2.transformer import TokenTransformer, sample_tokens
 
@@ -117,10 +118,13 @@ class SceneSampler:
 
 
 def stage1_config_of(info: Dict, override: Optional[Path]) -> Path:
+    """The stage-1 model a stage-2 checkpoint decodes with: ``override``, else the run's
+    ``config.yml`` or the package folder the checkpoint records."""
     path = override or (Path(info["stage1_config"]) if info.get("stage1_config") else None)
-    if path is None or not path.is_file():
+    if path is None or not (path.is_file() or is_package(path)):
         raise CheckpointError(
-            f"the stage-1 run {path} this stage-2 model was trained on is not there; pass --stage1-config <run>/config.yml"
+            f"the stage-1 model {path} this stage-2 model was trained on is not there; pass --stage1-config "
+            "<run>/config.yml (or --model <package>)"
         )
     return path
 

@@ -27,8 +27,10 @@ from vq3d_nerfstudio.checks import OutputDir, PositiveInt, check_options
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
 from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
-from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.errors import DatasetError, PackageError
 from vq3d_nerfstudio.files import file_sha256
+from vq3d_nerfstudio.model_index import WEIGHTS_FILE, is_package, resolve_model
+from vq3d_nerfstudio.stage1.package import load_package
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import (
     CACHE_VERSION,
@@ -57,12 +59,14 @@ class Stage2TrainConfig:
     """
 
     stage1_config: Optional[Path] = None
-    """The stage-1 run's config.yml (ns-train vq3d / vq3d-tiny). Needed unless --token-cache names
-    a finished cache."""
+    """The stage-1 model: a run's config.yml (ns-train vq3d / vq3d-tiny), a model package folder, or
+    a shipped or user model's name (vq3d models). Needed unless --token-cache names a finished cache."""
     data: Optional[Path] = None
-    """Images to encode (the same folder layouts ns-train reads); default: the stage-1 run's data."""
+    """Images to encode (the same folder layouts ns-train reads); default: the stage-1 run's data (a
+    package has none: pass it)."""
     token_cache: Optional[Path] = None
-    """Where the encoded dataset lives; default: <stage-1 run>/token_cache-<hash of the data path>."""
+    """Where the encoded dataset lives; default: <stage-1 run>/token_cache-<hash of the data path>
+    (for a package: <output dir>/token_cache-<hash>)."""
     output_dir: OutputDir = Path("outputs/stage2")
     """Run folder: checkpoints/, tensorboard/, log.jsonl. A run already there is resumed."""
     resume: bool = True
@@ -212,9 +216,10 @@ def init_distributed(device: str) -> Dist:
 
 
 # ---- the token cache --------------------------------------------------------------------------------
-def default_cache_dir(stage1_config: Path, data: Path) -> Path:
+def default_cache_dir(folder: Path, data: Path) -> Path:
+    """``<folder>/token_cache-<hash of the data path>`` (``folder``: the stage-1 run's)."""
     tag = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:12]
-    return stage1_config.parent / f"token_cache-{tag}"
+    return folder / f"token_cache-{tag}"
 
 
 def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
@@ -227,26 +232,43 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
             return load_token_cache(cfg.token_cache)
         except TokenCacheError as err:
             raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    if not cfg.stage1_config.is_file():
-        raise SystemExit(f"vq3d-train-stage2: error: {cfg.stage1_config} does not exist; pass the stage-1 run's config.yml")
-    from nerfstudio.utils.eval_utils import eval_setup
     from rich.progress import Progress
 
+    try:
+        stage1_path = cfg.stage1_config if cfg.stage1_config.is_file() else resolve_model(str(cfg.stage1_config))
+    except PackageError as err:
+        raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
+    if is_package(stage1_path):  # a model package: no run, no dataset of its own
+        if cfg.data is None:
+            raise SystemExit(f"vq3d-train-stage2: error: {stage1_path} is a model package, which holds no dataset; pass --data IMAGES")
+        try:
+            model, info = load_package(stage1_path, str(dist.device))
+        except PackageError as err:
+            raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
+        checkpoint_path, stage1_step = stage1_path / WEIGHTS_FILE, info["provenance"].get("step") or 0
+        data = Path(cfg.data)
+        parser_config = Vq3dImagesDataParserConfig(
+            data=data, image_size=model.config.image_size, depth_kind="none",
+            camera_distance=info["data"]["camera_distance"], fov_deg=info["data"]["fov_deg"],
+        )
+        cache_home = cfg.output_dir  # a package folder may be read-only (a shipped model)
+    else:
+        from nerfstudio.utils.eval_utils import eval_setup
 
-    stage1, pipeline, checkpoint_path, stage1_step = eval_setup(cfg.stage1_config, test_mode="inference")
-    model = pipeline.model.to(dist.device)
+        stage1, pipeline, checkpoint_path, stage1_step = eval_setup(stage1_path, test_mode="inference")
+        model = pipeline.model.to(dist.device)
+        stage1_parser = stage1.pipeline.datamanager.dataparser
+        data = Path(cfg.data or stage1_parser.data)
+        if isinstance(stage1_parser, Vq3dImagesDataParserConfig):
+            parser_config = dataclasses.replace(stage1_parser, data=data, depth_kind="none")
+        else:  # stage 1 trained through another nerfstudio dataparser: read its images as a plain folder
+            parser_config = Vq3dImagesDataParserConfig(data=data, image_size=model.config.image_size, depth_kind="none")
+        cache_home = stage1_path.parent
     if not model.quantizer.has_codes:
         raise SystemExit(
             f"vq3d-train-stage2: error: {cfg.stage1_config} has continuous tokens (no-quantizer) and no codes "
             "for stage 2 to model; train stage 1 with fsq-quantizer (or vq-quantizer)"
         )
-
-    stage1_parser = stage1.pipeline.datamanager.dataparser
-    data = Path(cfg.data or stage1_parser.data)
-    if isinstance(stage1_parser, Vq3dImagesDataParserConfig):
-        parser_config = dataclasses.replace(stage1_parser, data=data, depth_kind="none")
-    else:  # stage 1 trained through another nerfstudio dataparser: read its images as a plain folder
-        parser_config = Vq3dImagesDataParserConfig(data=data, image_size=model.config.image_size, depth_kind="none")
 
     try:
         if is_prepared_folder(data):  # `vq3d prepare` shards: every sample, read by offset
@@ -263,7 +285,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
             class_names = list(outputs["train"].metadata.get("class_names") or [])
     except DatasetError as err:
         raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    cache_dir = cfg.token_cache or default_cache_dir(cfg.stage1_config, data)
+    cache_dir = cfg.token_cache or default_cache_dir(cache_home, data)
     fingerprint = hashlib.sha256(
         json.dumps(
             {
@@ -321,7 +343,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
             "grid": list(model.index_shape),  # (h, w), or (h, w, G) with G codes per token
             "class_names": class_names,
             "num_classes": max(1, len(class_names)),
-            "stage1_config": str(cfg.stage1_config.resolve()),
+            "stage1_config": str(stage1_path.resolve()),
             "stage1_checkpoint": str(Path(checkpoint_path).resolve()),
             "stage1_step": int(stage1_step),
             "data": str(data.resolve()),

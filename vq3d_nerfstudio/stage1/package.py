@@ -1,0 +1,192 @@
+"""Model packages: build a stage-1 model from a package folder, and write one (the weights and
+``config.json``; the folder's layout, names and card are :mod:`vq3d_nerfstudio.model_index`).
+
+Loading reads JSON and safetensors only: no pickle, no YAML object tags, no ``torch.load``, so a
+package from anyone runs no code. It builds the model alone (no dataparser, datamanager or viewer),
+as nanoGPT's ``sample.py`` rebuilds its model from the checkpoint's own arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+from nerfstudio.data.scene_box import SceneBox
+
+from vq3d_nerfstudio.errors import PackageError
+from vq3d_nerfstudio.model_index import (
+    CARD_FILE,
+    CONFIG_FILE,
+    DATA_KEYS,
+    FORMAT,
+    VERSION,
+    WEIGHTS_FILE,
+    model_card,
+    read_package_config,
+)
+from vq3d_nerfstudio.stage1.model import Vq3dModel, Vq3dModelConfig
+from vq3d_nerfstudio.stage1.quantizer import QUANTIZER_COMMANDS
+
+SKIPPED_FIELDS = ("_target",)
+"""Model config fields a package does not store (the class is always :class:`Vq3dModel`)."""
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def config_to_json(config: Any) -> Dict[str, Any]:
+    """A model config's fields as JSON values; the nested quantizer config as ``{"type": <its
+    subcommand>, <its fields>}``."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name in SKIPPED_FIELDS:
+            continue
+        value = getattr(config, f.name)
+        if f.name == "quantizer":
+            kind = next(name for name, cls in QUANTIZER_COMMANDS.items() if type(value) is cls)
+            value = {"type": kind, **config_to_json(value)}
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[f.name] = value
+    return out
+
+
+def stage1_state_dict(model: Vq3dModel, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """The model's weights and buffers without the discriminator; floating tensors in ``dtype``."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("discriminator."):
+            continue
+        value = value.detach().cpu()
+        state[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+    return state
+
+
+def model_metadata(model: Vq3dModel) -> Dict[str, Any]:
+    """What :meth:`Vq3dModel.populate_modules` read from the dataparser, for ``config.json``'s ``data``."""
+    metadata = model.kwargs.get("metadata") or {}
+    return {
+        "camera_distance": float(model.camera_distance),
+        "fov_deg": float(model.fov_deg),
+        "depth_kind": metadata.get("depth_kind", "none"),
+        "class_names": list(metadata.get("class_names") or []),
+    }
+
+
+def write_package_files(
+    folder: Path, model: Vq3dModel, provenance: Dict[str, Any], about: Dict[str, Any], dtype: torch.dtype = torch.float32
+) -> Dict[str, Any]:
+    """Write ``config.json``, ``model.safetensors`` and the ``README.md`` model card of ``model``
+    into ``folder`` (the caller makes the folder appear atomically); returns ``config.json``'s
+    contents. ``about``: ``description`` (one line) and ``eval`` (:func:`eval_figures`, optional)."""
+    from safetensors.torch import save_file
+
+    info = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": str(dtype).replace("torch.", ""),
+        "model": config_to_json(model.config),
+        "data": model_metadata(model),
+        "provenance": provenance,
+        "about": about,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    save_file(stage1_state_dict(model, dtype), str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~umask)  # safetensors writes 0600; a package is for sharing
+    (folder / CARD_FILE).write_text(model_card(folder.name.lstrip(".").split(".partial")[0], info))
+    return info
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+def config_from_json(fields: Dict[str, Any], path: Path) -> Vq3dModelConfig:
+    """The model config of ``config.json``'s ``model`` object; unknown or missing fields, or a
+    quantizer of no known type, are :class:`PackageError` naming ``path``."""
+    known = {f.name: f for f in dataclasses.fields(Vq3dModelConfig) if f.name not in SKIPPED_FIELDS}
+    unknown = sorted(set(fields) - set(known))
+    missing = sorted(set(known) - set(fields))
+    if unknown or missing:
+        said = "; ".join(x for x in (unknown and f"unknown fields {unknown}", missing and f"missing fields {missing}") if x)
+        raise PackageError(f"{path}: 'model' does not fit this install's model ({said}); remake the package with this vq3d version")
+    defaults = Vq3dModelConfig()
+    values = {}
+    for name, value in fields.items():
+        if name == "quantizer":
+            value = _quantizer_from_json(value, path)
+        elif isinstance(getattr(defaults, name), tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    try:
+        return Vq3dModelConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise PackageError(f"{path}: 'model' is not a valid model config ({err}); remake the package") from None
+
+
+def _quantizer_from_json(value: Any, path: Path):
+    kinds = ", ".join(QUANTIZER_COMMANDS)
+    if not isinstance(value, dict) or value.get("type") not in QUANTIZER_COMMANDS:
+        raise PackageError(f"{path}: 'model.quantizer' needs a 'type' of {kinds}; remake the package")
+    cls = QUANTIZER_COMMANDS[value["type"]]
+    fields = {k: v for k, v in value.items() if k != "type"}
+    known = {f.name for f in dataclasses.fields(cls) if f.name not in SKIPPED_FIELDS}
+    if set(fields) != known:
+        raise PackageError(f"{path}: 'model.quantizer' fields {sorted(fields)} do not fit {value['type']} ({sorted(known)}); remake the package")
+    default = cls()
+    fields = {k: tuple(v) if isinstance(getattr(default, k), tuple) and isinstance(v, list) else v for k, v in fields.items()}
+    return cls(**fields)
+
+
+def read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; anything else (missing, truncated, a pickle) is one
+    :class:`PackageError`. safetensors parses a JSON header and raw bytes: it never runs code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PackageError(f"{path}: missing; copy the whole package folder, or remake it with vq3d package")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PackageError(f"{path}: not a complete safetensors file ({reason}); copy the package again or remake it with vq3d package") from None
+
+
+def build_model(config: Vq3dModelConfig, data: Dict[str, Any], device: str = "cpu") -> Vq3dModel:
+    """A :class:`Vq3dModel` for inference from its config and dataparser values, without a
+    dataparser: no discriminator, no training data."""
+    config = dataclasses.replace(config, adversarial_loss_mult=0.0)
+    metadata = {key: data[key] for key in DATA_KEYS}
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1, metadata=metadata)
+    return model.to(device).eval()
+
+
+def load_package(folder: Path, device: str = "cpu") -> Tuple[Vq3dModel, Dict[str, Any]]:
+    """``(model in eval mode, config.json contents)`` of a package folder. Every problem - missing or
+    truncated files, another version, unknown or missing fields, tensors that do not fit - is one
+    :class:`PackageError` naming the file and the fix."""
+    info = read_package_config(folder)
+    config = config_from_json(info["model"], folder / CONFIG_FILE)
+    state = read_weights(folder / WEIGHTS_FILE)
+    try:
+        model = build_model(config, info["data"], "cpu")
+    except (ValueError, AssertionError) as err:
+        raise PackageError(f"{folder / CONFIG_FILE}: the model cannot be built from it ({err}); remake the package") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unknown or wrong:
+        said = "; ".join(
+            f"{label} {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unknown", unknown), ("wrong shape", wrong))
+            if names
+        )
+        raise PackageError(f"{folder / WEIGHTS_FILE}: tensors do not fit {CONFIG_FILE} ({said}); the files come from different packages")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device).eval(), info
