@@ -16,9 +16,10 @@ rows not run this time keep their published line.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from common import git_revision, machine, update_section
+from common import git_revision, machine, read_section, update_section
 from quality_levers import published_lines, train_and_score
 from quality_over_budget import novel_mean, summary_row
 
@@ -41,6 +42,8 @@ ROWS = [
     ("multiview-decoded-margin", "multiview", "the decoder writes a 4-texel margin (a ring of learned query tokens) instead of replicating 3 edge texels",
      [D + "multiview-supervision", "True", D + "multiview-views", "2", M + "triplane-margin", "4",
       M + "triplane-margin-source", "decoded"]),
+    ("decoded-margin", "preset", "the decoder-written 4-texel margin alone (single views): is the collapse above the margin's?",
+     [M + "triplane-margin", "4", M + "triplane-margin-source", "decoded"]),
 ]
 
 # (header, key, format); gap = (novel - floor) / (ceiling - floor) over the novel views
@@ -81,6 +84,15 @@ def table(rows: list, published: dict) -> str:
     return "\n".join(lines)
 
 
+def published_goals_and_commands() -> tuple:
+    """The published goals paragraph and command lines (``- `command` (revision R)``), kept when a
+    later run does not rescore the preset or reruns only some rows."""
+    body = read_section("novel-views")
+    goals = re.search(r"^Goals \(issue 23\).*$", body, re.M)
+    commands = re.findall(r"^- (`\.venv/bin/python benchmarks/novel_views\.py[^`]*` \(revision \S+\))$", body, re.M)
+    return (goals.group(0) + "\n\n" if goals else ""), commands
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1650, help="training steps per row (the preset's own by default)")
@@ -99,7 +111,10 @@ def main() -> None:
         wanted = args.rows is None or name in args.rows or (args.out / name / "result.json").exists()
         rows.append((name, versus, change, train_and_score(name, extra, args, yardstick_row) if wanted else None))
     preset = rows[0][3]
-    goals = ""
+    goals, commands = published_goals_and_commands()
+    this = (f"`.venv/bin/python benchmarks/novel_views.py --steps {args.steps}"
+            + (" --rows " + " ".join(args.rows) if args.rows else "") + f"` (revision {git_revision()})")
+    commands = [c for c in commands if not c.startswith(this.split(" (revision")[0] + " ")]
     if preset is not None:
         met = [f"{label} {preset[key]:.2f} ({op} {target}: {'met' if preset[key] >= target else 'not met'})"
                for label, key, op, target in GOALS]
@@ -113,9 +128,9 @@ def main() -> None:
         "input warped through the true geometry, pixels the input cannot see left unmoved. Gap gained: (novel - floor) / "
         "(ceiling - floor). Co-visible: novel pixels whose surface the input sees. Objects: pixels of `vq3d synth`'s "
         "masks (not ground, not sky). s/step: median training step.\n\n"
-        f"Machine: {machine()}. Revision {git_revision()}. Run here (CPU).\n\n"
-        f"Command: `.venv/bin/python benchmarks/novel_views.py --steps {args.steps}"
-        + (" --rows " + " ".join(args.rows) if args.rows else "") + "`\n"
+        f"Machine: {machine()}. Run here (CPU). Commands, each row from the last one naming it "
+        "(a row's result is reused until its `outputs/novel_views/<row>/result.json` is deleted):\n\n"
+        + "".join(f"- {c}\n" for c in commands + [this])
     )
     print(body)
     update_section("novel-views", body)

@@ -253,3 +253,17 @@ def test_config_saved_before_the_sample_fields_were_renamed_loads_their_values()
     loaded = yaml.load(old, Loader=yaml.Loader)
     assert (loaded.coarse_samples_per_ray, loaded.fine_samples_per_ray) == (7, 5)
     assert not hasattr(loaded, "num_coarse_samples")
+
+
+def test_inference_rays_start_at_the_near_plane_as_in_training():
+    """nerfstudio's NearFarCollider moves the near plane to 0 outside training by default; ours must
+    not: a render samples only [near_plane, far_plane] in eval mode as in training."""
+    from nerfstudio.cameras.rays import RayBundle
+
+    model = tiny_model(near_plane=0.3).eval()
+    rays = RayBundle(origins=torch.zeros(4, 3), directions=torch.tensor([[0.0, 0.0, -1.0]]).repeat(4, 1),
+                     pixel_area=torch.ones(4, 1))
+    for training in (True, False):
+        model.renderer.train(training)
+        bundle = model.renderer.collider(RayBundle(origins=rays.origins, directions=rays.directions, pixel_area=rays.pixel_area))
+        assert torch.allclose(bundle.nears, torch.full((4, 1), 0.3)), training

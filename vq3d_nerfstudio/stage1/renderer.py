@@ -73,7 +73,10 @@ class NerfRenderer(nn.Module):
         self, near_plane: float, far_plane: float, coarse_samples: int, fine_samples: int, linear_until: float
     ) -> None:
         super().__init__()
-        self.collider = NearFarCollider(near_plane=near_plane, far_plane=far_plane)
+        # reset_near_plane=False: nerfstudio's default moves the near plane to 0 outside training, so
+        # inference sampled [0, near) - points at and behind the camera that training never sees
+        # (a decoded margin filled them with density; BENCHMARKS.md, issue 23 second round).
+        self.collider = NearFarCollider(near_plane=near_plane, far_plane=far_plane, reset_near_plane=False)
         self.sampler_coarse = PiecewiseLinDispSampler(coarse_samples, linear_until)
         self.sampler_pdf = PDFSampler(num_samples=fine_samples, include_original=True)
         self.renderer_rgb = RGBRenderer(background_color="last_sample")
