@@ -5,15 +5,23 @@
 - the field alone vs nerfstudio's `vanilla-nerf` field (NeRFField with its positional encodings,
   8 x 256 MLP) at the same number of samples per ray;
 - the floor from this machine's measured fp32 matmul rate and memory bandwidth for the FLOPs and
-  bytes one field evaluation needs (the arithmetic is printed).
+  bytes one field evaluation needs (the arithmetic is printed);
+- the inference paths on a 256x256 still frame of the shipped `vq3d-tiny-synth` (trained weights, so
+  that the quality figures mean something): the exact field evaluating every fine sample (duplicates
+  of coarse samples included), the exact field evaluating each point once, and the baked field
+  (`Vq3dModelConfig.inference_field`; its bake timed apart), each with its PSNR and depth error
+  against the first.
 
-Weights are random: throughput does not depend on them. Prints a table and updates BENCHMARKS.md.
+Weights are random for the first table: throughput does not depend on them. Prints the tables and
+updates BENCHMARKS.md (``VQ3D_BENCHMARKS_MD`` redirects it; ``--repeats 1`` for a quick smoke run).
 
     .venv/bin/python benchmarks/render_throughput.py
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import statistics
 import time
 
@@ -41,8 +49,68 @@ def machine_rates() -> tuple:
     return gflops, gbps
 
 
+def render_frame(model, camera, field, **render_options) -> dict:
+    """One camera's frame as ``model.get_outputs_for_camera`` renders it (the rays in chunks of
+    ``eval_num_rays_per_chunk``, normals included), through ``field`` with the renderer's options:
+    ``[H, W, C]`` outputs."""
+    rays = camera.generate_rays(camera_indices=0, keep_shape=True)
+    height, width = rays.shape
+    rays = rays.flatten()
+    planes = model.current_planes()
+    chunk = model.config.eval_num_rays_per_chunk
+    batch_idx = torch.zeros(len(rays), dtype=torch.long)
+    outs = [
+        model.renderer.render(rays[i : i + chunk], field, planes, batch_idx[i : i + chunk], normals=True, **render_options)
+        for i in range(0, len(rays), chunk)
+    ]
+    return {key: torch.cat([out[key] for out in outs]).reshape(height, width, -1) for key in outs[0]}
+
+
+def inference_paths(repeats: int) -> tuple:
+    """Rows (what, ms/frame, speed-up, PSNR and depth error per view) for a 256 px still frame of the
+    shipped model's first example scene, and the bake's time."""
+    from vq3d_nerfstudio.data.dataset import load_image
+    from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+    from vq3d_nerfstudio.model_index import SHIPPED_DIR
+    from vq3d_nerfstudio.stage1.baked import COLOUR_MIN_WEIGHT, BakedField, bake_resolution
+    from vq3d_nerfstudio.stage1.package import load_package
+
+    folder = SHIPPED_DIR / "vq3d-tiny-synth"
+    model, _ = load_package(folder)
+    model.set_scene_images(load_image(folder / "examples" / "example_00.png", model.config.image_size))
+    planes = model.current_planes()
+    cfg = model.config
+    nodes = bake_resolution(model.layout, cfg.num_depth_frequencies, cfg.bake_nodes_per_texel)
+    bake_s = median_time(lambda: BakedField.bake(model.field, planes, nodes), repeats=repeats)
+    baked = BakedField.bake(model.field, planes, nodes)
+    paths = [
+        ("exact field, every fine sample (before)", model.field, dict(reuse_coarse=False)),
+        ("exact field, each point once", model.field, dict(reuse_coarse=True)),
+        ("baked field, colour where seen (inference default)", baked, dict(colour_min_weight=COLOUR_MIN_WEIGHT)),
+    ]
+    views = {"canonical": (0.0, 0.0), "orbit 20 deg": (20.0, 0.0)}
+    cameras = {name: orbit_cameras([pose], 256, model.camera_distance, model.fov_deg) for name, pose in views.items()}
+    reference = {name: render_frame(model, camera, model.field, reuse_coarse=False) for name, camera in cameras.items()}
+    rows = []
+    for what, field, options in paths:
+        seconds = median_time(lambda: render_frame(model, cameras["orbit 20 deg"], field, **options),
+                              repeats=max(1, repeats - 2) if field is model.field else repeats)
+        quality = []
+        for name, camera in cameras.items():
+            out, ref = render_frame(model, camera, field, **options), reference[name]
+            mse = float((out["rgb"] - ref["rgb"]).square().mean())
+            psnr = "identical" if mse == 0 else f"{-10 * math.log10(mse):.1f} dB"
+            depth = float(((out["depth"] - ref["depth"]).abs() / ref["depth"]).median())
+            quality.append(f"{psnr}, {100 * depth:.3f}%")
+        rows.append((what, seconds, *quality))
+    return rows, bake_s, nodes
+
+
 @torch.no_grad()
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row after a warm-up (the slow rows 2 fewer)")
+    repeats = parser.parse_args().repeats
     from nerfstudio.data.scene_box import SceneBox
     from nerfstudio.field_components.encodings import NeRFEncoding
     from nerfstudio.fields.vanilla_nerf_field import NeRFField
@@ -53,6 +121,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = build_trainer_config("vq3d-tiny").pipeline.model
+    cfg.inference_field = "exact"  # these rows are the tri-plane field's; the baked one has its own table
     model = cfg.setup(scene_box=SceneBox(torch.tensor([[-3.0] * 3, [3.0] * 3])), num_train_data=1, metadata={}).eval()
     model.set_scene_images(torch.rand(cfg.image_size, cfg.image_size, 3))
     planes = model.current_planes()
@@ -61,7 +130,7 @@ def main() -> None:
     rows = []
     for size in (64, 256):
         camera = orbit_cameras([(0.0, 0.0)], size, 2.0, 50.0)
-        seconds = median_time(lambda: model.get_outputs_for_camera(camera), repeats=3 if size > 64 else 5)
+        seconds = median_time(lambda: model.get_outputs_for_camera(camera), repeats=max(1, repeats - 2) if size > 64 else repeats)
         rows.append((f"vq3d-tiny full render, {size}x{size}", f"{seconds * 1e3:.1f} ms/frame", f"{size * size / seconds:,.0f}"))
 
     camera = orbit_cameras([(0.0, 0.0)], 64, 2.0, 50.0)
@@ -69,12 +138,12 @@ def main() -> None:
     samples = UniformSampler(num_samples=samples_per_ray)(bundle)
     num_rays = len(bundle)
     batch_idx = torch.zeros(num_rays, dtype=torch.long)
-    vq3d_field = median_time(lambda: model.field(samples, planes, batch_idx))
+    vq3d_field = median_time(lambda: model.field(samples, planes, batch_idx), repeats=repeats)
     nerf_field = NeRFField(
         position_encoding=NeRFEncoding(in_dim=3, num_frequencies=10, min_freq_exp=0.0, max_freq_exp=8.0, include_input=True),
         direction_encoding=NeRFEncoding(in_dim=3, num_frequencies=4, min_freq_exp=0.0, max_freq_exp=4.0, include_input=True),
     ).eval()
-    vanilla = median_time(lambda: nerf_field(samples), repeats=3)
+    vanilla = median_time(lambda: nerf_field(samples), repeats=max(1, repeats - 2))
     rows.append((f"VQ3D field only, {samples_per_ray} samples/ray", f"{vq3d_field * 1e3:.1f} ms / {num_rays} rays", f"{num_rays / vq3d_field:,.0f}"))
     rows.append((f"vanilla-nerf field, {samples_per_ray} samples/ray", f"{vanilla * 1e3:.1f} ms / {num_rays} rays", f"{num_rays / vanilla:,.0f}"))
 
@@ -104,7 +173,25 @@ def main() -> None:
         f"= {bytes_per_eval} B. Floor = rays x {samples_per_ray} samples x max(FLOPs / rate, bytes / bandwidth).\n"
         f"- Full renders add the coarse pass, PDF resampling and compositing: {samples_per_ray} field evaluations per ray "
         f"({cfg.coarse_samples_per_ray} coarse + {cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1} fine).\n\n"
-        f"Machine: {machine()}. Revision {git_revision()}. Median of 5 (3 for the slow rows) after a warm-up. Run here (CPU).\n\n"
+    )
+    inference_rows, bake_s, nodes = inference_paths(repeats)
+    before = inference_rows[0][1]
+    inference_table = (
+        "| path | ms / 256x256 frame | speed-up | vs before: PSNR, median depth error (canonical) | (orbit 20 deg) |\n"
+        "|---|---|---|---|---|\n"
+        + "\n".join(f"| {what} | {seconds * 1e3:.0f} | {before / seconds:.1f}x | {canonical} | {orbit} |"
+                     for what, seconds, canonical, orbit in inference_rows)
+    )
+    baked_s = inference_rows[-1][1]
+    body += (
+        "### Inference paths: a 256x256 still frame of the shipped vq3d-tiny-synth\n\n"
+        f"{inference_table}\n\n"
+        f"- Baking the scene once ({nodes[0]} x {nodes[1]} x {nodes[2]} nodes along W, V, U): **{bake_s * 1e3:.0f} ms**; "
+        f"the first frame of a new scene costs bake + frame = {(bake_s + baked_s) * 1e3:.0f} ms (goal: a still 256 px frame <= 250 ms).\n"
+        "- Timed on the orbit frame (example_00, yaw 20 deg), normals included, chunks of eval_num_rays_per_chunk rays as "
+        "`get_outputs_for_camera` renders them; depth error = median over pixels of |depth - before| / before (ray distance).\n\n"
+        f"Machine: {machine()}. Revision {git_revision()}. Median of {repeats} ({max(1, repeats - 2)} for the slow rows) "
+        "after a warm-up. Run here (CPU).\n\n"
         "Command: `.venv/bin/python benchmarks/render_throughput.py`\n"
     )
     print(body)

@@ -12,8 +12,8 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 from plyfile import PlyData
 
 from vq3d_nerfstudio.export import splats
+from vq3d_nerfstudio.export.splats import export_cameras, export_poses
 from vq3d_nerfstudio.geometry.cameras import orbit_cameras
-from vq3d_nerfstudio.scripts.export_splats import export_cameras, export_poses
 
 STANDARD_NAMES = (
     ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]

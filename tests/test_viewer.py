@@ -66,7 +66,8 @@ def test_picking_a_bad_dataset_image_keeps_the_scene():
         raise DatasetError("/data/kaputt.png: cannot read image (image file is truncated); replace or remove the file")
 
     datamanager = SimpleNamespace(train_dataset=[0, 1, 2], eval_dataset=[0, 1, 2])
-    controls = SceneControls(SimpleNamespace(datamanager=datamanager, model=SimpleNamespace(show_image=show_image)))
+    model = SimpleNamespace(show_image=show_image, default_scene=("eval", 0))
+    controls = SceneControls(SimpleNamespace(datamanager=datamanager, model=model))
     controls.split.value, controls.index.value = "train", 1
     controls._on_pick()
     assert controls.shown.value.startswith("cannot show train image 1: /data/kaputt.png: cannot read image")
@@ -89,8 +90,9 @@ def test_controls_are_found_and_pick_scenes(pipeline):
     from nerfstudio.viewer.viewer_elements import ViewerElement
 
     found = [path for path, _ in parse_object(pipeline, ViewerElement, "Custom Elements")]
-    assert found[:5] == [f"Custom Elements/scene_{i}" for i in ("1_split", "2_index", "3_random", "4_upload", "5_shown")]
-    assert found[5:] == [f"Custom Elements/zedit_{i}" for i in
+    assert found[:6] == [f"Custom Elements/scene_{i}" for i in ("1_split", "2_index", "3_random", "4_upload", "5_shown", "5_status")]
+    assert found[6:9] == [f"Custom Elements/view_{i}" for i in ("1_reset", "2_limits", "3_splats")]
+    assert found[9:] == [f"Custom Elements/zedit_{i}" for i in
                          ("1_set_a", "2_set_b", "3_blend", "4_space", "5_place", "6_position", "7_scale")]
     controls, model = pipeline._scene_controls, pipeline.model
     controls.split.value, controls.index.value = "train", 3
@@ -142,7 +144,7 @@ def test_nerfstudio_viewer_installs_the_controls_on_a_real_server(pipeline, tmp_
         controls.split.gui_handle.value, controls.index.gui_handle.value = "train", 2
         controls.index.cb_hook(controls.index)  # the hook as the viewer rewired it (pick + re-render)
         assert pipeline.model.scene.key == ("train", 2) and controls.shown.value.startswith("training image 2, class ")
-        assert viewer.control_panel.max_res == 2 * pipeline.model.config.image_size  # CPU default, not 512
+        assert viewer.control_panel.max_res == 256  # CPU default, not 512
     finally:
         viewer.viser_server.stop()
 
@@ -229,3 +231,83 @@ def test_edit_controls_blend_and_place(pipeline):
     assert model.scene.composition is not None and model.scene.composition.position == (0.0, 0.0, 0.5)
     torch.testing.assert_close(model.current_planes(), a.planes)
     assert shown.value.startswith("B placed into A")
+
+
+class FakeClient:
+    """A viser client as the server sees it (its real CameraHandle, messages to the browser dropped)."""
+
+    def __init__(self):
+        import contextlib
+        from types import SimpleNamespace
+
+        from viser._viser import CameraHandle
+
+        self._websock_connection = SimpleNamespace(queue_message=lambda message: None)
+        self.atomic = contextlib.nullcontext
+        self.camera = CameraHandle(self)
+        self.camera._state.update_timestamp = 1.0  # as after the browser's first camera message
+        self.camera._state.position = np.array([3.0, -4.0, 1.0])  # viser's default-ish: somewhere else
+        self.camera._state.up_direction = np.array([0.0, 0.0, 1.0])
+        self.camera._state.aspect = 1.0
+
+
+def test_viewer_opens_at_the_input_view_with_one_frustum_and_the_panels_scene(pipeline, tmp_path):
+    """A client that connects gets the canonical camera (nerfstudio turns the viser camera into the
+    model's canonical camera-to-world and field of view); nerfstudio's initial camera index does not
+    pick training image 0 over the panel's scene; one training frustum, showing the shown image."""
+    from nerfstudio.configs.base_config import ViewerConfig
+    from nerfstudio.viewer.utils import get_camera
+    from nerfstudio.viewer.viewer import Viewer
+
+    from vq3d_nerfstudio.geometry.cameras import canonical_camera_to_world
+
+    torch.manual_seed(0)
+    pipeline = pipeline.config.setup(device="cpu", test_mode="val").eval()
+    model = pipeline.model
+    viewer = Viewer(ViewerConfig(websocket_port=None, quit_on_train_completion=True), log_filename=tmp_path / "v.txt",
+                    datapath=tmp_path, pipeline=pipeline, share=False)
+    try:
+        viewer.init_scene(train_dataset=pipeline.datamanager.train_dataset, train_state="completed")
+        assert list(viewer.camera_handles) == [0]  # 1 frustum, not one per training image
+        client = FakeClient()
+        pipeline.scene_viewer_setup.to_input_view(client)
+        state = viewer.get_camera_state(client)
+        torch.testing.assert_close(state.c2w.float(), canonical_camera_to_world(model.camera_distance), atol=1e-5, rtol=0)
+        assert state.fov == pytest.approx(np.radians(model.fov_deg))
+        # the first frame: the viewer's camera carries cam_idx 0 (nobody clicked); the panel's scene shows
+        camera = get_camera(state, 16, 16)  # the frame's camera, built as the viewer's render thread does
+        camera.metadata = {"cam_idx": viewer.current_camera_idx}
+        model.get_outputs_for_camera(camera)
+        assert model.scene.key == ("eval", 0) and pipeline._scene_controls.shown.value.startswith("held-out image 0")
+        camera.metadata = {"cam_idx": 2}  # a click on another camera still picks it
+        model.get_outputs_for_camera(camera)
+        assert model.scene.key == ("train", 2)
+        pipeline.scene_viewer_setup.poll()  # what the watcher thread does after a scene change
+        assert "encoded in" in pipeline._scene_controls.status.value
+        assert model.scene.encode_seconds is not None and model.scene.encode_seconds > 0
+    finally:
+        viewer.viser_server.stop()
+
+
+def test_splat_toggle_builds_splats_and_idles_the_nerf_render(pipeline):
+    from vq3d_nerfstudio.geometry.cameras import canonical_cameras
+
+    torch.manual_seed(0)
+    pipeline = pipeline.config.setup(device="cpu", test_mode="val").eval()
+    model, splats = pipeline.model, pipeline._splat_controls
+    splats.settings.num_cameras, splats.settings.num_gaussians = 2, 500  # quick
+    model.show_image("eval", 0)
+    camera = canonical_cameras(1, 12, model.camera_distance, model.fov_deg)
+    rendered = model.get_outputs_for_camera(camera)
+    splats.toggle.value = True
+    splats._on_toggle()
+    assert model.idle_render
+    splats.build()  # (the toggle started the same build in a thread; one runs, the other finds it done)
+    assert 0 < splats.count <= 500 and splats.bytes == splats.count * (3 + 9 + 3 + 1) * 4
+    assert "splats" in pipeline._scene_controls.status.value
+    idle = model.get_outputs_for_camera(camera)
+    assert set(idle) == set(rendered)  # the same outputs: the viewer's output menu does not change
+    assert float(idle["rgb"].abs().max()) == 0 and torch.all(idle["depth"] == model.config.far_plane)
+    splats.toggle.value = False
+    splats._on_toggle()
+    torch.testing.assert_close(model.get_outputs_for_camera(camera)["rgb"], rendered["rgb"])

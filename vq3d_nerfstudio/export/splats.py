@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from plyfile import PlyData, PlyElement, PlyParseError
 
 from vq3d_nerfstudio.files import atomic_path
+from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
 SH_C0 = 0.28209479177387814
 """Degree-0 real spherical harmonic, ``1 / (2 sqrt(pi))``: 3DGS stores colour as ``(rgb - 0.5) / C0``."""
@@ -172,18 +173,19 @@ class NerfSamples:
 
 
 @torch.no_grad()
-def nerf_samples(model, ray_bundle, planes: torch.Tensor, batch_idx: Optional[torch.Tensor] = None) -> NerfSamples:
+def nerf_samples(model, ray_bundle, planes: torch.Tensor, batch_idx: Optional[torch.Tensor] = None, field=None) -> NerfSamples:
     """Run ``model``'s renderer passes (:meth:`~vq3d_nerfstudio.stage1.renderer.NerfRenderer.sample`:
     the samplers and the field, as every render does) on ``ray_bundle`` (flat, ``[R]``) and keep
     what compositing discards: each fine sample's position, colour and alpha. With the model's
     ``last_sample`` background the leftover transmittance is given to the last sample (alpha 1), so
     ``sum_i weights_i * rgb_i`` is the model's rendered colour (tests check both against
-    ``render_rays``)."""
+    ``render_rays``). ``field``: another field than ``model.field`` (a scene with an object placed
+    in it, a baked field)."""
     from nerfstudio.field_components.field_heads import FieldHeadNames
 
     if batch_idx is None:
         batch_idx = torch.zeros(len(ray_bundle), dtype=torch.long, device=planes.device)
-    passes = model.renderer.sample(ray_bundle, model.field, planes, batch_idx)
+    passes = model.renderer.sample(ray_bundle, model.field if field is None else field, planes, batch_idx)
     ray_bundle, fine = passes.ray_bundle, passes.fine
     density = passes.fine_outputs[FieldHeadNames.DENSITY]
     weights = passes.fine_weights[..., 0]  # (R, S)
@@ -359,6 +361,64 @@ def gaussians_from_samples(
         opacities=merged["opacities"].clamp(1e-4, ALPHA_MAX),
         colors=merged["colors"].clamp(0, 1),
     )
+
+
+def export_poses(num_cameras: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:
+    """(yaw, elevation) of the cameras whose rays place the splats: the canonical view, then the
+    others evenly round an ellipse of ``+-max_yaw`` by ``+-max_elevation`` around it."""
+    poses = [(0.0, 0.0)]
+    for i in range(num_cameras - 1):
+        angle = 2 * math.pi * i / (num_cameras - 1)
+        poses.append((max_yaw_deg * math.cos(angle), max_elevation_deg * math.sin(angle)))
+    return poses
+
+
+def export_cameras(poses: List[Tuple[float, float]], resolution: int, distance: float, fov_deg: float, margin_deg: float):
+    """Square cameras at ``poses`` that see ``margin_deg`` farther on every side than ``fov_deg``, at
+    the pixel size ``resolution`` pixels give ``fov_deg`` (so views in between, and what the edge of
+    a novel view shows, were seen well inside some camera's frame, not only at its border)."""
+    wide = fov_deg + 2 * margin_deg
+    size = round(resolution * math.tan(math.radians(wide / 2)) / math.tan(math.radians(fov_deg / 2)))
+    return orbit_cameras(poses, size, distance, wide)
+
+
+@dataclass
+class SplatSettings:
+    """Where splats come from (``vq3d export-splats``'s options; the viewer's splat toggle uses
+    the defaults). See :func:`gaussians_from_samples` for the merging options."""
+
+    num_gaussians: int = 20000
+    num_cameras: int = 8
+    max_yaw_deg: float = 20.0
+    max_elevation_deg: float = 8.0
+    ray_resolution: int = 0
+    """Pixels on a side over the model's field of view (0: the model's image size)."""
+    margin_deg: float = 10.0
+    min_weight: float = 0.01
+    background_radius: float = 50.0
+    scale_mult: float = 0.5
+    cell_depth_ratio: float = 5.0
+
+
+@torch.no_grad()
+def gaussians_from_nerf(model, planes: torch.Tensor, settings: SplatSettings, field=None, rays_per_chunk: int = 4096):
+    """Splats of one scene's NeRF (``planes``; ``field`` instead of ``model.field`` when given): the
+    fine samples along the rays of :func:`export_cameras` at :func:`export_poses`, merged by
+    :func:`gaussians_from_samples`. Returns ``(gaussians, cameras)``."""
+    poses = export_poses(settings.num_cameras, settings.max_yaw_deg, settings.max_elevation_deg)
+    resolution = settings.ray_resolution or model.config.image_size
+    cameras = export_cameras(poses, resolution, model.camera_distance, model.fov_deg, settings.margin_deg)
+    cameras = cameras.to(planes.device)
+    samples = []
+    for i in range(len(poses)):
+        rays = cameras.generate_rays(camera_indices=i, keep_shape=False)
+        for start in range(0, len(rays), rays_per_chunk):
+            samples.append(nerf_samples(model, rays[start : start + rays_per_chunk], planes, field=field))
+    gaussians = gaussians_from_samples(
+        samples, settings.num_gaussians, model.camera_distance, settings.min_weight, settings.background_radius,
+        settings.scale_mult, settings.cell_depth_ratio,
+    )
+    return gaussians, cameras
 
 
 # ---- cameras ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 from vq3d_nerfstudio.checks import check_nerfstudio_command_line
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.data.dataset import load_image
-from vq3d_nerfstudio.ns.viewer_controls import CpuViewerDefaults, EditControls, SampleControls, SceneControls
+from vq3d_nerfstudio.ns.viewer_controls import EditControls, SampleControls, SceneControls, SplatControls, ViewerSetup
 from vq3d_nerfstudio.stage1.model import Vq3dModel, Vq3dModelConfig
 
 
@@ -139,7 +139,11 @@ class Vq3dPipeline(VanillaPipeline):
         self.scene_3_random = self._scene_controls.random
         self.scene_4_upload = self._scene_controls.upload
         self.scene_5_shown = self._scene_controls.shown
-        self.scene_viewer_defaults = CpuViewerDefaults(self)
+        self.scene_5_status = self._scene_controls.status
+        self._splat_controls = SplatControls(self, self.scene_5_status)
+        self.scene_viewer_setup = ViewerSetup(self, self.scene_5_shown, self.scene_5_status, self._splat_controls)
+        self.view_1_reset, self.view_2_limits = self.scene_viewer_setup.reset, self.scene_viewer_setup.limits
+        self.view_3_splats = self._splat_controls.toggle
         self._edit_controls = EditControls(self, self._scene_controls.shown)
         edits = self._edit_controls
         self.zedit_1_set_a, self.zedit_2_set_b, self.zedit_3_blend, self.zedit_4_space = edits.set_a, edits.set_b, edits.blend, edits.space
@@ -199,7 +203,8 @@ class Vq3dPipeline(VanillaPipeline):
         self.eval()
         camera, batch = self.datamanager.next_eval_image(step)
         self.model.set_scene_images(batch["image"], key=("eval", int(batch["image_idx"])))
-        outputs = self.model.get_outputs_for_camera(camera)
+        with self.model.exact_field():  # metrics score the model, not its baked preview
+            outputs = self.model.get_outputs_for_camera(camera)
         metrics_dict, images_dict = self.model.get_image_metrics_and_images(outputs, batch)
         metrics_dict["num_rays"] = (camera.height * camera.width * camera.size).item()
         self.train()
@@ -229,7 +234,8 @@ class Vq3dPipeline(VanillaPipeline):
                 self.datamanager.report_skipped(batch, step or 0)  # a bad file was replaced by the next image
                 start = time()
                 self.model.set_scene_images(batch["image"], key=("eval", int(batch["image_idx"])))
-                outputs = self.model.get_outputs_for_camera(camera=camera)
+                with self.model.exact_field():
+                    outputs = self.model.get_outputs_for_camera(camera=camera)
                 metrics, images = self.model.get_image_metrics_and_images(outputs, batch)
                 metrics["fps"] = 1.0 / max(time() - start, 1e-9)
                 if output_path is not None:

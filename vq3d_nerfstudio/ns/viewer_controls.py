@@ -4,15 +4,21 @@ nerfstudio's viewer installs every ``ViewerElement`` it finds on the pipeline un
 Elements" and re-renders after each callback. These pick the shown scene: a split and an image index
 (held-out "eval" or "train" images), a random-image button, an upload button that takes any photo
 and shows its NeRF at once, and a read-only line naming the shown image and its class when known.
-Clicking a training camera frustum also picks that image (the model handles ``cam_idx``).
+:class:`ViewerSetup` opens every client at the input view and keeps the status line and the one
+camera frustum up to date; :class:`SplatControls` draws the scene as splats in the browser.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
-from typing import Callable, Optional
+import threading
+import time
+from typing import Callable, Optional, Tuple
 
+import numpy as np
+from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 from nerfstudio.viewer.viewer_elements import (
     ViewerButton,
     ViewerControl,
@@ -24,6 +30,7 @@ from nerfstudio.viewer.viewer_elements import (
 
 from vq3d_nerfstudio.data.dataset import load_image
 from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.export.splats import SplatSettings, covariances, gaussians_from_nerf
 from vq3d_nerfstudio.stage1.edits import EncodedImage, Placement, encode_image, interpolate
 from vq3d_nerfstudio.stage2.checkpoint import CheckpointError
 from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, SceneSampler, class_label_name
@@ -32,6 +39,12 @@ MAX_UPLOAD_BYTES = 25 * 2**20
 """Uploads larger than this are refused (a photo for a 256 px model needs far less)."""
 MAX_UPLOAD_PIXELS = 50_000_000
 """... and so are images with more pixels than this (decompression bombs)."""
+FRUSTUM_HIDE_DISTANCE = 0.1
+"""The training-camera frustum hides while the viewer's camera is within this many world units of it."""
+VIEWER_SKY_RADIUS = 8.0
+"""Splats in the viewer: samples farther than this from the pivot (the sky) are pulled in to it."""
+CPU_STILL_SIDE = 256
+"""On a CPU the viewer's "Max res" (the still frame's longer side) starts here instead of 512 px."""
 
 
 class ViewerUploadButton(ViewerElement[object]):
@@ -88,21 +101,141 @@ def decode_upload(name: str, content: bytes, size: int):
         raise ValueError(f"{name}: the image data is damaged or unsupported ({detail}); upload another photo") from None
 
 
-class CpuViewerDefaults(ViewerControl):
-    """On a CPU, start the viewer's "Max res" at twice the model's input size instead of 512 px: a
-    512 px still of `vq3d-tiny` would take ~14 s on 2 cores, 128 px ~0.8 s (scaled from the 64 and
-    256 px frame times in BENCHMARKS.md). Raise it in Render Options when you want more pixels."""
+class ViewerSetup(ViewerControl):
+    """What nerfstudio's viewer does differently for a single-image model, set up once the viewer
+    exists (``_setup``) and kept up to date by a watcher thread:
 
-    def __init__(self, pipeline) -> None:
+    - every client opens at the input view (the canonical camera: up +y, looking at the pivot, the
+      model's field of view), where the model is good; the "Reset to input view" button goes back;
+    - the first frame shows the scene the panel names: the viewer sends its camera index 0 with
+      every frame, which must not pick training image 0 before anyone clicks a camera;
+    - one training-camera frustum (all training images share the canonical camera), showing the
+      shown scene's image, hidden while the camera is at the input view (its image plane would cover
+      the render); clicking it goes back to the input view;
+    - on a CPU, "Max res" starts at :data:`CPU_STILL_SIDE` instead of 512 px;
+    - the status line: what is shown, how long its encode took, the splat count.
+    """
+
+    def __init__(self, pipeline, shown: ViewerText, status: ViewerText, splats: "SplatControls") -> None:
         super().__init__()
         self._pipeline = pipeline
+        self._shown = shown
+        self._status = status
+        self._splats = splats
+        self._viewer = None
+        self._scene = None
+        model = pipeline.model
+        self.reset = ViewerButton("Reset to input view", cb_hook=lambda _: self.to_input_view_all())
+        cfg = model.config
+        self.limits = ViewerText(
+            "Supported views",
+            f"within {cfg.novel_view_max_yaw_deg:g} deg yaw, {cfg.novel_view_max_elevation_deg:g} deg elevation "
+            f"of the input view, around the pivot {model.camera_distance:g} units ahead",
+            disabled=True, hint="one photo shows one side: farther views show what the photo cannot",
+        )
 
+    # ---- set-up ------------------------------------------------------------------------------
     def _setup(self, viewer) -> None:
         super()._setup(viewer)
+        self._viewer = viewer
         model = self._pipeline.model
         panel = getattr(viewer, "control_panel", None)
         if panel is not None and getattr(model.device, "type", str(model.device)) == "cpu":
-            panel._max_res.value = min(panel._max_res.value, 2 * model.config.image_size)
+            panel._max_res.value = min(panel._max_res.value, CPU_STILL_SIDE)
+        model.ignore_camera_index(int(getattr(viewer, "current_camera_idx", 0)))
+        viewer.config.max_num_display_images = 1
+        init_scene = viewer.init_scene
+
+        def init_scene_with_one_frustum(*args, **kwargs):
+            init_scene(*args, **kwargs)
+            self.update_frustum()
+
+        viewer.init_scene = init_scene_with_one_frustum
+        viewer.viser_server.on_client_connect(self.on_connect)
+        self._splats.attach(viewer.viser_server, VISER_NERFSTUDIO_SCALE_RATIO)
+        threading.Thread(target=self._watch, name="vq3d-viewer-watch", daemon=True).start()
+
+    def input_view(self) -> Tuple[Tuple[float, float, float], float]:
+        """The canonical camera in viser's frame: its position and vertical field of view (radians)."""
+        model = self._pipeline.model
+        return (0.0, 0.0, model.camera_distance * VISER_NERFSTUDIO_SCALE_RATIO), math.radians(model.fov_deg)
+
+    def on_connect(self, client) -> None:
+        """A new client: to the input view, and follow its camera (see :meth:`camera_moved`)."""
+        client.camera.on_update(self.camera_moved)
+        self.to_input_view(client)
+
+    def to_input_view(self, client) -> None:
+        position, fov = self.input_view()
+        with client.atomic():
+            client.camera.up_direction = (0.0, 1.0, 0.0)
+            client.camera.position = position
+            client.camera.look_at = (0.0, 0.0, 0.0)
+            client.camera.fov = fov
+
+    def camera_moved(self, camera) -> None:
+        """Hide the frustum while a camera is at the input view: its image plane would fill the view
+        in front of the render. Elsewhere it shows, unless "Hide Train Cams" hid the cameras."""
+        viewer = self._viewer
+        if viewer is None or not getattr(viewer, "camera_handles", None):
+            return
+        position, _ = self.input_view()
+        at_input = float(np.linalg.norm(np.asarray(camera.position) - np.asarray(position))) < FRUSTUM_HIDE_DISTANCE * VISER_NERFSTUDIO_SCALE_RATIO
+        shown = not at_input and getattr(getattr(viewer, "hide_images", None), "visible", True)
+        for handle in viewer.camera_handles.values():
+            if handle.visible != shown:
+                handle.visible = shown
+
+    def to_input_view_all(self) -> None:
+        if self._viewer is not None:
+            for client in self._viewer.viser_server.get_clients().values():
+                self.to_input_view(client)
+
+    def update_frustum(self) -> None:
+        """The one training-camera frustum, at the canonical camera, showing the shown image."""
+        viewer = self._viewer
+        if viewer is None or not getattr(viewer, "camera_handles", None):
+            return
+        model = self._pipeline.model
+        image = model.scene.image
+        picture = None
+        if image is not None:
+            picture = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+        for idx, old in list(viewer.camera_handles.items()):
+            handle = viewer.viser_server.scene.add_camera_frustum(
+                name=f"/cameras/camera_{idx:05d}", fov=math.radians(model.fov_deg), aspect=1.0,
+                scale=viewer.config.camera_frustum_scale, image=picture, wxyz=old.wxyz, position=old.position,
+                visible=old.visible,
+            )
+            handle.on_click(lambda event: self.to_input_view(event.client))
+            viewer.camera_handles[idx] = handle
+
+    # ---- the watcher: status, frustum and splats follow the shown scene -----------------------
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.25)
+            try:
+                self.poll()
+            except Exception as err:  # a viewer thread must not die; say what happened
+                self._status.value = f"status unavailable: {type(err).__name__}: {err}"
+
+    def poll(self) -> None:
+        """Act on a new shown scene once its tri-planes exist: after its first frame, or at once
+        while the NeRF render idles for the splats."""
+        model = self._pipeline.model
+        scene = model.scene
+        if scene is self._scene:
+            return
+        if scene.planes is None:
+            if not self._splats.on:
+                return
+            model.current_planes()
+            scene = model.scene
+        self._scene = scene
+        seconds = getattr(scene, "encode_seconds", None)
+        self._status.value = f"encoded in {seconds * 1000:.0f} ms" if seconds is not None else "shown"
+        self.update_frustum()
+        self._splats.scene_changed()
 
 
 class SceneControls:
@@ -117,7 +250,10 @@ class SceneControls:
         self.random = ViewerButton("Random image", cb_hook=self._on_random)
         self.upload = ViewerUploadButton("Upload a photo", cb_hook=self._on_upload,
                                          hint="any photo: encoded at once, its NeRF is shown")
-        self.shown = ViewerText("Shown", "held-out image 0", disabled=True, hint="the image whose NeRF is shown")
+        split, index = pipeline.model.default_scene
+        first = self._label(split, index) if split in ("train", "eval") else "the photo VQ3D_SCENE names"
+        self.shown = ViewerText("Shown", first, disabled=True, hint="the image whose NeRF is shown")
+        self.status = ViewerText("Status", "", disabled=True, hint="how long the shown scene took to encode; splats")
 
     # ---- callbacks (run in viser's thread; the viewer re-renders afterwards) --------------------
     def _split_size(self, split: str) -> int:
@@ -128,7 +264,7 @@ class SceneControls:
     def _label(self, split: str, index: int) -> str:
         datamanager = self._pipeline.datamanager
         dataset = datamanager.train_dataset if split == "train" else datamanager.eval_dataset
-        meta = dataset.metadata if dataset is not None else {}
+        meta = getattr(dataset, "metadata", None) or {}
         names, ids = meta.get("class_names") or [], meta.get("class_ids") or []
         text = f"{'held-out' if split == 'eval' else 'training'} image {index}"
         if index < len(ids) and 0 <= ids[index] < len(names):
@@ -269,3 +405,80 @@ class EditControls:
         placement = Placement(self.ends["B"].planes, tuple(float(v) for v in self.position.value), scale)
         self._pipeline.model.set_scene_planes(self.ends["A"].planes, key=("composite", 0), composition=placement)
         self._shown.value = f"B placed into A at {tuple(round(float(v), 2) for v in self.position.value)}, scale {scale:g}"
+
+
+class SplatControls:
+    """The shown scene as 3D Gaussians that the browser draws (viser's splat renderer, on the
+    viewer's own GPU): orbiting needs no server render at all. While "Splats (browser)" is on the
+    splats are rebuilt after each scene change (upload, index, sample, edit) in a background thread,
+    with ``vq3d export-splats``'s code and defaults, and the server-side NeRF render idles (a blank
+    frame at the far plane). The NeRF view stays the default and the reference."""
+
+    NAME = "/vq3d/splats"
+
+    def __init__(self, pipeline, status: ViewerText, settings=None) -> None:
+        from nerfstudio.viewer.viewer_elements import ViewerCheckbox
+
+        self._pipeline = pipeline
+        self._status = status
+        # the sky pulled in to 8 units, not export-splats' 50: the browser's far plane clips it there
+        self.settings = settings or SplatSettings(background_radius=VIEWER_SKY_RADIUS)
+        self.toggle = ViewerCheckbox("Splats (browser)", False, cb_hook=self._on_toggle,
+                                     hint="draw the scene as 3D Gaussians in the browser; the server renders nothing")
+        self._server = None
+        self._scale = 1.0
+        self._handle = None
+        self._built_for = None
+        self._lock = threading.Lock()
+        self.count = 0
+        self.bytes = 0
+        self.build_seconds = None
+
+    def attach(self, server, scale: float) -> None:
+        """The viser server to draw on, and its units per world unit."""
+        self._server, self._scale = server, scale
+
+    @property
+    def on(self) -> bool:
+        return bool(self.toggle.value)
+
+    def _on_toggle(self, _element=None) -> None:
+        self._pipeline.model.idle_render = self.on
+        if self._handle is not None:
+            self._handle.visible = self.on
+        if self.on:
+            self.scene_changed()
+
+    def scene_changed(self) -> None:
+        """Rebuild for the shown scene in the background, when on and not built for it yet."""
+        if self.on and self._pipeline.model.scene is not self._built_for:
+            threading.Thread(target=self.build, name="vq3d-splats", daemon=True).start()
+
+    def build(self) -> None:
+        """Splats of the shown scene, sent to the browser (one build at a time)."""
+        with self._lock:
+            model = self._pipeline.model
+            scene = model.scene
+            if scene is self._built_for:
+                return
+            self._status.value = "building splats..."
+            start = time.perf_counter()
+            planes = model.current_planes()
+            field = model.shown_field(planes)  # the baked field (quick), with any placed object
+            gaussians, _ = gaussians_from_nerf(model, planes, self.settings, field=field)
+            s = self._scale
+            centers = (gaussians.means * s).cpu().numpy().astype("float32")
+            covs = (covariances(gaussians.quats, gaussians.scales) * s * s).cpu().numpy().astype("float32")
+            rgbs = gaussians.colors.cpu().numpy().astype("float32")
+            opacities = gaussians.opacities[:, None].cpu().numpy().astype("float32")
+            if self._server is not None:
+                scene_api = self._server.scene
+                add = getattr(scene_api, "add_gaussian_splats", None) or scene_api._add_gaussian_splats
+                self._handle = add(self.NAME, centers=centers, covariances=covs, rgbs=rgbs, opacities=opacities)
+                self._handle.visible = self.on
+            self._built_for = scene
+            self.count = len(gaussians)
+            self.bytes = sum(a.nbytes for a in (centers, covs, rgbs, opacities))
+            self.build_seconds = time.perf_counter() - start
+            self._status.value = (f"{self.count} splats ({self.bytes / 2**20:.1f} MB) built in "
+                                  f"{self.build_seconds:.1f} s")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import tyro
 
@@ -17,27 +16,6 @@ SplatImage = reworded(
     ImageChoice, image="A photo (centre-cropped and resized to the model's size); without it, --split/--image-index.",
     split="Which dataset split the image comes from (when no --image).",
 )
-
-
-def export_poses(num_cameras: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:
-    """(yaw, elevation) of the cameras whose rays place the splats: the canonical view, then the
-    others evenly round an ellipse of ``+-max_yaw`` by ``+-max_elevation`` around it."""
-    poses = [(0.0, 0.0)]
-    for i in range(num_cameras - 1):
-        angle = 2 * math.pi * i / (num_cameras - 1)
-        poses.append((max_yaw_deg * math.cos(angle), max_elevation_deg * math.sin(angle)))
-    return poses
-
-
-def export_cameras(poses: List[Tuple[float, float]], resolution: int, distance: float, fov_deg: float, margin_deg: float):
-    """Square cameras at ``poses`` that see ``margin_deg`` farther on every side than ``fov_deg``, at
-    the pixel size ``resolution`` pixels give ``fov_deg`` (so views in between, and what the edge of
-    a novel view shows, were seen well inside some camera's frame, not only at its border)."""
-    from vq3d_nerfstudio.geometry.cameras import orbit_cameras
-
-    wide = fov_deg + 2 * margin_deg
-    size = round(resolution * math.tan(math.radians(wide / 2)) / math.tan(math.radians(fov_deg / 2)))
-    return orbit_cameras(poses, size, distance, wide)
 
 
 @dataclass
@@ -114,19 +92,14 @@ class ExportSplats:
         size = model.config.image_size
 
         # 1. splats from the rendering weights along the rays of orbit cameras
-        poses = export_poses(self.num_cameras, self.max_yaw_deg, self.max_elevation_deg)
-        cameras = export_cameras(poses, self.ray_resolution or size, model.camera_distance, model.fov_deg, self.margin_deg)
-        cameras = cameras.to(model.device)
-        samples = []
-        for i in range(len(poses)):
-            rays = cameras.generate_rays(camera_indices=i, keep_shape=False)
-            for chunk in range(0, len(rays), 4096):
-                samples.append(splats.nerf_samples(model, rays[chunk : chunk + 4096], planes))
-        gaussians = splats.gaussians_from_samples(
-            samples, self.num_gaussians, model.camera_distance, self.min_weight, self.background_radius,
-            self.scale_mult, self.cell_depth_ratio,
+        settings = splats.SplatSettings(
+            num_gaussians=self.num_gaussians, num_cameras=self.num_cameras, max_yaw_deg=self.max_yaw_deg,
+            max_elevation_deg=self.max_elevation_deg, ray_resolution=self.ray_resolution, margin_deg=self.margin_deg,
+            min_weight=self.min_weight, background_radius=self.background_radius, scale_mult=self.scale_mult,
+            cell_depth_ratio=self.cell_depth_ratio,
         )
-        del samples
+        poses = splats.export_poses(self.num_cameras, self.max_yaw_deg, self.max_elevation_deg)
+        gaussians, cameras = splats.gaussians_from_nerf(model, planes, settings)
         side = int(cameras.width[0])
         print(f"Initialised {len(gaussians)} splats from the rendering weights along the rays of {len(poses)} "
               f"cameras ({side}x{side} px)")

@@ -131,11 +131,14 @@ def object_region(local: torch.Tensor, placement: Placement) -> torch.Tensor:
 
 class ComposedField(PointField):
     """The scene's field (``planes``) with the placed object's: a :class:`PointField` over the
-    composite query, so the renderer and normals treat it like the tri-plane field."""
+    composite query, so the renderer and normals treat it like the tri-plane field. ``object_field``
+    (default ``field``) answers for the object, at its ``placement.planes``: e.g. the object's own
+    baked field when ``field`` is the scene's."""
 
-    def __init__(self, field: PointField, placement: Placement) -> None:
+    def __init__(self, field: PointField, placement: Placement, object_field: Optional[PointField] = None) -> None:
         self.field = field
         self.placement = placement
+        self.object_field = field if object_field is None else object_field
 
     def query(self, points: torch.Tensor, planes: torch.Tensor, point_batch: torch.Tensor):
         """Composite density ``[N, 1]`` and RGB ``[N, 3]`` at world points ``[N, 3]``."""
@@ -148,7 +151,7 @@ class ComposedField(PointField):
         obj_rgb = torch.zeros_like(rgb)
         if inside.any():
             zeros = torch.zeros(int(inside.sum()), dtype=torch.long, device=points.device)
-            d, c = self.field.query(local[inside], p.planes.to(points.device), zeros)
+            d, c = self.object_field.query(local[inside], p.planes.to(points.device), zeros)
             obj_density = obj_density.index_put((inside,), d / p.scale)  # out of place: keeps gradients
             obj_rgb = obj_rgb.index_put((inside,), c)
         return composite(density, rgb, obj_density, obj_rgb)

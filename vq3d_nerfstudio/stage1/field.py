@@ -31,6 +31,10 @@ class PointField:
         """Density ``[N, 1]`` at world points ``[N, 3]``, point ``i`` in tri-plane ``batch_idx[i]``."""
         return self.query(positions, planes, batch_idx)[0]
 
+    def rgb_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """RGB ``[N, 3]`` in [0, 1] at world points ``[N, 3]``."""
+        return self.query(positions, planes, batch_idx)[1]
+
     def normals_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
         """Unit normals ``[N, 3]``: the negated, normalised density gradient (works under no_grad;
         zero where the density does not vary in space)."""
@@ -94,7 +98,10 @@ class TriplaneField(nn.Module, PointField):
 
     def features(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
         """Density-MLP input ``[N, 3C (+ position)]`` at world points ``[N, 3]``."""
-        coords = self.layout(positions)
+        return self.features_at_coords(self.layout(positions), planes, batch_idx)
+
+    def features_at_coords(self, coords: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
+        """Density-MLP input ``[N, 3C (+ position)]`` at plane coordinates ``[N, 3]`` (U, V, W)."""
         feats = sample_triplanes_by_index(planes, coords, batch_idx)
         if self.num_depth_frequencies <= 0:
             return feats
@@ -103,7 +110,7 @@ class TriplaneField(nn.Module, PointField):
 
     def density_at(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
         """Density alone (skips the colour MLP)."""
-        return trunc_exp(self.density_mlp(self.features(positions, planes, batch_idx))[:, :1] - 1.0)
+        return density_from_logit(self.density_mlp(self.features(positions, planes, batch_idx))[:, :1])
 
     def forward(
         self, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor
@@ -120,8 +127,21 @@ class TriplaneField(nn.Module, PointField):
     def query(self, positions: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor):
         """Density ``[N, 1]`` and RGB ``[N, 3]`` at world points ``[N, 3]``, point ``i`` in tri-plane
         ``batch_idx[i]`` (the colour does not depend on the view direction)."""
-        hidden = self.density_mlp(self.features(positions, planes, batch_idx))
-        return trunc_exp(hidden[:, :1] - 1.0), self.color_mlp(hidden[:, 1:])
+        logit, rgb = self.query_coords(self.layout(positions), planes, batch_idx)
+        return density_from_logit(logit), rgb
+
+    def query_coords(self, coords: torch.Tensor, planes: torch.Tensor, batch_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Density logit ``[N, 1]`` (the density MLP's output before :func:`density_from_logit`) and
+        RGB ``[N, 3]`` at plane coordinates ``[N, 3]``: everything the field computes is a function
+        of (U, V, W) and the tri-plane, which is what lets a scene be baked (``stage1/baked.py``)."""
+        hidden = self.density_mlp(self.features_at_coords(coords, planes, batch_idx))
+        return hidden[:, :1], self.color_mlp(hidden[:, 1:])
+
+
+def density_from_logit(logit: torch.Tensor) -> torch.Tensor:
+    """Density (per world unit) from the density MLP's raw output: ``exp(logit - 1)`` with nerfstudio's
+    gradient clamp (``trunc_exp``); the shift starts a fresh field nearly transparent."""
+    return trunc_exp(logit - 1.0)
 
 
 def outputs_from_query(query, ray_samples: RaySamples, planes: torch.Tensor, batch_idx: torch.Tensor) -> Dict[FieldHeadNames, torch.Tensor]:

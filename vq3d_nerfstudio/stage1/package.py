@@ -33,6 +33,9 @@ from vq3d_nerfstudio.stage1.quantizer import QUANTIZER_COMMANDS
 
 SKIPPED_FIELDS = ("_target",)
 """Model config fields a package does not store (the class is always :class:`Vq3dModel`)."""
+INFERENCE_FIELDS = ("inference_field", "bake_nodes_per_texel")
+"""Model config fields that choose how a model renders, not what its weights mean: a package written
+before one existed lacks it and loads with this install's default."""
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -106,11 +109,12 @@ def write_package_files(
 
 # ---- reading ---------------------------------------------------------------------------------------
 def config_from_json(fields: Dict[str, Any], path: Path) -> Vq3dModelConfig:
-    """The model config of ``config.json``'s ``model`` object; unknown or missing fields, or a
-    quantizer of no known type, are :class:`PackageError` naming ``path``."""
+    """The model config of ``config.json``'s ``model`` object; unknown or missing fields (but
+    :data:`INFERENCE_FIELDS`), or a quantizer of no known type, are :class:`PackageError` naming
+    ``path``."""
     known = {f.name: f for f in dataclasses.fields(Vq3dModelConfig) if f.name not in SKIPPED_FIELDS}
     unknown = sorted(set(fields) - set(known))
-    missing = sorted(set(known) - set(fields))
+    missing = sorted(set(known) - set(fields) - set(INFERENCE_FIELDS))
     if unknown or missing:
         said = "; ".join(x for x in (unknown and f"unknown fields {unknown}", missing and f"missing fields {missing}") if x)
         raise PackageError(f"{path}: 'model' does not fit this install's model ({said}); remake the package with this vq3d version")

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from vq3d_nerfstudio.stage1.baked import BakedField
 from vq3d_nerfstudio.stage1.edits import Placement
 
 
@@ -30,6 +31,13 @@ class ShownScene:
     """An object placed in the scene."""
     key: Optional[Tuple[str, object]] = None
     """What the scene is, e.g. ``("train", 3)``, ``("upload", 0)``, ``("sample", 2)``; None: unnamed."""
+    encode_seconds: Optional[float] = None
+    """How long deriving ``planes`` took (encode and decode, or decode alone), once derived."""
+    baked: Optional[BakedField] = None
+    """The scene's field baked for inference (``Vq3dModelConfig.inference_field``), with the
+    ``planes`` it was baked from: current only while those are still ``planes``."""
+    baked_object: Optional[BakedField] = None
+    """The placed object's field baked the same way (from ``composition.planes``)."""
 
     @property
     def is_empty(self) -> bool:

@@ -90,10 +90,13 @@ def contract_1d(s: torch.Tensor, inner: float) -> torch.Tensor:
     """Continuous, odd, strictly increasing map of the real line onto ``(-1, 1)``: linear
     ``inner * s`` for ``|s| <= 1``, then ``sign(s) * (inner + (1 - inner) * (1 - 1 / |s|))``
     (mip-NeRF 360's contraction in one dimension, Barron et al. 2022, eq. 10, with the inner part
-    taking ``inner`` of the range instead of half). ``±inf`` maps to ``±1``."""
-    mag = s.abs()
-    outer = torch.sign(s) * (inner + (1 - inner) * (1 - 1 / mag.clamp_min(1.0)))
-    return torch.where(mag <= 1, inner * s, outer)
+    taking ``inner`` of the range instead of half). ``±inf`` maps to ``±1``.
+
+    Written as ``clamp(s, -1, 1) * (1 - (1 - inner) / max(|s|, 1))``, one expression for both parts
+    (half the tensor operations of a ``where`` over both branches: every sample of every render
+    passes through here)."""
+    inv_mag = s.abs().clamp_min(1.0).reciprocal()
+    return s.clamp(-1.0, 1.0) * (1.0 - (1.0 - inner) * inv_mag)
 
 
 def uncontract_1d(c: torch.Tensor, inner: float) -> torch.Tensor:
@@ -151,12 +154,13 @@ def frustum_coordinates(
     """
     tan_half = math.tan(math.radians(fov_deg) / 2)
     depth = (camera_distance - points[..., 2]).clamp_min(1e-4)
-    u = points[..., 0] / (depth * tan_half)
-    v = points[..., 1] / (depth * tan_half)
+    inv_extent = (depth * tan_half).reciprocal()
+    u = points[..., 0] * inv_extent
+    v = points[..., 1] * inv_extent
     near_end = camera_distance - depth_halfwidth
     s = (depth - camera_distance) / depth_halfwidth
     far_or_slab = -contract_1d(s.clamp_min(-1.0), depth_inner)
-    near = depth_inner + (1 - depth_inner) * (near_end - depth) / near_end
+    near = 1.0 - (1 - depth_inner) / near_end * depth  # depth_inner at near_end, 1 at the camera
     w = torch.where(depth < near_end, near, far_or_slab)
     return torch.stack([contract_1d(u, uv_inner), contract_1d(v, uv_inner), w], dim=-1)
 

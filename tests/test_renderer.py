@@ -1,0 +1,106 @@
+"""The renderer's fast paths against their references: the fine pass reusing the coarse evaluations
+(forward and backward, training and eval mode) and colour only where a sample is seen."""
+
+from types import SimpleNamespace
+
+import helpers
+import pytest
+import torch
+
+from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+from vq3d_nerfstudio.stage1.field import PointField
+from vq3d_nerfstudio.stage1.renderer import coarse_duplicates
+
+SIZE = 16
+KEYS = ("rgb", "rgb_coarse", "accumulation", "depth", "disparity", "weights_fine", "weights_coarse")
+
+
+def spacing(*edges_per_ray):
+    """Ray samples with these spacing edges (one list per ray): all :func:`coarse_duplicates` reads."""
+    edges = torch.tensor(edges_per_ray, dtype=torch.float32)
+    return SimpleNamespace(spacing_starts=edges[:, :-1, None], spacing_ends=edges[:, 1:, None])
+
+
+def test_duplicates_are_the_fine_intervals_whose_ends_are_consecutive_coarse_edges():
+    coarse = spacing([0.0, 0.25, 0.5, 0.75, 1.0])
+    # new edges 0.1 (splits the first interval) and 0.5 (equal to a coarse edge: a zero-width interval)
+    fine = spacing([0.0, 0.1, 0.25, 0.5, 0.5, 0.75, 1.0])
+    duplicate, index = coarse_duplicates(coarse, fine)
+    assert duplicate.tolist() == [[False, False, True, False, True, True]]
+    assert index[duplicate].tolist() == [1, 2, 3]
+
+
+class CountingField(PointField):
+    """The model's field, counting the points its point query evaluates."""
+
+    def __init__(self, field):
+        self.inner, self.points = field, 0
+
+    def query(self, positions, planes, batch_idx):
+        self.points += positions.shape[0]
+        return self.inner.query(positions, planes, batch_idx)
+
+
+def render_with_grads(model, reuse_coarse, seed):
+    """Render 64 rays of two images' NeRFs with gradients; the loss's gradients w.r.t. the field's
+    parameters and the planes."""
+    model.zero_grad()
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    quantized, _, _ = model.encode(images)
+    planes = model.decoder(quantized).detach().requires_grad_(True)
+    cameras = orbit_cameras([(0.0, 0.0), (20.0, 5.0)], SIZE, 2.0, 50.0)
+    rays = cameras.generate_rays(camera_indices=torch.tensor([[0], [1]]).repeat_interleave(32, 0),
+                                 coords=torch.rand(64, 2, generator=torch.Generator().manual_seed(2)) * SIZE)
+    batch_idx = torch.arange(2).repeat_interleave(32)
+    torch.manual_seed(seed)  # the same stratified samples in training mode
+    out = model.renderer.render(rays, model.field, planes, batch_idx, keep_samples=True, reuse_coarse=reuse_coarse)
+    loss = (out["rgb"] - 0.5).square().sum() + 0.1 * out["rgb_coarse"].sum() + out["depth"].sum() + out["disparity"].sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.field.named_parameters()}
+    grads["planes"] = planes.grad.clone()
+    return out, grads
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_reusing_coarse_evaluations_equals_evaluating_every_fine_sample(training):
+    model = helpers.tiny_model(SIZE, samples_per_ray=12).train(training)
+    reused, reused_grads = render_with_grads(model, True, seed=3)
+    every, every_grads = render_with_grads(model, False, seed=3)
+    for key in KEYS:
+        torch.testing.assert_close(reused[key], every[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name, grad in every_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(reused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reusing_coarse_evaluations_evaluates_fewer_points():
+    model = helpers.tiny_model(SIZE, samples_per_ray=12).eval()
+    model.set_scene_images(torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(4)))
+    planes = model.current_planes()
+    rays = orbit_cameras([(10.0, 0.0)], SIZE, 2.0, 50.0).generate_rays(camera_indices=0).flatten()
+    field = CountingField(model.field)
+    with torch.no_grad():
+        passes = model.renderer.sample(rays, field, planes, torch.zeros(len(rays), dtype=torch.long))
+    duplicate, _ = coarse_duplicates(passes.coarse, passes.fine)
+    coarse_count, fine_count = passes.coarse.spacing_starts.shape[1], passes.fine.spacing_starts.shape[1]
+    assert field.points == len(rays) * (coarse_count + fine_count) - int(duplicate.sum())
+    assert duplicate.any()
+
+
+def test_colour_only_where_seen_stays_within_its_bound():
+    """A sample's colour is left out only where its weight is <= min_weight: the composite moves by at
+    most (S - 1) * min_weight; everything else is unchanged."""
+    model = helpers.tiny_model(SIZE, samples_per_ray=12).eval()
+    model.set_scene_images(torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(5)))
+    planes = model.current_planes()
+    rays = orbit_cameras([(15.0, 5.0)], SIZE, 2.0, 50.0).generate_rays(camera_indices=0).flatten()
+    batch_idx = torch.zeros(len(rays), dtype=torch.long)
+    min_weight = 1e-3
+    with torch.no_grad():
+        every = model.renderer.render(rays, model.field, planes, batch_idx, keep_samples=True, reuse_coarse=False)
+        seen = model.renderer.render(rays, model.field, planes, batch_idx, keep_samples=True, colour_min_weight=min_weight)
+    for key in ("accumulation", "depth", "disparity", "weights_fine", "weights_coarse"):
+        torch.testing.assert_close(seen[key], every[key], rtol=1e-5, atol=1e-6, msg=key)
+    fine_samples = every["weights_fine"].shape[1]
+    assert (seen["rgb"] - every["rgb"]).abs().max() <= (fine_samples - 1) * min_weight + 1e-6
+    assert (every["weights_fine"] <= min_weight).any()  # some colour was left out
