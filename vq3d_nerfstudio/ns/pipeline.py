@@ -141,7 +141,7 @@ class Vq3dPipeline(VanillaPipeline):
         self.scene_5_shown = self._scene_controls.shown
         self.scene_5_status = self._scene_controls.status
         self._splat_controls = SplatControls(self, self.scene_5_status)
-        self.scene_viewer_setup = ViewerSetup(self, self.scene_5_shown, self.scene_5_status, self._splat_controls)
+        self.scene_viewer_setup = ViewerSetup(self, self.scene_5_status, self._splat_controls)
         self.view_1_reset, self.view_2_limits = self.scene_viewer_setup.reset, self.scene_viewer_setup.limits
         self.view_3_splats = self._splat_controls.toggle
         self._edit_controls = EditControls(self, self._scene_controls.shown)

@@ -116,10 +116,9 @@ class ViewerSetup(ViewerControl):
     - the status line: what is shown, how long its encode took, the splat count.
     """
 
-    def __init__(self, pipeline, shown: ViewerText, status: ViewerText, splats: "SplatControls") -> None:
+    def __init__(self, pipeline, status: ViewerText, splats: "SplatControls") -> None:
         super().__init__()
         self._pipeline = pipeline
-        self._shown = shown
         self._status = status
         self._splats = splats
         self._viewer = None
