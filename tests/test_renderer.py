@@ -9,7 +9,7 @@ import torch
 
 from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 from vq3d_nerfstudio.stage1.field import PointField
-from vq3d_nerfstudio.stage1.renderer import coarse_duplicates
+from vq3d_nerfstudio.stage1.renderer import PiecewiseLinDispSampler, coarse_duplicates, pdf_spacing
 
 SIZE = 16
 KEYS = ("rgb", "rgb_coarse", "accumulation", "depth", "disparity", "weights_fine", "weights_coarse")
@@ -99,8 +99,33 @@ def test_colour_only_where_seen_stays_within_its_bound():
     with torch.no_grad():
         every = model.renderer.render(rays, model.field, planes, batch_idx, keep_samples=True, reuse_coarse=False)
         seen = model.renderer.render(rays, model.field, planes, batch_idx, keep_samples=True, colour_min_weight=min_weight)
-    for key in ("accumulation", "depth", "disparity", "weights_fine", "weights_coarse"):
+    for key in ("accumulation", "depth", "disparity", "weights_fine", "weights_coarse", "disp_fine", "disp_coarse"):
         torch.testing.assert_close(seen[key], every[key], rtol=1e-5, atol=1e-6, msg=key)
     fine_samples = every["weights_fine"].shape[1]
     assert (seen["rgb"] - every["rgb"]).abs().max() <= (fine_samples - 1) * min_weight + 1e-6
     assert (every["weights_fine"] <= min_weight).any()  # some colour was left out
+
+
+def test_pdf_spacing_is_nerfstudios_pdf_sampler_outside_training():
+    """The density-first path's plain-tensor resampling gives nerfstudio's PDFSampler edges (eval mode,
+    original bins included), for peaked, flat and all-zero weights and per-ray near/far planes."""
+    from nerfstudio.cameras.rays import RayBundle
+    from nerfstudio.model_components.ray_samplers import PDFSampler
+
+    generator = torch.Generator().manual_seed(6)
+    num_rays, num_coarse, num_fine = 5, 8, 6
+    bundle = RayBundle(
+        origins=torch.zeros(num_rays, 3), directions=torch.nn.functional.normalize(torch.randn(num_rays, 3, generator=generator), dim=-1),
+        pixel_area=torch.ones(num_rays, 1), nears=torch.linspace(0.1, 0.5, num_rays)[:, None], fars=torch.linspace(5.0, 50.0, num_rays)[:, None],
+    )
+    coarse = PiecewiseLinDispSampler(num_coarse, 1.5).eval()(bundle)
+    weights = torch.rand(num_rays, num_coarse, 1, generator=generator) ** 8  # peaked
+    weights[1] = 1.0 / num_coarse  # flat
+    weights[2] = 0.0  # nothing seen: the padding alone decides
+    sampler = PDFSampler(num_samples=num_fine, include_original=True).eval()
+    expected = sampler(bundle, coarse, weights)
+    edges = torch.cat([coarse.spacing_starts[..., 0], coarse.spacing_ends[:, -1:, 0]], dim=-1)
+    got = pdf_spacing(edges, weights[..., 0], num_fine, sampler.histogram_padding)
+    assert got.shape == (num_rays, num_coarse + num_fine + 2)
+    torch.testing.assert_close(got[:, :-1], expected.spacing_starts[..., 0], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 1:], expected.spacing_ends[..., 0], rtol=0, atol=0)

@@ -10,6 +10,10 @@ composited with the last sample as background. The field is any callable
 The fine samples contain every coarse interval that received no PDF edge, unchanged; a field with a
 point query (a ``PointField``) is evaluated once for those (:func:`coarse_duplicates`), which saves
 a fifth to a third of the fine pass.
+
+Inference with a baked field (cheap lookups, no gradients) takes :meth:`NerfRenderer.render_density_first`:
+the same samples as plain ``[R, S]`` distances (:func:`pdf_spacing` is nerfstudio's PDF sampler on
+them, tested against it), densities first, colours only where a sample is seen.
 """
 
 from __future__ import annotations
@@ -107,6 +111,39 @@ def colour_where_seen(
     return rgb.reshape(*seen.shape, 3)
 
 
+def directions_norm(ray_bundle: RayBundle) -> torch.Tensor:
+    """``[R, 1]`` length of each ray's camera-space direction with ``z = -1`` (1 when the rays carry
+    none): z-depth is ``t / directions_norm``."""
+    metadata = ray_bundle.metadata
+    if metadata is None or "directions_norm" not in metadata:
+        return torch.ones_like(ray_bundle.origins[:, :1])
+    return metadata["directions_norm"]
+
+
+def pdf_spacing(spacing: torch.Tensor, weights: torch.Tensor, num_samples: int, histogram_padding: float, eps: float = 1e-5) -> torch.Tensor:
+    """Edges ``[R, S + num_samples + 2]`` in spacing space of nerfstudio's ``PDFSampler`` outside
+    training (``include_original=True``): ``num_samples + 1`` evenly spaced quantiles of the padded
+    weights ``[R, S]`` over the intervals between ``spacing`` ``[R, S + 1]``, sorted together with those.
+    The same operations as nerfstudio's, on plain tensors (tested against it)."""
+    weights = weights + histogram_padding
+    weights_sum = weights.sum(dim=-1, keepdim=True)
+    padding = torch.relu(eps - weights_sum)
+    weights = weights + padding / weights.shape[-1]
+    weights_sum += padding
+    cdf = torch.cumsum(weights / weights_sum, dim=-1).clamp_max(1.0)
+    cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], dim=-1)
+    num_bins = num_samples + 1
+    u = torch.linspace(0.0, 1.0 - (1.0 / num_bins), steps=num_bins, device=cdf.device) + 1.0 / (2 * num_bins)
+    u = u.expand(cdf.shape[0], num_bins).contiguous()
+    inds = torch.searchsorted(cdf, u, side="right")
+    below = torch.clamp(inds - 1, 0, spacing.shape[-1] - 1)
+    above = torch.clamp(inds, 0, spacing.shape[-1] - 1)
+    cdf_g0, cdf_g1 = torch.gather(cdf, -1, below), torch.gather(cdf, -1, above)
+    bins_g0, bins_g1 = torch.gather(spacing, -1, below), torch.gather(spacing, -1, above)
+    t = torch.clip(torch.nan_to_num((u - cdf_g0) / (cdf_g1 - cdf_g0), 0), 0, 1)
+    return torch.sort(torch.cat([spacing, bins_g0 + t * (bins_g1 - bins_g0)], -1), -1)[0]
+
+
 @dataclass
 class RaySamplesPass:
     """One coarse and one fine pass over ``R`` rays: the samples, the field's outputs and weights
@@ -124,12 +161,8 @@ class RaySamplesPass:
     """``[R, Sf, 1]`` (the fine samples include the coarse ones)."""
 
     def directions_norm(self) -> torch.Tensor:
-        """``[R, 1]`` length of each ray's camera-space direction with ``z = -1`` (1 when the rays
-        carry none): z-depth is ``t / directions_norm``."""
-        metadata = self.ray_bundle.metadata
-        if metadata is None or "directions_norm" not in metadata:
-            return torch.ones_like(self.ray_bundle.origins[:, :1])
-        return metadata["directions_norm"]
+        """:func:`directions_norm` of the rays."""
+        return directions_norm(self.ray_bundle)
 
 
 class NerfRenderer(nn.Module):
@@ -156,22 +189,13 @@ class NerfRenderer(nn.Module):
         planes: torch.Tensor,
         batch_idx: torch.Tensor,
         reuse_coarse: bool = True,
-        colour_min_weight: Optional[float] = None,
     ) -> RaySamplesPass:
         """Clip the rays, then run the coarse sampler, the field, the PDF sampler and the field again
         (a :class:`PointField` at the fine samples that are not coarse ones; every fine sample with
         ``reuse_coarse=False``, the reference that :func:`fine_values_reusing_coarse` is tested
-        against, or for a field without a point query).
-
-        With ``colour_min_weight`` the field's density comes first (``field.density_at``) and its
-        colour (``field.rgb_at``) only where a sample's weight exceeds it (:func:`colour_where_seen`):
-        for fields whose colour costs as much as their density apart (a baked grid); the outputs'
-        RGB is then 0 at the samples left out. Without gradients, and every fine sample is looked up
-        (``reuse_coarse`` is for fields that cost more than finding the duplicates does)."""
+        against, or for a field without a point query)."""
         ray_bundle = self.collider(ray_bundle)
         coarse = self.sampler_coarse(ray_bundle)
-        if colour_min_weight is not None:
-            return self._sample_density_first(ray_bundle, coarse, field, planes, batch_idx, colour_min_weight)
         coarse_outputs = field(coarse, planes, batch_idx)
         coarse_weights = coarse.get_weights(coarse_outputs[FieldHeadNames.DENSITY])
         fine = self.sampler_pdf(ray_bundle, coarse, coarse_weights.detach())
@@ -184,32 +208,6 @@ class NerfRenderer(nn.Module):
         else:
             fine_outputs = field(fine, planes, batch_idx)
         fine_weights = fine.get_weights(fine_outputs[FieldHeadNames.DENSITY])
-        return RaySamplesPass(ray_bundle, coarse, coarse_outputs, coarse_weights, fine, fine_outputs, fine_weights)
-
-    @torch.no_grad()
-    def _sample_density_first(
-        self, ray_bundle: RayBundle, coarse: RaySamples, field: PointField, planes: torch.Tensor, batch_idx: torch.Tensor, min_weight: float
-    ) -> RaySamplesPass:
-        """:meth:`sample` with ``colour_min_weight``: densities of both passes, then colours where seen."""
-        def positions_and_density(samples: RaySamples) -> Tuple[torch.Tensor, torch.Tensor]:
-            positions = samples.frustums.get_positions()  # (R, S, 3)
-            points = batch_idx[:, None].expand(positions.shape[:2]).reshape(-1)
-            density = field.density_at(positions.reshape(-1, 3), planes, points)
-            return positions, density.reshape(*positions.shape[:2], 1)
-
-        coarse_positions, coarse_density = positions_and_density(coarse)
-        coarse_weights = coarse.get_weights(coarse_density)
-        fine = self.sampler_pdf(ray_bundle, coarse, coarse_weights)
-        fine_positions, fine_density = positions_and_density(fine)
-        fine_weights = fine.get_weights(fine_density)
-        coarse_outputs = {
-            FieldHeadNames.DENSITY: coarse_density,
-            FieldHeadNames.RGB: colour_where_seen(field, coarse_positions, coarse_weights, min_weight, planes, batch_idx),
-        }
-        fine_outputs = {
-            FieldHeadNames.DENSITY: fine_density,
-            FieldHeadNames.RGB: colour_where_seen(field, fine_positions, fine_weights, min_weight, planes, batch_idx),
-        }
         return RaySamplesPass(ray_bundle, coarse, coarse_outputs, coarse_weights, fine, fine_outputs, fine_weights)
 
     def render(
@@ -227,8 +225,13 @@ class NerfRenderer(nn.Module):
         (expected ray distance; also under ``expected_depth``, the name nerfstudio's exporters read),
         ``disparity`` (expected ``1 / z``); with ``normals`` the field's ``normals`` in [0, 1] at the
         expected depth; with ``keep_samples`` the per-sample weights and disparities of both passes
-        (for the depth loss and depth metrics). ``reuse_coarse``, ``colour_min_weight``: see :meth:`sample`."""
-        passes = self.sample(ray_bundle, field, planes, batch_idx, reuse_coarse, colour_min_weight)
+        (for the depth loss and depth metrics). ``reuse_coarse``: see :meth:`sample`.
+
+        With ``colour_min_weight`` (a :class:`PointField`, no gradients): :meth:`render_density_first`,
+        the same samples and outputs with each sample's colour computed only where it is seen."""
+        if colour_min_weight is not None:
+            return self.render_density_first(ray_bundle, field, planes, batch_idx, colour_min_weight, keep_samples, normals)
+        passes = self.sample(ray_bundle, field, planes, batch_idx, reuse_coarse)
         norm = passes.directions_norm()
         fine, fine_w, coarse_w = passes.fine, passes.fine_weights, passes.coarse_weights
         fine_disp = losses.sample_disparity((fine.frustums.starts + fine.frustums.ends) / 2, norm)
@@ -249,6 +252,77 @@ class NerfRenderer(nn.Module):
             coarse = passes.coarse
             coarse_disp = losses.sample_disparity((coarse.frustums.starts + coarse.frustums.ends) / 2, norm)
             outputs.update(weights_fine=fine_w, disp_fine=fine_disp, weights_coarse=coarse_w, disp_coarse=coarse_disp)
+        return outputs
+
+    @torch.no_grad()
+    def render_density_first(
+        self,
+        ray_bundle: RayBundle,
+        field: PointField,
+        planes: torch.Tensor,
+        batch_idx: torch.Tensor,
+        min_weight: float,
+        keep_samples: bool = False,
+        normals: bool = False,
+    ) -> Dict[str, torch.Tensor]:
+        """:meth:`render`'s outputs for a field whose colour costs as much as its density apart (a baked
+        grid): the densities of both passes first (``field.density_at``), then the colours where a
+        sample's weight exceeds ``min_weight`` (:func:`colour_where_seen`; the RGB outputs then differ
+        by at most ``(S - 1) * min_weight``, everything else is unchanged).
+
+        The same samples as :meth:`sample` (nerfstudio's collider, spaced sampler in eval and PDF
+        sampler with the original bins), computed as plain ``[R, S]`` distances instead of
+        ``RaySamples``: at inference the bookkeeping of those (frustums, spacing functions per pass,
+        per-sample copies of the ray) cost as much as the lookups of a baked grid."""
+        rays = self.collider(ray_bundle)
+        coarse_sampler, pdf_sampler = self.sampler_coarse, self.sampler_pdf
+        s_near, s_far = coarse_sampler.spacing_fn(rays.nears), coarse_sampler.spacing_fn(rays.fars)  # (R, 1)
+
+        def distances(spacing: torch.Tensor) -> torch.Tensor:  # nerfstudio's spacing_to_euclidean_fn
+            return coarse_sampler.spacing_fn_inv(spacing * s_far + (1 - spacing) * s_near)
+
+        def positions_density_weights(edges: torch.Tensor):
+            starts, ends = edges[:, :-1], edges[:, 1:]  # (R, S)
+            positions = rays.origins[:, None] + rays.directions[:, None] * (starts + ends)[..., None] / 2  # (R, S, 3)
+            points = batch_idx[:, None].expand(starts.shape).reshape(-1)
+            density = field.density_at(positions.reshape(-1, 3), planes, points).reshape(starts.shape)
+            delta_density = (ends - starts) * density
+            transmittance = torch.exp(-torch.cumsum(delta_density, dim=-1))
+            transmittance = torch.cat([torch.ones_like(transmittance[:, :1]), transmittance[:, :-1]], dim=-1)
+            weights = torch.nan_to_num((1 - torch.exp(-delta_density)) * transmittance)
+            return positions, weights[..., None]
+
+        num_coarse = coarse_sampler.num_samples
+        coarse_spacing = torch.linspace(0.0, 1.0, num_coarse + 1, device=rays.origins.device)[None]  # (1, Sc + 1)
+        coarse_edges = distances(coarse_spacing)  # (R, Sc + 1)
+        coarse_positions, coarse_weights = positions_density_weights(coarse_edges)
+        fine_spacing = pdf_spacing(coarse_spacing.expand(len(rays), -1), coarse_weights[..., 0], pdf_sampler.num_samples,
+                                   pdf_sampler.histogram_padding)
+        fine_edges = distances(fine_spacing)
+        fine_positions, fine_weights = positions_density_weights(fine_edges)
+
+        fine_rgb = colour_where_seen(field, fine_positions, fine_weights, min_weight, planes, batch_idx)
+        coarse_rgb = colour_where_seen(field, coarse_positions, coarse_weights, min_weight, planes, batch_idx)
+        fine_mid = ((fine_edges[:, :-1] + fine_edges[:, 1:]) / 2)[..., None]  # (R, Sf, 1)
+        accumulation = fine_weights.sum(dim=-2)
+        # nerfstudio's DepthRenderer("expected"): clipped to the chunk's nearest and farthest sample
+        depth = ((fine_weights * fine_mid).sum(dim=-2) / (accumulation + 1e-10)).clip(fine_mid.min(), fine_mid.max())
+        norm = directions_norm(rays)
+        fine_disp = losses.sample_disparity(fine_mid, norm)
+        outputs = {
+            "rgb": self.renderer_rgb(rgb=fine_rgb, weights=fine_weights),
+            "rgb_coarse": self.renderer_rgb(rgb=coarse_rgb, weights=coarse_weights),
+            "accumulation": accumulation,
+            "depth": depth,
+            "expected_depth": depth,
+            "disparity": losses.expected_disparity(fine_weights, fine_disp),
+        }
+        if normals:
+            outputs["normals"] = (field.normals_at(rays.origins + rays.directions * depth, planes, batch_idx) + 1) / 2
+        if keep_samples:
+            coarse_mid = ((coarse_edges[:, :-1] + coarse_edges[:, 1:]) / 2)[..., None]
+            outputs.update(weights_fine=fine_weights, disp_fine=fine_disp, weights_coarse=coarse_weights,
+                           disp_coarse=losses.sample_disparity(coarse_mid, norm))
         return outputs
 
     @torch.no_grad()
