@@ -299,3 +299,299 @@ def test_vq3d_eval_skips_scenes_with_degenerate_cameras(trained_run, synth_dir, 
         assert f"vq3d eval: warning: skipped scene scene {scene}: " in result.stderr
     # scene 0 alone: its input view is the only 0-degree view (3 views: 0 and +-offsets)
     assert report["summary_by_offset_deg"]["0"]["count"] == 1
+
+
+# ---- value ranges: every ranged option, checked in one place and shown in --help -------------------------
+
+
+def config_classes():
+    """Every option dataclass of every command: the vq3d subcommands (their option groups too),
+    vq3d-train-stage2, and ns-train vq3d*'s model, quantizers, datamanager, dataparser and optimizer."""
+    from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
+    from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+    from vq3d_nerfstudio.ns.trainer import AdamWithBetasConfig
+    from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
+    from vq3d_nerfstudio.stage1.quantizer import FSQConfig, VQConfig
+
+    seen, todo = [], [*every_command(), Vq3dModelConfig, VQConfig, FSQConfig, Vq3dDataManagerConfig,
+                      Vq3dImagesDataParserConfig, AdamWithBetasConfig]
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            try:
+                hints = typing.get_type_hints(cls, include_extras=True)
+            except NameError:  # a nerfstudio class whose annotations do not resolve: not ours
+                continue
+            seen.append(cls)
+            for hint in hints.values():
+                todo += [t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)]
+    return seen
+
+
+#: numeric options that have no range: any value means something
+UNBOUNDED = {"seed", "position", "object_box", "novel_yaw_deg", "report_views", "eval_num_rays_per_chunk",
+             "train_num_rays_per_batch", "train_num_images_to_sample_from", "train_num_times_to_repeat_images",
+             "eval_num_rays_per_batch", "eval_num_images_to_sample_from", "eval_num_times_to_repeat_images",
+             "camera_res_scale_factor", "patch_size", "lr", "eps", "max_norm", "weight_decay", "scale_factor",
+             "scene_scale", "collider_params", "eval_image_indices"}
+
+
+def test_every_numeric_option_has_a_range_that_help_shows():
+    """Each int / float option (plain, optional, tuple) of our configs carries a Range at the top of its
+    type, where tyro reads the help hint it adds, or is one of the few unbounded ones; nerfstudio's own
+    fields (declared by its classes) are left to it."""
+    from tyro.conf._confstruct import _ArgConfig
+
+    from vq3d_nerfstudio.checks import Range
+
+    checked = 0
+    for cls in config_classes():
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if f.name.startswith("_") or f.name in UNBOUNDED or not re.search(r"\b(int|float)\b", str(hint)):
+                continue
+            if "Literal" in str(hint) or not any(c.__module__.startswith("vq3d_nerfstudio") and f.name in
+                                                 c.__dict__.get("__annotations__", {}) for c in cls.__mro__):
+                continue  # a choice of fixed values, or a nerfstudio field
+            metadata = getattr(hint, "__metadata__", ())
+            ranges = [m for m in metadata if isinstance(m, Range)]
+            assert ranges, f"{cls.__name__}.{f.name} ({hint}) has no Range at the top of its type"
+            hints_shown = [m.help_behavior_hint for m in metadata if isinstance(m, _ArgConfig) and m.help_behavior_hint]
+            assert hints_shown and hints_shown[-1]("7") == f"({ranges[0].text}; default: 7)", f"{cls.__name__}.{f.name}"
+            checked += 1
+    assert checked >= 140  # 149 when written: every numeric option of our configs but the unbounded ones
+
+
+def test_range_markers_by_hand():
+    from vq3d_nerfstudio.checks import Range
+
+    top_p = Range(0, 1, low_open=True)
+    assert top_p.text == "in (0, 1]" and 0 not in top_p and 1e-9 in top_p and 1 in top_p and 1.5 not in top_p
+    assert Range(0).text == ">= 0" and 0 in Range(0) and -1 not in Range(0)
+    assert Range(0, low_open=True).text == "> 0" and 0 not in Range(0, low_open=True)
+    assert Range(0, 90, high_open=True).text == "in [0, 90)" and 90 not in Range(0, 90, high_open=True)
+    assert Range(high=1).text == "<= 1" and -5 in Range(high=1)
+
+
+def test_help_shows_the_ranges(cli_env):
+    result = run([cli("vq3d"), "sample", "--help"], dict(cli_env, COLUMNS="250"))
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ --")}
+    assert "(in (0, 1]; default: None)" in lines["--top-p"] + result.stdout.split("--top-p", 1)[1].split("│ --")[0]
+    assert "(>= 0; default: 1.0)" in result.stdout.split("--temperature", 1)[1].split("│ --")[0]
+    assert "(>= 1; default: 16)" in lines["--batch-size"] + result.stdout.split("--batch-size", 1)[1].split("│ --")[0]
+    stage2 = run([cli("vq3d-train-stage2"), "--help"], dict(cli_env, COLUMNS="250")).stdout
+    assert "(in [0, 1]; default: 0.1)" in stage2.split("--class-dropout", 1)[1].split("│ --")[0]
+    assert "(> 0; default: 0.0003)" in stage2.split("--learning-rate", 1)[1].split("│ --")[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["vq3d", "sample", "--top-p", "0"], "vq3d sample: error: --top-p must be in (0, 1], got 0.0"),
+    (["vq3d", "sample", "--temperature", "-1"], "vq3d sample: error: --temperature must be >= 0, got -1.0"),
+    (["vq3d", "sample", "--cfg-scale", "-2"], "vq3d sample: error: --cfg-scale must be >= 0, got -2.0"),
+    (["vq3d", "fid", "--real", "r", "--num-samples", "1"], "vq3d fid: error: --num-samples must be >= 2, got 1"),
+    (["vq3d", "synth", "--num-views", "9"], "vq3d synth: error: --num-views must be in [1, 7], got 9"),
+    (["vq3d", "reconstruct", "--image", "a.png", "--max-point-radius", "0"],
+     "vq3d reconstruct: error: --max-point-radius must be > 0, got 0.0"),
+    (["vq3d", "render-orbit", "--max-elevation-deg", "90"], "vq3d render-orbit: error: --max-elevation-deg must be in [0, 90), got 90.0"),
+    (["vq3d-train-stage2", "--class-dropout", "1.5"], "vq3d-train-stage2: error: --class-dropout must be in [0, 1], got 1.5"),
+    (["vq3d-train-stage2", "--warmup-steps", "-5"], "vq3d-train-stage2: error: --warmup-steps must be >= 0, got -5"),
+    (["vq3d-train-stage2", "--learning-rate", "-1"], "vq3d-train-stage2: error: --learning-rate must be > 0, got -1.0"),
+])
+def test_out_of_range_options_are_refused_before_anything_is_read_or_made(tmp_path, cli_env, args, message):
+    """The checkpoint / config / data named are missing: a command that got past its options would
+    say so; none does, and no output folder is made."""
+    out = tmp_path / "out"
+    where = ["--output-dir", str(out)] if args[1:2] != ["synth"] else [str(out)]
+    named = {"sample": ["--stage2-checkpoint", str(tmp_path / "missing")],
+             "reconstruct": ["--load-config", str(tmp_path / "missing.yml")],
+             "render-orbit": ["--load-config", str(tmp_path / "missing.yml")]}.get(args[1], [])
+    if args[0] == "vq3d-train-stage2":
+        named = ["--stage1-config", str(tmp_path / "missing.yml")]
+    if args[1:2] == ["fid"]:
+        where = ["--output", str(out / "fid.json"), "--stage2-checkpoint", str(tmp_path / "missing")]
+    line = fails_in_one_line([cli(args[0]), *args[1:], *named, *where], cli_env, message.split(" error: ")[0] + " error: ",
+                             timeout=120)
+    assert line == message and not out.exists()
+
+
+def test_ns_train_refuses_an_out_of_range_model_option_before_making_a_run_folder(tmp_path):
+    from nerfstudio.scripts.train import main as ns_train
+
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
+
+    config = build_trainer_config("vq3d-tiny")
+    config.pipeline.model.num_heads = 0
+    config.output_dir = tmp_path / "runs"
+    with pytest.raises(SystemExit, match=r"^vq3d: error: --pipeline\.model\.num-heads must be >= 1, got 0$"):
+        ns_train(config)
+    config.pipeline.model.num_heads = 2
+    config.pipeline.datamanager.dataparser.eval_fraction = 1.0
+    with pytest.raises(SystemExit, match=r"^vq3d: error: --pipeline\.datamanager\.dataparser\.eval-fraction must be in \[0, 1\), got 1\.0$"):
+        ns_train(config)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- sampling: a bounded batch, the class label first ------------------------------------------------------
+
+
+class Stage1Stub:
+    """What the sampler needs of a stage-1 model: its codebook, token grid and device."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.quantizer = SimpleNamespace(has_codes=True)
+        self.config = SimpleNamespace(quantizer=SimpleNamespace(codebook_size=16))
+        self.index_shape = (3, 4)
+        self.device = "cpu"
+
+
+def test_many_samples_are_drawn_in_bounded_batches():
+    import torch
+
+    from vq3d_nerfstudio.stage2.sample import SamplingSettings, SceneSampler
+    from vq3d_nerfstudio.stage2.transformer import TokenTransformer, TokenTransformerConfig
+
+    torch.manual_seed(0)
+    net = TokenTransformer(TokenTransformerConfig(vocab_size=16, num_classes=3, block_size=12, num_layers=1, num_heads=2,
+                                                  embed_dim=16)).eval()
+    sampler = SceneSampler(net, {"model": {"vocab_size": 16}, "grid": [3, 4]}, Stage1Stub())
+    caches, done = [], []
+    new_cache = net.new_cache
+    net.new_cache = lambda batch: caches.append(batch) or new_cache(batch)
+    settings = SamplingSettings(cfg_scale=2.0)  # guidance doubles the batch the network sees
+    codes = sampler.sample(1, 5, settings, torch.Generator().manual_seed(3), batch_size=2, on_batch=done.append)
+    assert codes.shape == (5, 3, 4) and done == [2, 2, 1] and caches == [4, 4, 2]
+    first = sampler.sample(1, 2, settings, torch.Generator().manual_seed(3))
+    assert torch.equal(codes[:2], first)  # the first batch is what sampling 2 gives
+    whole = sampler.sample(1, 5, settings, torch.Generator().manual_seed(3), batch_size=8)
+    assert torch.equal(whole, sampler.sample(1, 5, settings, torch.Generator().manual_seed(3)))
+
+
+def test_an_out_of_range_class_label_is_refused_before_any_model_loads(tmp_path, cli_env):
+    """The stage-2 checkpoint holds only its config.json (its weights are an empty file) and the
+    stage-1 run it names does not exist: the label is checked first, from config.json alone."""
+    step = tmp_path / "stage2" / "checkpoints" / "step-000000001"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"")
+    (step / "config.json").write_text(json.dumps({
+        "model": {"vocab_size": 16, "num_classes": 3, "block_size": 12}, "class_names": ["box", "cylinder", "sphere"],
+        "grid": [3, 4], "stage1_config": str(tmp_path / "missing" / "config.yml")}))
+    out = tmp_path / "samples"
+    for label, said in (("7", "class label 7 is out of range: this model has 3 class(es), 0-2; or 'none'"),
+                        ("cone", "class label 'cone' is neither a class id in [0, 3) nor a class name (box, cylinder, sphere)")):
+        line = fails_in_one_line([cli("vq3d"), "sample", "--stage2-checkpoint", str(tmp_path / "stage2"), "--class-label",
+                                  label, "--output-dir", str(out)], cli_env, "vq3d sample: error: ")
+        assert line.startswith(f"vq3d sample: error: {said}") and not out.exists()
+    line = fails_in_one_line([cli("vq3d"), "sample", "--stage2-checkpoint", str(tmp_path / "stage2"), "--class-label", "2",
+                              "--output-dir", str(out)], cli_env, "vq3d sample: error: ")
+    assert "model.safetensors" in line  # a label in range goes on to the weights
+
+
+# ---- a hand-edited config.yml ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, said", [
+    ((r"image_size: \d+", 'image_size: "64"'), "pipeline.model.image_size is '64' (a str), not int"),
+    ((r"num_heads: \d+", "num_heads: four"), "pipeline.model.num_heads is 'four' (a str), not int"),
+    ((r"triplane_layout: frustum", "triplane_layout: frustrum"),
+     "pipeline.model.triplane_layout is 'frustrum' (a str), not one of 'frustum', 'world'"),
+])
+def test_a_config_yml_field_of_the_wrong_type_is_named(tmp_path, cli_env, edit, said):
+    import yaml
+
+    from vq3d_nerfstudio.ns.method_configs import build_trainer_config
+
+    config = build_trainer_config("vq3d-tiny")
+    config.output_dir = tmp_path / "outputs"
+    text = yaml.dump(config)
+    model_part = text.index("model: !!python/object:vq3d_nerfstudio.stage1.model.Vq3dModelConfig")
+    edited, count = re.subn(edit[0], edit[1], text[model_part:], count=1)
+    assert count == 1, edit[0]
+    path = tmp_path / "run" / "config.yml"
+    path.parent.mkdir()
+    path.write_text(text[:model_part] + edited)
+    line = fails_in_one_line([cli("vq3d"), "render-orbit", "--load-config", str(path), "--output-dir", str(tmp_path / "out")],
+                             cli_env, "vq3d render-orbit: error: ")
+    assert line == f"vq3d render-orbit: error: {path}: {said}; fix it in the file"
+
+
+def test_config_types_by_hand():
+    from vq3d_nerfstudio.checks import config_type_problem
+    from vq3d_nerfstudio.ns.method_configs import PRESETS, build_trainer_config
+
+    for name in PRESETS:
+        assert config_type_problem(build_trainer_config(name)) is None
+    config = build_trainer_config("vq3d-tiny")
+    config.pipeline.model.relative_disparity_range = (0.0, "0.8")
+    assert config_type_problem(config) == (
+        "pipeline.model.relative_disparity_range is (0.0, '0.8') (a tuple), not a list of float")
+    config.pipeline.model.relative_disparity_range = (0.0, 1)  # an int where a float goes: fine
+    config.pipeline.model.quantizer.levels = (8, True)
+    assert config_type_problem(config) == "pipeline.model.quantizer.levels is (8, True) (a tuple), not a list of int"
+    config.pipeline.model.quantizer.levels = (8, 5)
+    config.pipeline.model.perceptual_weights = 3
+    assert config_type_problem(config) == "pipeline.model.perceptual_weights is 3 (a int), not Path or None"
+
+
+# ---- vq3d reconstruct: no empty point clouds ---------------------------------------------------------------
+
+
+def test_reconstruct_without_dense_points_warns_and_writes_no_ply(trained_run, tmp_path):
+    config, env = trained_run
+    photo = write_image(tmp_path / "photo.png", size=(32, 32), color=(40, 120, 200))
+    out = tmp_path / "out"
+    result = run([cli("vq3d"), "reconstruct", "--load-config", str(config), "--image", str(photo), "--output-dir", str(out),
+                  "--num-frames", "2", "--num-points", "50", "--max-point-radius", "1e-6"], env)
+    assert (out / "photo_canonical.png").exists() and not (out / "photo.ply").exists()
+    assert ("vq3d reconstruct: warning: photo: no point cloud written: no ray hit anything dense (accumulation >= 0.5) "
+            "within --max-point-radius 1e-06 of the pivot") in result.stderr
+
+
+# ---- the viewer: a malformed websocket message -------------------------------------------------------------
+
+
+def test_a_malformed_websocket_message_is_one_line_and_the_client_stays_counted(capfd):
+    import socket
+    import time
+
+    import msgspec
+    import viser
+    from viser import _messages
+    from websockets.sync.client import connect
+
+    from vq3d_nerfstudio.ns.viewer_controls import guard_viewer_messages
+
+    guard_viewer_messages()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = viser.ViserServer(host="127.0.0.1", port=port, verbose=False)
+
+    def clients(expected):
+        for _ in range(100):  # the server's threads take a moment
+            if len(server.get_clients()) == expected:
+                break
+            time.sleep(0.05)
+        return len(server.get_clients())
+
+    try:
+        ws = connect(f"ws://127.0.0.1:{port}")
+        camera = _messages.ViewerCameraMessage((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 2.0), 0.8, 1.0, (0.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+        ws.send(msgspec.msgpack.encode({"type": "ViewerCameraMessage", **camera.as_serializable_dict()}))
+        assert clients(1) == 1  # viser counts a client once its camera arrives
+        capfd.readouterr()
+        for bad in (b"\x00not msgpack", "a text frame", msgspec.msgpack.encode({"type": "NoSuchMessage"})):
+            ws.send(bad)
+        ws.send(msgspec.msgpack.encode({"type": "ViewerCameraMessage", **camera.as_serializable_dict()}))  # still served
+        time.sleep(0.3)
+        assert clients(1) == 1
+        ws.close()
+        assert clients(0) == 0  # the connection's clean-up ran
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("vq3d viewer: warning: ignored a malformed websocket message (")]
+    assert len(warnings) == 3 and "TypeError: a str frame, not msgpack bytes" in warnings[1]

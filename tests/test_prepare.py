@@ -113,7 +113,8 @@ def test_good_images_land_in_shards_bit_exact_and_bad_files_are_reported(mixed, 
     assert bool((sixteen[0, 1:] > sixteen[0, :-1]).all())
     assert torch.allclose(by_source["dogs/cmyk.jpg"]["image"][8, 8], torch.tensor([1.0, 0, 0]), atol=0.03)
     # Bad files: listed with a reason, in the report and the index.
-    report = dict(line.split("\t", 1) for line in (prepared / "bad_files.txt").read_text().splitlines())
+    rows = [json.loads(line) for line in (prepared / "bad_files.txt").read_text().splitlines()]  # JSON lines
+    report = {row["source"]: row["error"] for row in rows}
     assert sorted(report) == sorted(BAD + ["stray.png"])
     assert "truncated" in report["dogs/truncated.jpg"] and "cannot identify" in report["cats/notimage.jpg"]
     skipped = [s["source"] for e in index["shards"] for s in e["skipped"]] + [i["source"] for i in index["ignored"]]
@@ -366,7 +367,7 @@ def test_tampered_or_truncated_index_is_one_clear_error(prepared, tmp_path):
     shutil.copytree(prepared, out)
     text = (out / "index.json").read_text()
     (out / "index.json").write_text(text[: len(text) // 2])
-    with pytest.raises(ShardError, match=r"index.json: not readable JSON.*rerun `vq3d prepare`"):
+    with pytest.raises(ShardError, match=r"index.json: truncated .*rerun `vq3d prepare --input <images> --output"):
         read_index(out)
     (out / "index.json").write_text(json.dumps(["not", "an", "index"]))
     with pytest.raises(ShardError, match="not a vq3d shard index"):

@@ -1,13 +1,17 @@
-"""Files written so that a killed run never leaves a half-written one under its final name, and
-their checksums: the bottom layer (imports nothing of ours)."""
+"""Files written so that a killed run never leaves a half-written one under its final name, their
+checksums, and the file names made from labels that others wrote (class names): the bottom layer
+(imports nothing of ours)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import unicodedata
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Sequence
 
 
 def temporary_path(path: Path, folder: Optional[Path] = None) -> Path:
@@ -30,17 +34,92 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: ``errno`` of a write refused for want of space: the file system is full, or the user's quota is.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+#: How libraries that wrap that OSError word it: Rust's io::Error in safetensors' SafetensorError
+#: ("os error 28"), torch.save's zip writer, which loses the errno ("unexpected pos 576 vs 534",
+#: "PytorchStreamWriter failed writing file"), ffmpeg's log.
+_QUOTA_TEXTS = ("Disk quota exceeded", "os error 122")
+_DISK_FULL_TEXTS = ("No space left on device", "os error 28", "unexpected pos", "PytorchStreamWriter failed writing file")
+
+
+class DiskFullError(OSError):
+    """A write that failed because the disk is full (or the quota used up). Its message is one line
+    naming the file (``filename``; None when unknown) and where to free space; whatever was half
+    written has been removed by the writer that raised it."""
+
+    def __init__(self, path: Optional[Path], reason: str = os.strerror(errno.ENOSPC)):
+        super().__init__(errno.ENOSPC, reason, None if path is None else str(path))
+
+    def __reduce__(self):  # from a worker process: rebuilt from what __init__ takes
+        return type(self), (self.filename, self.strerror)
+
+    def __str__(self) -> str:
+        if self.filename is None:
+            return f"the disk is full ({self.strerror}); free some space or write somewhere else"
+        folder = Path(self.filename).parent
+        return f"{self.filename}: not written, the disk is full ({self.strerror}); free space in {folder} or write somewhere else"
+
+
+def disk_full_reason(err: Optional[BaseException]) -> Optional[str]:
+    """``"No space left on device"`` or ``"Disk quota exceeded"`` when ``err``, or an error it was
+    raised from or while handling, is an out-of-space failure (an OSError with ENOSPC or EDQUOT,
+    or a library's wrapped form of one); otherwise None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return os.strerror(err.errno)
+        text = str(err)
+        if any(t in text for t in _QUOTA_TEXTS):
+            return os.strerror(errno.EDQUOT)
+        if any(t in text for t in _DISK_FULL_TEXTS):
+            return os.strerror(errno.ENOSPC)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _failed_file(err: Optional[BaseException]) -> Optional[str]:
+    """The file name an OSError in ``err``'s chain carries, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.filename:
+            return os.fsdecode(err.filename)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: Optional[Path] = None) -> Iterator[None]:
+    """Raise an out-of-space failure in the block (:func:`disk_full_reason`) as :class:`DiskFullError`
+    naming ``path`` (default: the file the OSError names); other errors pass unchanged. The one place
+    a full disk becomes one line: writers wrap their writes in it, commands their whole run."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        reason = disk_full_reason(err)
+        if reason is None:
+            raise
+        raise DiskFullError(path if path is not None else _failed_file(err), reason) from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, folder: Optional[Path] = None) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s content to; when the block ends without an error
     the file is fsync'ed and renamed over ``path``, otherwise removed. ``folder``: where the
-    temporary file lives (same file system as ``path``), when not beside it."""
+    temporary file lives (same file system as ``path``), when not beside it. A full disk raises
+    :class:`DiskFullError` naming ``path``, and the file there before (if any) stays as it was."""
     tmp = temporary_path(path, folder)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with disk_full_as_error(path):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -77,3 +156,57 @@ def try_download(url: str, path: Path, hash_prefix: Optional[str] = None) -> Non
         torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=False)
     except Exception as err:  # offline, proxy, disk, bad hash: all mean "not available"
         CONSOLE.print(f"[yellow]download failed ({type(err).__name__}: {err})")
+
+
+# ---- file names made from names others wrote ----------------------------------------------------
+#: What never goes into a file name made from a label: path separators and the characters Windows
+#: refuses (``:`` also opens an NTFS stream).
+_REFUSED_CHARS = re.compile(r'[\\/:*?"<>|]')
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))})
+MAX_NAME_BYTES = 96
+"""Longest file-name part made from a label (UTF-8 bytes): room for the suffixes commands add
+(``_000_disparity.mp4``) within the 255 bytes file systems allow."""
+
+
+def safe_file_name(name: str, fallback: str = "unnamed") -> str:
+    """``name`` (a class name from a checkpoint, a token cache or a ``vq3d prepare`` list file) as one
+    readable part of a file name that stays in the folder it is written to: the parts between path
+    separators are joined by ``_`` (``cars/sedan`` -> ``cars_sedan``) with the empty, ``.`` and ``..``
+    ones dropped (``../../ESC`` -> ``ESC``); leading and trailing dots and spaces, control and
+    invisible characters go; characters file systems refuse become ``_``; a Windows device name
+    gains a ``_``; past :data:`MAX_NAME_BYTES` it is cut and ends in a hash of the whole name.
+    Nothing left: ``fallback``. Several names may give one part: :func:`safe_file_names` keeps a
+    list's parts distinct. This is the one place a name becomes a path."""
+    text = unicodedata.normalize("NFC", str(name))
+    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)  # controls, bidi overrides
+    parts = (part.strip(" .") for part in re.split(r"[\\/]", text))
+    text = _REFUSED_CHARS.sub("_", "_".join(part for part in parts if part))
+    text = re.sub(r"\s+", " ", text).strip(" .")
+    if not text:
+        return fallback
+    device, dot, rest = text.partition(".")
+    if device.upper() in _WINDOWS_DEVICES:
+        text = f"{device}_{dot}{rest}"
+    if len(text.encode("utf-8")) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        head = text.encode("utf-8")[: MAX_NAME_BYTES - 9].decode("utf-8", "ignore").rstrip(" .")
+        text = f"{head}-{digest}"
+    return text
+
+
+def safe_file_names(names: Sequence[str], fallbacks: Optional[Sequence[str]] = None) -> List[str]:
+    """:func:`safe_file_name` of each of ``names`` (``fallbacks[i]``, default ``unnamed``, for one
+    that leaves nothing), all distinct even where the file system ignores case: names that come
+    through unchanged keep their part (in list order), a clash gets ``-2``, ``-3``, ... (``cars_sedan``
+    and ``cars/sedan`` -> ``cars_sedan``, ``cars_sedan-2``)."""
+    safe = [safe_file_name(n, fallbacks[i] if fallbacks else "unnamed") for i, n in enumerate(names)]
+    result: List[str] = [""] * len(safe)
+    taken = set()
+    for i in sorted(range(len(safe)), key=lambda i: safe[i] != names[i]):  # stable: unchanged names first
+        candidate, count = safe[i], 1
+        while candidate.casefold() in taken:
+            count += 1
+            candidate = f"{safe[i]}-{count}"
+        taken.add(candidate.casefold())
+        result[i] = candidate
+    return result

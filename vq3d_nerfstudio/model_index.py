@@ -16,14 +16,25 @@ A package is a folder::
 Names resolve (:func:`resolve_model`) in this order: an existing path; a model shipped with the
 install (``vq3d_nerfstudio/models/<name>/``); a model in the user folder (``$VQ3D_HOME/models/<name>/``,
 default ``~/.cache/vq3d/models``); a hub id ``org/name`` through ``huggingface_hub`` (optional).
+
+A training run's ``config.yml`` is arbitrary-object YAML that nerfstudio reads with ``yaml.Loader``,
+which runs code. One that a file names (a stage-2 checkpoint's ``config.json``, a token cache's
+``meta.json``) rather than the user is read first with a safe loader (:func:`run_config_problem`):
+only the Python tags nerfstudio writes for its own and this plugin's config classes pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
 
 from vq3d_nerfstudio.errors import PackageError
 
@@ -77,6 +88,119 @@ def resolve_model(name_or_path: str) -> Path:
         f"{name_or_path}: no such file, shipped model or model in {user_models_dir()}; "
         f"shipped models: {names} (vq3d models lists them)"
     )
+
+
+# ---- run config.yml files that a file, not the user, names --------------------------------------
+YAML_TAG = "tag:yaml.org,2002:"
+#: Python tags of ``yaml.Loader`` that build plain data (no import, no call).
+PLAIN_PYTHON_TAGS = frozenset(
+    f"python/{kind}" for kind in ("none", "bool", "str", "unicode", "bytes", "int", "long", "float", "complex", "list", "tuple", "dict")
+)
+CONFIG_MODULES = ("nerfstudio", "vq3d_nerfstudio")
+"""Where the classes of a run's config live: ``!!python/object:`` may build their dataclasses
+(no ``__init__`` runs), ``!!python/object/apply:`` may look up their enums' members."""
+NAME_MODULES = CONFIG_MODULES + ("torch.optim",)
+"""Where ``!!python/name:`` references may point (the ``_target`` classes and functions nerfstudio
+instantiates, the optimizers): defined there, not imported into those modules from elsewhere."""
+PATH_CLASSES = frozenset(
+    f"{module}.{name}" for module in ("pathlib", "pathlib._local")
+    for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
+)
+"""``!!python/object/apply:`` of these builds a path from strings (nerfstudio writes paths so)."""
+MAX_RUN_CONFIG_BYTES = 16 << 20
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _defined_in(target: str, modules: Tuple[str, ...]) -> Any:
+    """The object ``module.name`` names when it is defined in one of ``modules`` (its ``__module__``;
+    importing only such modules), else None."""
+    if not _DOTTED.fullmatch(target) or not target.startswith(tuple(f"{m}." for m in modules)):
+        return None
+    module_name, _, attribute = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute)
+    except Exception:  # noqa: BLE001  (a missing or broken module: not a class of ours)
+        return None
+    owner = getattr(obj, "__module__", None)
+    if not isinstance(owner, str) or not any(owner == m or owner.startswith(f"{m}.") for m in modules):
+        return None
+    return obj
+
+
+def _refused_tag(tag: str) -> Optional[str]:
+    """A YAML tag of a run's config.yml as written (``!!python/...``) when it is not one nerfstudio
+    writes for its and vq3d's configs, else None."""
+    if not tag.startswith(YAML_TAG):
+        return tag
+    name = tag[len(YAML_TAG):]
+    if not name.startswith("python/") or name in PLAIN_PYTHON_TAGS:
+        return None  # YAML's own types, plain Python data
+    kind, _, target = name.partition(":")
+    if kind == "python/name":
+        if _defined_in(target, NAME_MODULES) is not None:
+            return None
+    elif kind == "python/object":
+        cls = _defined_in(target, CONFIG_MODULES)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            return None
+    elif kind == "python/object/apply":
+        if target in PATH_CLASSES:
+            return None
+        cls = _defined_in(target, CONFIG_MODULES)
+        if isinstance(cls, type) and issubclass(cls, enum.Enum):
+            return None
+    return f"!!{name}"
+
+
+def run_config_problem(path: Path) -> Optional[str]:
+    """Why nerfstudio should not load the run ``config.yml`` at ``path`` when a file named it (one
+    phrase naming the tag and its line), or None. Read with a safe loader (nodes only: nothing is
+    built, imported or called) as nerfstudio reads it; every tag must be YAML's own, plain Python
+    data, a path, a dataclass or enum of nerfstudio / vq3d_nerfstudio, or a name defined there (or
+    a torch optimizer)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RUN_CONFIG_BYTES:
+            return f"is {size} bytes, far more than a run's config.yml"
+        text = path.read_text()  # the locale's encoding, as nerfstudio's eval_setup reads it
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError as err:
+        return f"is not text ({err.reason} at byte {err.start})"
+    except yaml.YAMLError as err:
+        return f"is not a YAML document ({str(err).splitlines()[0]})"
+    if root is None:
+        return "is empty"
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:  # an alias: a node met before
+            continue
+        seen.add(id(node))
+        refused = _refused_tag(node.tag)
+        if refused is not None:
+            return (
+                f"holds {refused} on line {node.start_mark.line + 1}, a tag outside those nerfstudio writes for "
+                "its and vq3d's config classes (loading it can run code)"
+            )
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
+
+
+def check_named_run_config(path: Path, named_by: Path, option: str) -> None:
+    """Stop with a :class:`PackageError` (one line naming both files and the fix) when the run
+    ``config.yml`` at ``path``, which the file ``named_by`` names, fails :func:`run_config_problem`.
+    ``option``: the command-line option with which the user may pass that file themselves."""
+    problem = run_config_problem(path)
+    if problem is not None:
+        raise PackageError(
+            f"{named_by} names the stage-1 run {path}, which was not loaded: it {problem}; if you trust that "
+            f"file, pass it yourself with {option} {path}, otherwise a stage-1 run or model package you trust"
+        )
 
 
 def download_from_hub(repo_id: str) -> Path:

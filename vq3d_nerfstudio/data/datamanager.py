@@ -19,7 +19,8 @@ item's ``skipped`` entry, which rides through the DataLoader (a worker process c
 trainer's log, and its counters would die with it). The datamanager, in the training process, prints
 one warning line per bad file with the running count, logs the count as ``data/skipped_files`` and
 prints a summary when the process ends. ``--pipeline.datamanager.strict True`` stops at the first
-bad file with one line naming it instead. (Prepared shards were validated by ``vq3d prepare``.)
+bad file with one line naming it instead. Prepared shards follow the same policy: a sample that cannot
+be decoded (a damaged image, a missing depth member) is skipped and reported as ``<shard>:<key>``.
 
 Under DDP the rank is ``torch.distributed``'s global rank (nerfstudio passes the *local* rank, which
 repeats across machines).
@@ -54,6 +55,7 @@ from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader, RandIn
 from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from vq3d_nerfstudio.checks import ElevationRange, NonNegativeInt, PositiveInt, YawRange, ranged
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import DepthCoverage, SKIPPED_KEY, Vq3dImageDataset
 from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset, TrainingStream, num_training_samples
@@ -73,7 +75,7 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     (nerfstudio-data, blender-data, colmap, ...: each of its images one training input). Choose one
     by its subcommand after the method, e.g. `ns-train vq3d-tiny nerfstudio-data --data <capture>`;
     its options follow it (`vq3d-images --eval-fraction 0`)."""
-    image_size: Optional[int] = None
+    image_size: ranged(Optional[int], 1) = None
     """Side images from a nerfstudio dataparser are cropped and resized to; None: the model's image
     size (the pipeline fills it in). vq3d-images has its own --image-size."""
     multiview_supervision: bool = False
@@ -81,18 +83,18 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     view and supervise renders from other views of its scene as well, their cameras relative to the
     input view (the canonical alignment and scale of `vq3d eval`). The rays per image are shared
     between the input view and the supervising views."""
-    multiview_views: int = 2
+    multiview_views: PositiveInt = 2
     """Multi-view supervision: other views of the scene drawn per input image each step."""
     train_num_rays_per_batch: int = -1
     """nerfstudio's knob, honoured when set (> 0): rays per step, shared between the images of the
     step (at least one each); -1: images_per_batch x rays_per_image."""
     train_num_images_to_sample_from: int = -1
     """nerfstudio's knob, honoured when set (> 0): at most this many images per step; -1: images_per_batch."""
-    images_per_batch: int = 8
+    images_per_batch: PositiveInt = 8
     """Images (hence tri-planes) per training step, per device."""
-    rays_per_image: int = 256
+    rays_per_image: NonNegativeInt = 256
     """Random pixels rendered per image per step; 0 renders every pixel."""
-    num_workers: int = 2
+    num_workers: NonNegativeInt = 2
     """DataLoader worker processes reading and resizing images."""
     seed: int = 0
     """Seed of the shuffling order (and of DistributedSampler under DDP)."""
@@ -101,14 +103,14 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     Without it a bad file is skipped: its place in the batch goes to the next readable image, one
     warning line names the file, the reason and how many have been skipped so far (also logged as
     data/skipped_files), and a summary is printed when the run ends."""
-    shuffle_buffer: int = 256
+    shuffle_buffer: NonNegativeInt = 256
     """Prepared shards only: samples each DataLoader worker holds to shuffle the stream (0: read in
     shard order, the same every epoch). The shard order is reshuffled every epoch as well, and
     `vq3d prepare` already mixes classes across shards. A buffered sample is its stored bytes
     (~0.11 MB at 256 px, ~0.37 MB with depth), so memory is about buffer x workers x that."""
-    export_max_yaw_deg: float = 30.0
+    export_max_yaw_deg: YawRange = 30.0
     """ns-export samples rays from cameras orbiting the pivot with yaw within +-this (degrees) ..."""
-    export_max_elevation_deg: float = 15.0
+    export_max_elevation_deg: ElevationRange = 15.0
     """... and elevation within +-this: the range the NeRF is trained to hold up in."""
 
 
@@ -133,7 +135,7 @@ def dataset_error_message(err: Exception) -> str:
     text = str(err)
     if "Original Traceback" in text:
         last = text.rstrip().splitlines()[-1]
-        text = last.split("DatasetError: ", 1)[-1]
+        text = last.split(f"{type(err).__name__}: ", 1)[-1]  # DatasetError, ShardError, ...
     return text
 
 
@@ -200,7 +202,7 @@ class Vq3dDataManager(VanillaDataManager):
         self.train_dataset = self._multiview_dataset() if config.multiview_supervision else dataset_class(self.train_dataparser_outputs)
         self.eval_dataset = dataset_class(eval_outputs)
         for dataset in (self.train_dataset, self.eval_dataset):
-            if isinstance(dataset, Vq3dImageDataset):
+            if isinstance(dataset, (Vq3dImageDataset, ShardImageDataset)):
                 dataset.strict = config.strict
         self.skipped_files: Dict[str, str] = {}
         """Files skipped so far (path -> the reason), met by any DataLoader worker of this process."""
@@ -318,7 +320,9 @@ class Vq3dDataManager(VanillaDataManager):
             self.shard_root, shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed,
             rank=rank, world_size=self.world_size, exclude=metadata["shard_held_out"],
         )
-        stream = TrainingStream(reader, use_depth=metadata["depth_kind"] != "none", start_epoch=start_epoch)
+        stream = TrainingStream(
+            reader, use_depth=metadata["depth_kind"] != "none", start_epoch=start_epoch, strict=self.config.strict
+        )
         num_workers = self.config.num_workers
         loader = DataLoader(
             stream,

@@ -36,6 +36,7 @@ from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserCo
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 
+from vq3d_nerfstudio.checks import NonNegativeInt, PositiveFloat, PositiveInt, ranged
 from vq3d_nerfstudio.data import shard_dataset as sd
 from vq3d_nerfstudio.data.folders import DepthKind, ImageRecord, scan_image_folder, sibling_depth_kind, split_fraction
 from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
@@ -51,23 +52,23 @@ class Vq3dImagesDataParserConfig(DataParserConfig):
     _target: Type = field(default_factory=lambda: Vq3dImagesDataParser)
     data: Path = Path("data/synth")
     """Folder of images (flat, class subfolders, or `vq3d synth` scenes)."""
-    image_size: int = 64
+    image_size: PositiveInt = 64
     """Images are centre-cropped and resized to this square size; must equal the model's image size."""
     depth_kind: DepthKind = "auto"
     """Depth files (`<image stem>.npy`): 'z-depth' (world units), 'disparity' (relative, larger = nearer),
     'none' (ignore depth), or 'auto' (read vq3d_meta.json / transforms.json; no depth files -> none)."""
-    eval_fraction: float = 0.05
+    eval_fraction: ranged(float, 0, 1, high_open=True) = 0.05
     """Fraction of images held out for evaluation, chosen by a hash of each file's path."""
-    camera_distance: float = 2.0
+    camera_distance: PositiveFloat = 2.0
     """Distance of the canonical camera from the pivot (world units). Change only together with the data."""
-    fov_deg: float = 50.0
+    fov_deg: ranged(float, 0, 180, low_open=True, high_open=True) = 50.0
     """Horizontal field of view of the canonical camera, degrees."""
-    scene_extent: float = 3.0
+    scene_extent: PositiveFloat = 3.0
     """Half-width of the scene box reported to nerfstudio (world units); the field itself is unbounded."""
-    shard_eval_images: int = 256
+    shard_eval_images: NonNegativeInt = 256
     """Prepared shards only: held-out images that ns-eval, eval batches, the viewer and ns-render can
     show (the first ones in shard order; read from disk when used, never all of the held-out split)."""
-    shard_preview_images: int = 64
+    shard_preview_images: NonNegativeInt = 64
     """Prepared shards only: training images that the viewer's 'train' split, its camera frustums and
     `ns-render --camera-idx` can show (the last ones in shard order). Training itself streams every
     training image from the shards."""

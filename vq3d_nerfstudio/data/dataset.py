@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Tuple, Union
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -475,28 +475,48 @@ class Vq3dImageDataset(InputDataset):
         return data
 
     def __getitem__(self, image_idx: int) -> Dict:
-        if self.strict:
-            return {**self.get_data(image_idx), SKIPPED_KEY: ""}
-        skipped: List[str] = []
-        count = len(self)
-        for attempt in range(min(count, MAX_REPLACEMENT_TRIES + 1)):
-            index = (image_idx + attempt) % count
-            if index in self.bad_files:
-                skipped.append(self.bad_files[index])
-                continue
-            try:
-                data = self.get_data(index)
-            except DatasetError as err:
-                self.bad_files[index] = f"{self._dataparser_outputs.image_filenames[index]}\t{_one_line(err)}"
-                skipped.append(self.bad_files[index])
-                continue
-            data[SKIPPED_KEY] = "\n".join(skipped)
-            return data
-        if not skipped:
-            raise IndexError(f"image {image_idx} of an empty dataset")
-        first_reason = skipped[0].split("\t", 1)[1]
-        raise DatasetError(
-            f"{first_reason} - and the {len(skipped) - 1} images after it could not be read either; "
-            "check the data folder (run `vq3d prepare` on it for a full report of bad files)"
-            if len(skipped) > 1 else first_reason
-        )
+        return item_or_next_readable(self, image_idx, lambda i: str(self._dataparser_outputs.image_filenames[i]))
+
+
+def skip_entry(name: str, err: Exception) -> str:
+    """A bad file's line in an item's ``skipped`` (see ``SKIPPED_KEY``): ``"<name>\\t<reason>"``."""
+    return f"{name}\t{_one_line(err)}"
+
+
+def nothing_readable(skipped: Sequence[str]) -> DatasetError:
+    """The error once :data:`MAX_REPLACEMENT_TRIES` files in a row (or all there are) were bad: the
+    first one's reason and how many followed it."""
+    first_reason = skipped[0].split("\t", 1)[1]
+    return DatasetError(
+        f"{first_reason} - and the {len(skipped) - 1} images after it could not be read either; "
+        "check the data folder (run `vq3d prepare` on it for a full report of bad files)"
+        if len(skipped) > 1 else first_reason
+    )
+
+
+def item_or_next_readable(dataset: InputDataset, image_idx: int, name_of: Callable[[int], str]) -> Dict:
+    """``dataset.get_data(image_idx)`` with the ``skipped`` entry; the policy for a bad file of any
+    dataset with ``strict`` and a ``bad_files`` dict (index -> its ``skipped`` line, remembered by
+    this copy of the dataset). ``strict``: its :class:`DatasetError` is raised; otherwise the next
+    readable item is returned, and the bad ones on the way (named by ``name_of(index)``) are listed in
+    its ``skipped``."""
+    if dataset.strict:
+        return {**dataset.get_data(image_idx), SKIPPED_KEY: ""}
+    skipped: List[str] = []
+    count = len(dataset)
+    for attempt in range(min(count, MAX_REPLACEMENT_TRIES + 1)):
+        index = (image_idx + attempt) % count
+        if index in dataset.bad_files:
+            skipped.append(dataset.bad_files[index])
+            continue
+        try:
+            data = dataset.get_data(index)
+        except DatasetError as err:
+            dataset.bad_files[index] = skip_entry(name_of(index), err)
+            skipped.append(dataset.bad_files[index])
+            continue
+        data[SKIPPED_KEY] = "\n".join(skipped)
+        return data
+    if not skipped:
+        raise IndexError(f"image {image_idx} of an empty dataset")
+    raise nothing_readable(skipped)

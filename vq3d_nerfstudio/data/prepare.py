@@ -20,14 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from vq3d_nerfstudio.data import shards as fmt
 from vq3d_nerfstudio.data.dataset import image_size_of, load_disparity, load_image
-from vq3d_nerfstudio.data.folders import DepthKind, IMAGE_EXTENSIONS, scan_image_folder, sibling_depth_kind
-from vq3d_nerfstudio.data.shards import INDEX_NAME, ShardError, encode_disparity, encode_image, read_index
+from vq3d_nerfstudio.data.folders import IMAGE_EXTENSIONS, DepthKind, scan_image_folder, sibling_depth_kind
+from vq3d_nerfstudio.data.shards import (
+    INDEX_NAME,
+    IndexDamagedError,
+    ShardError,
+    encode_disparity,
+    encode_image,
+    read_index,
+)
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.files import write_atomic
 
@@ -397,7 +405,7 @@ def prepare_shards(
         final = index(complete=True)
         bad = [(i["source"], i["error"]) for i in final["ignored"]]
         bad += [(s["source"], s["error"]) for e in final["shards"] for s in e["skipped"]]
-        write_atomic(output / fmt.BAD_FILES_NAME, "".join(f"{s}\t{r}\n" for s, r in bad).encode("utf-8"))
+        write_atomic(output / fmt.BAD_FILES_NAME, fmt.dump_bad_files(bad))
         fmt.write_index(output, final)
     finally:
         if lock is not None:
@@ -407,6 +415,16 @@ def prepare_shards(
     return final
 
 
+def verify_prepared(output: Path) -> Tuple[int, List[str]]:
+    """``vq3d prepare --verify``: ``(number of shards, one line per shard that is missing or whose size
+    or sha256 differs from index.json)``. Reads every byte; writes nothing. An unreadable or
+    unfinished index is a :class:`~vq3d_nerfstudio.data.shards.ShardError`."""
+    index = read_index(Path(output), require_complete=False)  # the full check below, not the sizes alone
+    if not index.get("complete"):
+        raise ShardError(f"{Path(output) / INDEX_NAME}: `vq3d prepare` did not finish; rerun it with the same options to complete the shards")
+    return len(index["shards"]), fmt.shard_problems(Path(output), index, sha256=True)
+
+
 def _previous_index(output: Path) -> Optional[Dict[str, Any]]:
     if not (output / INDEX_NAME).exists():
         if any(output.glob("shard-*.tar")):
@@ -414,6 +432,9 @@ def _previous_index(output: Path) -> Optional[Dict[str, Any]]:
         return None
     try:
         return read_index(output, require_complete=False)
+    except IndexDamagedError as err:  # its shards cannot be checked against it: all are written again
+        print(f"vq3d prepare: warning: {err.damage}; rebuilding the index and every shard", file=sys.stderr, flush=True)
+        return None
     except ShardError as err:
         raise PrepareError(f"{err}; or pass a new --output") from err
 
@@ -446,7 +467,14 @@ def _write_shards(
 ) -> None:
     from contextlib import nullcontext
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
 
     def decode(k: int) -> Iterator:

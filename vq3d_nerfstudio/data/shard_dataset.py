@@ -26,13 +26,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterator, List
+from typing import Any, Dict, FrozenSet, Iterator, List, Union
 
 import torch
 from nerfstudio.data.datasets.base_dataset import InputDataset
 
+from vq3d_nerfstudio.data.dataset import (
+    MAX_REPLACEMENT_TRIES,
+    SKIPPED_KEY,
+    item_or_next_readable,
+    nothing_readable,
+    skip_entry,
+)
 from vq3d_nerfstudio.data.folders import split_fraction
-from vq3d_nerfstudio.data.shards import FORMAT_NAME, INDEX_NAME, SampleLocation, ShardError, ShardReader, decode_sample, read_sample, scan_shard
+from vq3d_nerfstudio.data.shards import (
+    FORMAT_NAME,
+    INDEX_NAME,
+    SampleLocation,
+    ShardError,
+    ShardReader,
+    decode_sample,
+    read_sample,
+    scan_shard,
+)
 
 
 def is_prepared_folder(root: Path) -> bool:
@@ -123,12 +139,24 @@ class ShardImageDataset(InputDataset):
         self.root = Path(self.metadata["shard_root"])
         self.locations: List[SampleLocation] = self.metadata["shard_samples"]
         self.use_depth = self.metadata.get("depth_kind", "none") != "none"
+        self.strict = False
+        """Raise at a sample that cannot be decoded, instead of returning the next readable one (the
+        policy of :func:`~vq3d_nerfstudio.data.dataset.item_or_next_readable`)."""
+        self.bad_files: Dict[int, str] = {}  # index -> its "skipped" line, found by this copy
 
     def get_data(self, image_idx: int, image_type: str = "float32") -> Dict:
         location = self.locations[image_idx]
         raw = read_sample(self.root, location)
         sample = decode_sample(raw, self.root / location.shard, self.image_size, self.use_depth)
         return {"image_idx": image_idx, **to_item(sample, self.use_depth)}
+
+    def __getitem__(self, image_idx: int) -> Dict:
+        return item_or_next_readable(self, image_idx, lambda i: sample_name(self.root / self.locations[i].shard, self.locations[i].key))
+
+
+def sample_name(shard: Union[Path, str], key: str) -> str:
+    """How a bad sample is named in skip reports: ``<shard>:<key>``."""
+    return f"{shard}:{key}"
 
 
 class TrainingStream(torch.utils.data.IterableDataset):
@@ -140,25 +168,45 @@ class TrainingStream(torch.utils.data.IterableDataset):
     input list, unique and stable) and ``camera_idx`` 0 (every image has the canonical camera).
     A worker whose epoch holds no sample (more workers than a tiny rank's images) stops; when all
     stop, the DataLoader ends and the datamanager reports it.
+
+    A sample that cannot be decoded (a damaged image, a missing depth member) gets a folder's bad-file
+    policy: with ``strict`` its :class:`ShardError` (naming the shard and member) is raised; otherwise
+    it is passed over and listed in the next item's ``skipped`` (``SKIPPED_KEY``), which the
+    datamanager warns about and counts, until :data:`MAX_REPLACEMENT_TRIES` in a row were bad.
     """
 
-    def __init__(self, reader: ShardReader, use_depth: bool, start_epoch: int = 0):
+    def __init__(self, reader: ShardReader, use_depth: bool, start_epoch: int = 0, strict: bool = False):
         super().__init__()
         self.reader = reader
         self.use_depth = use_depth
         self.start_epoch = start_epoch
+        self.strict = strict
         if not use_depth:
             reader.has_depth = False  # depth in the shards but not wanted: do not decode it
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         epoch = self.start_epoch
+        skipped: List[str] = []  # bad samples since the last item yielded
         while True:
             self.reader.set_epoch(epoch)
             count = 0
-            for sample in self.reader:
+            for shard, raw in self.reader.raw_samples():
+                try:
+                    sample = self.reader.decode(shard, raw)
+                except ShardError as err:
+                    if self.strict:
+                        raise
+                    skipped.append(skip_entry(sample_name(shard, raw["__key__"]), err))
+                    if len(skipped) > MAX_REPLACEMENT_TRIES:
+                        raise nothing_readable(skipped) from err
+                    continue
                 count += 1
-                yield {"image_idx": int(sample["key"]), "camera_idx": 0, **to_item(sample, self.use_depth)}
+                item = {"image_idx": int(sample["key"]), "camera_idx": 0, **to_item(sample, self.use_depth)}
+                yield {**item, SKIPPED_KEY: "\n".join(skipped)}
+                skipped = []
             if count == 0:
+                if skipped:
+                    raise nothing_readable(skipped)
                 return
             epoch += 1
 

@@ -3,7 +3,8 @@
 Layout of an output folder::
 
     index.json            what is there (below); written atomically, "complete": true at the end
-    bad_files.txt         inputs that were skipped, one "<source>\\t<reason>" a line
+    bad_files.txt         inputs that were skipped: JSON lines, {"source": ..., "error": ...} a line
+                          (JSON, so that names holding tabs or newlines read back as they are)
     shard-000000.tar      samples, in WebDataset layout (members of one sample are adjacent,
     shard-000001.tar      named <key>.<ext>, key = 8+ digits, no dots)
     ...
@@ -82,6 +83,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from vq3d_nerfstudio.checks import json_bytes_problem
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.files import atomic_path, file_sha256, write_atomic
 
@@ -97,6 +99,23 @@ _IMAGE_EXTS = ("png", "jpg", "jpeg")
 
 class ShardError(DatasetError):
     """A prepared dataset that cannot be read as promised; the message names the file and the fix."""
+
+
+class IndexDamagedError(ShardError):
+    """An ``index.json`` that is empty, truncated or lacks its shard list: ``vq3d prepare`` rebuilds
+    such an output folder (index and shards) instead of refusing it. ``damage``: what is wrong, naming
+    the file, without the fix."""
+
+    def __init__(self, path: Union[Path, str], problem: str):
+        self.damage = f"{path}: {problem}"
+        folder = path.parent if isinstance(path, Path) else str(path).rsplit("/", 1)[0]
+        super().__init__(
+            f"{self.damage}; rerun `vq3d prepare --input <images> --output {folder}` with the options it was "
+            "prepared with: it rebuilds a damaged index.json and its shards"
+        )
+
+
+_SHARD_ENTRY_NAME = re.compile(r"^shard-\d{6,}\.tar$")
 
 
 def shard_name(index: int) -> str:
@@ -192,6 +211,17 @@ def dump_index(index: Dict[str, Any]) -> bytes:
     return (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def dump_bad_files(bad: Sequence[Tuple[str, str]]) -> bytes:
+    """The bytes of ``bad_files.txt``: one JSON object ``{"source", "error"}`` a line per skipped input."""
+    return "".join(json.dumps({"source": s, "error": e}, ensure_ascii=False) + "\n" for s, e in bad).encode("utf-8")
+
+
+def read_bad_files(root: Path) -> List[Tuple[str, str]]:
+    """``(source, error)`` of each input ``vq3d prepare`` skipped, from ``root/bad_files.txt``."""
+    lines = (Path(root) / BAD_FILES_NAME).read_text(encoding="utf-8").splitlines()
+    return [(row["source"], row["error"]) for row in map(json.loads, lines) if row]
+
+
 def write_index(root: Path, index: Dict[str, Any]) -> None:
     """(Re)write ``root/index.json`` atomically."""
     write_atomic(root / INDEX_NAME, dump_index(index))
@@ -205,16 +235,43 @@ def read_index(root: Path, require_complete: bool = True) -> Dict[str, Any]:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ShardError(f"{path}: not readable JSON ({err}); rerun `vq3d prepare` with the same options") from err
-    return parse_index(data, path, require_complete)
+        raise ShardError(f"{path}: cannot read it ({err.strerror or err}); check its permissions") from err
+    index = parse_index(data, path, require_complete)
+    if require_complete:
+        problems = shard_problems(Path(root), index, sha256=False)
+        if problems:
+            raise ShardError(
+                f"{problems[0]}{f' (and {len(problems) - 1} more shards)' if len(problems) > 1 else ''}; rerun "
+                f"`vq3d prepare` with the same options to rewrite {'them' if len(problems) > 1 else 'it'}"
+                f" (`vq3d prepare --verify --output {root}` checks every shard's sha256 as well)"
+            )
+    return index
+
+
+def _entry_problem(entry: Any, number: int) -> Optional[str]:
+    """Why ``index["shards"][number]`` is not a shard entry, or ``None``."""
+    if not isinstance(entry, dict):
+        return f"shard entry {number} is {entry!r}, not an object"
+    name = entry.get("name")
+    if not isinstance(name, str) or not _SHARD_ENTRY_NAME.match(name):
+        return f"shard entry {number} has {'no name' if name is None else f'the name {name!r}, not shard-NNNNNN.tar'}"
+    for key in ("num_samples", "num_bytes"):
+        value = entry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"shard entry {number} ({name}) has {f'no {key}' if value is None else f'{key} {value!r}, not a count'}"
+    if not isinstance(entry.get("sha256"), str):
+        return f"shard entry {number} ({name}) has no sha256"
+    return None
 
 
 def parse_index(data: bytes, path: Union[Path, str], require_complete: bool = True) -> Dict[str, Any]:
-    """Check the bytes of an ``index.json`` read from ``path`` (a file or a URL, named in errors)."""
-    try:
-        index = json.loads(data.decode("utf-8"))
-    except ValueError as err:
-        raise ShardError(f"{path}: not readable JSON ({err}); rerun `vq3d prepare` with the same options") from err
+    """Check the bytes of an ``index.json`` read from ``path`` (a file or a URL, named in errors).
+    A damaged index (empty, truncated, ``shards`` not a list of entries with ``name``,
+    ``num_samples``, ``num_bytes`` and ``sha256``) is an :class:`IndexDamagedError`."""
+    problem = json_bytes_problem(data, path)
+    if problem is not None:
+        raise IndexDamagedError(path, problem[len(f"{path}: "):])  # the problem without the path it starts with
+    index = json.loads(data.decode("utf-8"))
     found = index.get("format") if isinstance(index, dict) else type(index).__name__
     if found != FORMAT_NAME:
         raise ShardError(f"{path}: not a vq3d shard index (format {found!r}); point at a `vq3d prepare` output")
@@ -225,7 +282,34 @@ def parse_index(data: bytes, path: Union[Path, str], require_complete: bool = Tr
         )
     if require_complete and not index.get("complete"):
         raise ShardError(f"{path}: `vq3d prepare` did not finish; rerun it with the same options to complete the shards")
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        raise IndexDamagedError(path, "has no 'shards' list" if shards is None else f"'shards' is {shards!r}, not a list")
+    for number, entry in enumerate(shards):
+        if entry is None and not index.get("complete"):
+            continue  # an unfinished run's index: shards not written yet
+        problem = _entry_problem(entry, number)
+        if problem is not None:
+            raise IndexDamagedError(path, problem)
     return index
+
+
+def shard_problems(root: Path, index: Dict[str, Any], sha256: bool = True) -> List[str]:
+    """Each shard of ``index`` that is missing or whose size (and, with ``sha256``, checksum) differs
+    from the index: one line each, naming it. Sizes alone cost a ``stat`` a shard; checksums read
+    every byte."""
+    problems = []
+    for entry in index["shards"]:
+        path = Path(root) / entry["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["num_bytes"]:
+            problems.append(f"{path}: {size:,} bytes but index.json says {entry['num_bytes']:,}: truncated or modified")
+        elif sha256 and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from index.json (same size): modified or damaged")
+    return problems
 
 
 def verify_shards(root: Path, index: Optional[Dict[str, Any]] = None) -> None:
@@ -584,6 +668,13 @@ class ShardReader(torch.utils.data.IterableDataset):
                 )
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for shard, raw in self.raw_samples():
+            yield self.decode(shard, raw)
+
+    def raw_samples(self) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+        """What :meth:`__iter__` decodes: ``(shard address, {ext: bytes, "__key__": key})`` of this
+        rank's and DataLoader worker's samples, in this epoch's (shuffled) order. A reader that skips
+        undecodable samples (the training stream) decodes them itself with :meth:`decode`."""
         plan = self.rank_plan()
         if not plan or planned_count(self.counts, plan) == 0:
             raise ShardError(
@@ -598,10 +689,10 @@ class ShardReader(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 0:
             rng = random.Random(f"vq3d-shards/{self.seed}/{self.epoch}/{self.rank}/{worker}")
             stream = shuffle_buffer(stream, self.shuffle_buffer, rng)
-        for name, raw in stream:
-            yield self._decode(name, raw)
+        yield from stream
 
-    def _decode(self, shard: str, raw: Dict[str, bytes]) -> Dict[str, Any]:
+    def decode(self, shard: str, raw: Dict[str, bytes]) -> Dict[str, Any]:
+        """One raw sample -> the item :meth:`__iter__` yields; :class:`ShardError` naming the shard and member."""
         return decode_sample(raw, shard, self.resolution, self.has_depth)
 
 
@@ -611,26 +702,28 @@ def decode_sample(
     """One sample's members (``{ext: bytes, "__key__": key}``) -> the item :class:`ShardReader`
     yields. Errors are :class:`ShardError` naming the shard and the sample."""
     key = raw["__key__"]
-    where = f"{shard_path}: sample {key}"
+    fix = "delete the shard and rerun `vq3d prepare` with the same options to rewrite it"
     image_ext = next((ext for ext in _IMAGE_EXTS if ext in raw), None)
-    if image_ext is None or "cls" not in raw:
-        raise ShardError(
-            f"{where} lacks its image or .cls member (the shard is truncated or corrupt); delete the shard "
-            "and rerun `vq3d prepare` with the same options"
-        )
-    if has_depth and "depth.npy" not in raw:
-        raise ShardError(f"{where} has no .depth.npy although the index says depth_kind=disparity; rerun `vq3d prepare`")
-    try:
-        image = decode_image(raw[image_ext])
-        disparity = decode_disparity(raw["depth.npy"]) if has_depth else None
-        class_id = int(raw["cls"].decode("ascii").strip())
-        source = raw.get("source.txt", b"").decode("utf-8")
-    except (OSError, ValueError) as err:
-        raise ShardError(f"{where} cannot be decoded ({err}); delete the shard and rerun `vq3d prepare`") from err
+    missing = [m for m, absent in (("png", image_ext is None), ("cls", "cls" not in raw), ("depth.npy", has_depth and "depth.npy" not in raw)) if absent]
+    if missing:
+        said = " although index.json says depth_kind=disparity" if missing == ["depth.npy"] else ""
+        raise ShardError(f"{shard_path}: sample {key} has no member {key}.{missing[0]}{said}; {fix}")
+    decoders = [(image_ext, decode_image), ("cls", lambda data: int(data.decode("ascii").strip()))]
+    decoders += [("depth.npy", decode_disparity)] if has_depth else []
+    decoders += [("source.txt", lambda data: data.decode("utf-8"))] if "source.txt" in raw else []
+    decoded = {}
+    for ext, decode in decoders:
+        try:
+            decoded[ext] = decode(raw[ext])
+        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ShardError(f"{shard_path}: member {key}.{ext} cannot be decoded ({reason}); {fix}") from err
+    image, disparity = decoded[image_ext], decoded.get("depth.npy")
     size = resolution
-    if image.shape != (size, size, 3) or (disparity is not None and disparity.shape != (size, size)):
-        raise ShardError(f"{where} is not {size}x{size} as the index says; prepare the data again")
-    return {"key": key, "source": source, "image": image, "disparity": disparity, "class_id": class_id}
+    for ext, shape, expected in ((image_ext, image.shape, (size, size, 3)), ("depth.npy", getattr(disparity, "shape", None), (size, size))):
+        if shape is not None and tuple(shape) != expected:
+            raise ShardError(f"{shard_path}: member {key}.{ext} is {tuple(shape)}, not {expected} as index.json's resolution says; {fix}")
+    return {"key": key, "source": decoded.get("source.txt", ""), "image": image, "disparity": disparity, "class_id": decoded["cls"]}
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from typing import ClassVar, List, Optional, Tuple, Union
 
 import numpy as np
 
-from vq3d_nerfstudio.files import write_atomic
+from vq3d_nerfstudio.files import disk_full_as_error, write_atomic
 from vq3d_nerfstudio.geometry.poses import CANONICAL_DISTANCE, focal_length, intrinsics, orbit_matrix
 
 __all__ = [
@@ -525,7 +525,12 @@ def _write_scene_task(args: Tuple[str, int, int, int, int]) -> int:
     tmp = out / f"{_tmp_prefix(index)}{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_scene(tmp, index, seed, resolution, num_views)
+    try:
+        with disk_full_as_error(final):
+            write_scene(tmp, index, seed, resolution, num_views)
+    except BaseException:  # a full disk: no half-written scene folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # an incomplete folder (no transforms.json) left by someone else
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -648,4 +653,6 @@ def write_scenes(
     finally:
         if pool is not None:
             pool.terminate()
+            for stale in out.glob(".scene_*.tmp-*"):  # scenes the terminated workers were writing
+                shutil.rmtree(stale, ignore_errors=True)
     return paths

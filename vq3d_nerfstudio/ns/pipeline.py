@@ -19,7 +19,7 @@ from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.cuda.amp.grad_scaler import GradScaler
 
-from vq3d_nerfstudio.checks import check_nerfstudio_command_line
+from vq3d_nerfstudio.checks import check_nerfstudio_command_line, config_type_problem
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
 from vq3d_nerfstudio.data.dataset import load_image
 from vq3d_nerfstudio.ns.viewer_controls import EditControls, SampleControls, SceneControls, SplatControls, ViewerSetup
@@ -118,6 +118,9 @@ class Vq3dPipeline(VanillaPipeline):
         local_rank: int = 0,
         grad_scaler: Optional[GradScaler] = None,
     ):
+        problem = config_type_problem(config, ("pipeline",))  # a hand-edited config.yml (ns-render, ns-viewer, ...)
+        if problem is not None:
+            raise SystemExit(f"vq3d: error: the run's config.yml: {problem}; fix it in the file")
         check_image_sizes(config)
         if not hasattr(config.datamanager.dataparser, "image_size") and config.datamanager.image_size is None:
             config.datamanager.image_size = config.model.image_size  # a nerfstudio dataparser: the model's size

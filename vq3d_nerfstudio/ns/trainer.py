@@ -17,7 +17,8 @@ optimizer state changes), counted, and logged (``skipped_steps/*``).
 
 Interruption loses nothing: the first Ctrl-C (SIGINT) finishes the current step, saves a checkpoint
 and ends training normally (resume with ``--load-dir``); a second one stops at once. Checkpoints are
-written to a temporary file and renamed, so an interrupted save never leaves a truncated ``.ckpt``.
+written to a temporary file and renamed, so an interrupted save never leaves a truncated ``.ckpt``;
+a save on a full disk stops training in one line naming the file and the last good checkpoint, kept.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from nerfstudio.utils import colormaps, writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from vq3d_nerfstudio.checks import check_options, output_path_problem
+from vq3d_nerfstudio.checks import check_options, output_path_problem, ranged
 from vq3d_nerfstudio.data.datamanager import dataset_error_message
 from vq3d_nerfstudio.errors import DatasetError
-from vq3d_nerfstudio.files import atomic_path
+from vq3d_nerfstudio.files import DiskFullError, atomic_path
 from vq3d_nerfstudio.ns.pipeline import check_image_sizes
 from vq3d_nerfstudio.ns.schedulers import schedules_for_run
 from vq3d_nerfstudio.stage1.perceptual import LPIPSUnavailable
@@ -52,7 +53,7 @@ DISCRIMINATOR = "discriminator"
 class AdamWithBetasConfig(AdamOptimizerConfig):
     """nerfstudio's Adam config with the betas exposed (GANs want beta1 = 0)."""
 
-    betas: Tuple[float, float] = (0.9, 0.999)
+    betas: ranged(Tuple[float, float], 0, 1, high_open=True) = (0.9, 0.999)
     """Adam's running-average coefficients (beta1, beta2)."""
 
 
@@ -123,6 +124,10 @@ class Vq3dTrainer(Trainer):
             pass
         try:
             super().train()
+        except DiskFullError as err:  # a checkpoint save: atomic_path removed its partial file
+            kept = sorted(self.checkpoint_dir.glob("step-*.ckpt"))
+            last = f"; the last good checkpoint {kept[-1]} is kept" if kept else ""
+            raise SystemExit(f"vq3d: error: {err}{last}") from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

@@ -47,6 +47,36 @@ CPU_STILL_SIDE = 256
 """On a CPU the viewer's "Max res" (the still frame's longer side) starts here instead of 512 px."""
 
 
+def guard_viewer_messages() -> None:
+    """Make viser's server skip a websocket message it cannot decode (not msgpack, an unknown message
+    type, missing fields, a text frame) with one warning line, and keep the connection. viser 0.2.7's
+    consumer loop lets the decoding error end the connection handler with a traceback and without its
+    clean-up, so the closed client stayed counted and registered. Replaces that loop (the module
+    function each new connection looks up); installed once, for every server of this process."""
+    import sys
+
+    from viser.infra import _infra
+
+    if getattr(_infra._message_consumer, "vq3d_guarded", False):
+        return
+
+    async def _message_consumer(websocket, handle_message, message_class) -> None:
+        while True:
+            raw = await websocket.recv()
+            try:
+                if not isinstance(raw, bytes):
+                    raise TypeError(f"a {type(raw).__name__} frame, not msgpack bytes")
+                message = message_class.deserialize(raw)
+            except Exception as err:  # anything a browser (or anyone on the port) can send
+                reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+                print(f"vq3d viewer: warning: ignored a malformed websocket message ({reason})", file=sys.stderr, flush=True)
+                continue
+            handle_message(message)
+
+    _message_consumer.vq3d_guarded = True  # type: ignore[attr-defined]
+    _infra._message_consumer = _message_consumer
+
+
 class ViewerUploadButton(ViewerElement[object]):
     """viser's file-upload button as a nerfstudio ``ViewerElement``; ``cb_hook(element)`` runs after
     each upload with the file in ``element.uploaded`` (``.name``, ``.content`` bytes)."""
@@ -150,6 +180,7 @@ class ViewerSetup(ViewerControl):
             self.update_frustum()
 
         viewer.init_scene = init_scene_with_one_frustum
+        guard_viewer_messages()
         viewer.viser_server.on_client_connect(self.on_connect)
         self._splats.attach(viewer.viser_server, VISER_NERFSTUDIO_SCALE_RATIO)
         threading.Thread(target=self._watch, name="vq3d-viewer-watch", daemon=True).start()

@@ -15,12 +15,22 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Literal, Optional, Tuple, TypeVar
 
 import tyro
 from typing_extensions import Annotated
 
-from vq3d_nerfstudio.checks import UNPREFIXED, PositiveInt, check_options
+from vq3d_nerfstudio.checks import (
+    UNPREFIXED,
+    ElevationRange,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    YawRange,
+    check_options,
+    config_type_problem,
+    ranged,
+)
 from vq3d_nerfstudio.geometry.poses import orbit_path
 
 Group = TypeVar("Group")
@@ -44,18 +54,28 @@ def reworded(group: type, **help_texts: str) -> type:
     return dataclasses.make_dataclass(group.__name__, fields, bases=(group,))
 
 
+Temperature = NonNegativeFloat
+"""Sampling temperature; 0 takes the most likely code."""
+TopK = ranged(Optional[int], 1)
+"""Top-k sampling: None samples among all codes."""
+TopP = ranged(Optional[float], 0, 1, low_open=True)
+"""Nucleus sampling: the smallest set of codes whose probability reaches p; 1 (or None) is every code."""
+GuidanceScale = NonNegativeFloat
+"""Classifier-free guidance weight: 0 unconditional, 1 plain conditioning, larger follows the class more."""
+
+
 @dataclass
 class Orbit:
     """Video of the camera orbiting the input view (yaw swings, elevation bobs): its range, frame rate
     and size."""
 
-    max_yaw_deg: float = 20.0
+    max_yaw_deg: YawRange = 20.0
     """Largest yaw of the orbit (degrees)."""
-    max_elevation_deg: float = 8.0
+    max_elevation_deg: ElevationRange = 8.0
     """Largest elevation of the orbit (degrees)."""
     fps: PositiveInt = 24
     """Video frame rate."""
-    resolution: int = 0
+    resolution: NonNegativeInt = 0
     """Render size in pixels; 0 uses the model's image size."""
 
     def path(self, num_frames: int) -> List[Tuple[float, float]]:
@@ -166,30 +186,39 @@ class ModelSource:
         return LoadedModel(model, package=info, folder=path)
 
 
-def load_stage2(command: str, stage2_checkpoint: Optional[Path], model: Optional[str], stage1_config: Optional[Path]):
+def load_stage2(command: str, stage2_checkpoint: Optional[Path], model: Optional[str], stage1_config: Optional[Path],
+                check_classes: Optional[Callable[[List[str], int], Any]] = None):
     """``(transformer, its config.json, checkpoint folder, LoadedModel)`` for sampling: the stage-2
     model of ``--stage2-checkpoint`` (default: the ``stage2/`` of a ``--model`` package) and the
     stage-1 model of ``--model``, else ``--stage1-config``, else the run the stage-2 checkpoint
-    records. Every problem stops with one line."""
-    from vq3d_nerfstudio.model_index import STAGE2_DIR
-    from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
-    from vq3d_nerfstudio.stage2.sample import stage1_config_of
+    records. ``check_classes(class names, number of classes)`` checks a ``--class-label`` against
+    the stage-2 model's config.json first, before any model loads (raising ``SampleError``). Every
+    problem stops with one line."""
+    from vq3d_nerfstudio.model_index import STAGE2_DIR, is_package
+    from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model, read_info
+    from vq3d_nerfstudio.stage2.sample import SampleError, stage1_config_of
 
-    loaded = ModelSource(model=model).load(command) if model is not None else None
+    source = ModelSource(model=model).resolve(command) if model is not None else None
     if stage2_checkpoint is None:
-        if loaded is None or loaded.folder is None or not (loaded.folder / STAGE2_DIR).is_dir():
+        if source is None or not is_package(source) or not (source / STAGE2_DIR).is_dir():
             raise SystemExit(
                 f"vq3d {command}: error: pass --stage2-checkpoint (a vq3d-train-stage2 run), or --model a package "
                 f"with a {STAGE2_DIR}/ folder (vq3d package --stage2-checkpoint writes one)"
             )
-        stage2_checkpoint = loaded.folder / STAGE2_DIR
+        stage2_checkpoint = source / STAGE2_DIR
     try:
+        info, _ = read_info(stage2_checkpoint)
+        num_classes = (info.get("model") or {}).get("num_classes")
+        if check_classes is not None and isinstance(num_classes, int) and num_classes > 0:  # else load_model says what is wrong
+            check_classes(list(info.get("class_names") or []), num_classes)
         transformer, info, folder = load_model(stage2_checkpoint)
-        if loaded is None:
-            stage1_config = stage1_config_of(info, stage1_config)
-    except CheckpointError as err:
+        if source is None:
+            stage1_config = stage1_config_of(info, stage1_config, folder / "config.json")  # a recorded config.yml: checked
+    except (CheckpointError, SampleError) as err:
         raise SystemExit(f"vq3d {command}: error: {err}") from None
-    if loaded is None:
+    if source is not None:
+        loaded = ModelSource(model=str(source)).load(command)
+    else:
         loaded = ModelSource(load_config=stage1_config).load(command)
     return transformer, info, folder, loaded
 
@@ -204,7 +233,7 @@ class ImageChoice:
     split: Literal["eval", "train"] = "eval"
     """Which split the image comes from; eval images were held out of training (a run only: a
     package has no dataset, pass --image)."""
-    image_index: int = 0
+    image_index: NonNegativeInt = 0
     """Index of the image within the split."""
 
     def load(self, loaded: LoadedModel, command: str) -> Tuple[Any, str]:
@@ -234,8 +263,16 @@ def load_run(load_config: Path, command: str, load_step: Optional[int] = None) -
             raise SystemExit(f"vq3d {command}: error: {checkpoint} does not exist; pick a step saved in that folder")
     from nerfstudio.utils.eval_utils import eval_setup
 
+    from vq3d_nerfstudio.checks import nerfstudio_checkpoint_problem
+
     def pick_step(config):
+        problem = config_type_problem(config)  # a hand-edited config.yml: named before anything is built
+        if problem is not None:
+            raise SystemExit(f"vq3d {command}: error: {load_config}: {problem}; fix it in the file")
         config.load_step = load_step
+        problem = nerfstudio_checkpoint_problem(config.get_checkpoint_dir(), load_step)  # empty, truncated
+        if problem is not None:
+            raise SystemExit(f"vq3d {command}: error: {problem}")
         return config
 
     _, pipeline, _, _ = eval_setup(load_config, test_mode="inference", update_config_callback=pick_step)
@@ -244,6 +281,13 @@ def load_run(load_config: Path, command: str, load_step: Optional[int] = None) -
 
 def run(command, name: str) -> None:
     """Check a parsed subcommand's options (:func:`~vq3d_nerfstudio.checks.check_options`: finite
-    floats, positive counts, writable outputs), then run it. ``name``: the subcommand, for messages."""
+    floats, positive counts, writable outputs), then run it. ``name``: the subcommand, for messages.
+    A full disk stops it in one line naming the file (:class:`~vq3d_nerfstudio.files.DiskFullError`)."""
+    from vq3d_nerfstudio.files import DiskFullError, disk_full_as_error
+
     check_options(command, f"vq3d {name}")
-    command.main()
+    try:
+        with disk_full_as_error():
+            command.main()
+    except DiskFullError as err:
+        raise SystemExit(f"vq3d {name}: error: {err}") from None

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir
+from vq3d_nerfstudio.checks import OutputDir, PositiveFloat
 from vq3d_nerfstudio.scripts.common import Flat, ModelSource, OrbitLoop, reworded
 
 ComposeOrbit = reworded(
@@ -35,7 +35,7 @@ class Compose:
     position: Tuple[float, float, float] = (0.0, 0.0, 0.5)
     """Where the object's pivot goes in the scene, world units (the camera is at (0, 0, 2) looking at
     the origin; +x right, +y up, +z towards the camera)."""
-    scale: float = 0.5
+    scale: PositiveFloat = 0.5
     """Object size relative to its own NeRF."""
     object_box: Tuple[float, float, float, float, float, float] = (-0.6, -0.6, -0.6, 0.6, 0.6, 0.6)
     """The part of the object's NeRF that is kept: x0 y0 z0 x1 y1 z1 in its own frame (pivot at the
@@ -49,7 +49,6 @@ class Compose:
     orbit: Flat[ComposeOrbit] = field(default_factory=ComposeOrbit)
 
     def main(self) -> None:
-        import imageio.v2 as imageio
         import numpy as np
         import torch
         from PIL import Image
@@ -57,7 +56,7 @@ class Compose:
 
         from vq3d_nerfstudio.data.dataset import center_crop_box, load_image
         from vq3d_nerfstudio.errors import DatasetError
-        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_image, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
         from vq3d_nerfstudio.stage1.edits import Placement, encode_image
 
@@ -101,7 +100,7 @@ class Compose:
         disp_rgb = colorize_disparity(disparity)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         strip = torch.cat([scene_rgb, object_rgb, rgb[0], rgb[1], rgb[2], disp_rgb[2]], dim=1)
-        imageio.imwrite(self.output_dir / "composite_views.png", to_uint8(strip))
+        write_image(self.output_dir / "composite_views.png", to_uint8(strip))
         write_video(self.output_dir / "composite_orbit.mp4", rgb[len(views):], self.orbit.fps)
         write_video(self.output_dir / "composite_disparity.mp4", disp_rgb[len(views):], self.orbit.fps)
         print(f"Wrote composite_views.png, composite_orbit.mp4 and composite_disparity.mp4 to {self.output_dir}")

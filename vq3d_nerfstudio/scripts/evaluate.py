@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputFile
+from vq3d_nerfstudio.checks import OutputFile, ranged
 from vq3d_nerfstudio.scripts.common import Flat, ModelSource
 
 
@@ -33,7 +33,7 @@ class Evaluate:
     source: Flat[ModelSource] = field(default_factory=ModelSource)
     output: OutputFile = Path("eval_results.json")
     """Where to write per-view and grouped results (JSON)."""
-    load_step: Optional[int] = None
+    load_step: ranged(Optional[int], 0) = None
     """Score the checkpoint of this step of a run (default: the latest)."""
     lpips_weights: Optional[Path] = None
     """torchvision's ImageNet AlexNet state dict for LPIPS (default: where torch hub caches it,
@@ -48,6 +48,8 @@ class Evaluate:
         from rich.console import Console
         from rich.table import Table
 
+        from vq3d_nerfstudio.files import write_atomic
+
         skipped: List[Dict] = []
         summary, results = evaluate_run(
             self.source, self.scenes, self.load_step, self.lpips_weights, strict=self.strict, skipped=skipped,
@@ -55,7 +57,7 @@ class Evaluate:
         )
         self.output.parent.mkdir(parents=True, exist_ok=True)
         report = {"summary_by_offset_deg": summary, "scenes": results, "skipped": skipped}
-        self.output.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        write_atomic(self.output, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"))
         title = f"{len(results)} scenes" + (f" ({len(skipped)} skipped)" if skipped else "")
         table = Table(title=f"{title}: mean by view offset (degrees)")
         columns = ["psnr", "ssim", "lpips", "still_psnr", "ceiling_psnr", "gap_gained", "covisible_psnr", "fg_psnr",
@@ -171,14 +173,14 @@ def evaluate_run(
 def save_scene_renders(folder: Path, images: List[Path], outputs: List[Dict]) -> None:
     """``folder/<image stem>.png`` (8-bit RGB) and ``<image stem>_depth.npy`` (float32 z-depth) per frame."""
     import numpy as np
-    from PIL import Image
 
+    from vq3d_nerfstudio.export.video import write_image
     from vq3d_nerfstudio.files import write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for image, out in zip(images, outputs):
         rgb = (out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        Image.fromarray(rgb).save(folder / f"{image.stem}.png")
+        write_image(folder / f"{image.stem}.png", rgb)
         buffer = io.BytesIO()
         np.save(buffer, out["z_depth"].cpu().numpy().astype(np.float32))
         write_atomic(folder / f"{image.stem}_depth.npy", buffer.getvalue())

@@ -9,7 +9,16 @@ from typing import List, Optional
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputFile, PositiveInt
+from vq3d_nerfstudio.checks import (
+    ElevationRange,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OutputFile,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    YawRange,
+)
 from vq3d_nerfstudio.scripts.common import Flat, ImageChoice, ModelSource, reworded
 
 SplatImage = reworded(
@@ -36,33 +45,33 @@ class ExportSplats:
     """Most splats to write (the CPU renderer of the report stays quick up to ~20k at 64 px)."""
     num_cameras: PositiveInt = 8
     """Cameras whose rays place the splats: the canonical view and others round the orbit range."""
-    max_yaw_deg: float = 20.0
+    max_yaw_deg: YawRange = 20.0
     """Yaw range of those cameras (degrees); VQ3D's NeRFs hold up for limited motion."""
-    max_elevation_deg: float = 8.0
+    max_elevation_deg: ElevationRange = 8.0
     """Elevation range of those cameras (degrees)."""
-    ray_resolution: int = 0
+    ray_resolution: NonNegativeInt = 0
     """Pixels on a side of those cameras over the model's field of view (0: the model's image
     size), one ray per pixel; the margin adds more at the same pixel size."""
-    margin_deg: float = 10.0
+    margin_deg: NonNegativeFloat = 10.0
     """Those cameras see this much farther than the model's field of view on every side (degrees)."""
-    min_weight: float = 0.01
+    min_weight: Probability = 0.01
     """Samples with less rendering weight than this place no splat."""
-    cell_depth_ratio: float = 5.0
+    cell_depth_ratio: PositiveFloat = 5.0
     """Samples are merged in cells about a pixel of those cameras wide (grown together when more
     than --num-gaussians hold weight) and, at the pivot, this many times deeper (disparity bins of
     the input view's camera): weight spread along rays becomes a few splats, not many thin layers."""
-    scale_mult: float = 0.5
+    scale_mult: PositiveFloat = 0.5
     """Splat standard deviation as a fraction of its cell's width."""
-    background_radius: float = 50.0
+    background_radius: PositiveFloat = 50.0
     """Samples beyond this distance from the pivot (the sky, ~1000 units off in the NeRF) are pulled
     in along their rays to it (world units; the camera is 2 away)."""
-    refine_steps: int = 300
+    refine_steps: NonNegativeInt = 300
     """gsplat optimisation steps against NeRF renders (CUDA only; skipped on a CPU)."""
-    refine_resolution: int = 0
+    refine_resolution: NonNegativeInt = 0
     """Size of the NeRF renders the refinement fits (0: the model's image size)."""
     report_views: List[float] = field(default_factory=lambda: [0.0, 15.0])
     """Yaws (degrees, elevation 0) of the views in the report and the PNG; 0 is the input view."""
-    report_resolution: int = 0
+    report_resolution: NonNegativeInt = 0
     """Pixels on a side of the report's renders (0: the model's image size)."""
     timing_repeats: PositiveInt = 3
     """Renders per view timed for the report (after one untimed render)."""
@@ -72,12 +81,11 @@ class ExportSplats:
     """Random seed."""
 
     def main(self) -> None:
-        import imageio.v2 as imageio
         import torch
 
         from vq3d_nerfstudio.evaluation.metrics import psnr
         from vq3d_nerfstudio.export import splats
-        from vq3d_nerfstudio.export.video import to_uint8
+        from vq3d_nerfstudio.export.video import to_uint8, write_image
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
         torch.manual_seed(self.seed)
@@ -162,7 +170,7 @@ class ExportSplats:
         picture.parent.mkdir(parents=True, exist_ok=True)
         sheet = torch.cat(strips, dim=0)
         scale = max(1, 256 // res)
-        imageio.imwrite(picture, to_uint8(sheet).repeat(scale, axis=0).repeat(scale, axis=1))
+        write_image(picture, to_uint8(sheet).repeat(scale, axis=0).repeat(scale, axis=1))
         print(f"\nWrote {self.output} and {picture} (NeRF | splats, a row per view)")
 
 

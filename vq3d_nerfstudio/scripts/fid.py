@@ -9,8 +9,8 @@ from typing import Literal, Optional
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
-from vq3d_nerfstudio.scripts.common import load_stage2
+from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt, ranged
+from vq3d_nerfstudio.scripts.common import GuidanceScale, Temperature, TopK, TopP, load_stage2
 
 
 @dataclass
@@ -34,21 +34,22 @@ class Fid:
     model: Optional[str] = None
     """The stage-1 model that decodes the samples: a package (whose stage2/ is then the default
     --stage2-checkpoint), a shipped model's name, or a run's config.yml; default: --stage1-config."""
-    num_samples: int = 1000
-    """With --stage2-checkpoint: scenes to sample (each rendered at every view)."""
+    num_samples: ranged(int, 2) = 1000
+    """With --stage2-checkpoint: scenes to sample (each rendered at every view; FID needs a covariance, so
+    at least 2)."""
     class_label: str = "all"
     """With --stage2-checkpoint: 'all' cycles through the classes (class-balanced), or one class id /
     name, or 'none' (unconditional)."""
     novel_yaw_deg: float = 15.0
     """With --stage2-checkpoint: the novel view looks from this yaw (degrees, alternating left/right
     per sample) at the canonical elevation."""
-    temperature: float = 1.0
+    temperature: Temperature = 1.0
     """Sampling temperature (see vq3d sample)."""
-    top_k: Optional[PositiveInt] = None
+    top_k: TopK = None
     """Top-k sampling (see vq3d sample)."""
-    top_p: Optional[float] = None
+    top_p: TopP = None
     """Nucleus sampling (see vq3d sample)."""
-    cfg_scale: float = 1.0
+    cfg_scale: GuidanceScale = 1.0
     """Classifier-free guidance weight (see vq3d sample)."""
     seed: int = 0
     """Sampling seed."""
@@ -87,6 +88,7 @@ class Fid:
             list_images,
             load_inception,
         )
+        from vq3d_nerfstudio.files import write_atomic
 
         def fail(message: str) -> SystemExit:
             return SystemExit(f"vq3d fid: error: {message}")
@@ -134,7 +136,7 @@ class Fid:
             inception_weights=str(find_weights(self.inception_weights)),
         )
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.output.write_text(json.dumps(output, indent=1))
+        write_atomic(self.output, json.dumps(output, indent=1).encode("utf-8"))
         table = Table(title=f"{self.fake or self.stage2_checkpoint or self.model} vs {self.real}")
         for column in ("set", f"FID ({self.feature_dim}-d)", "IS", "IS std", "real images", "fake images"):
             table.add_column(column)
@@ -164,9 +166,10 @@ class Fid:
             render_sample_views,
         )
 
-        if self.num_samples < 2:
-            raise fail("--num-samples must be at least 2 (FID needs a covariance)")
-        transformer, info, _, loaded = load_stage2("fid", self.stage2_checkpoint, self.model, self.stage1_config)
+        transformer, info, _, loaded = load_stage2(
+            "fid", self.stage2_checkpoint, self.model, self.stage1_config,
+            check_classes=lambda names, num: balanced_classes(1, self.class_label, names, num),
+        )
         model = loaded.model
         try:
             sampler = SceneSampler(transformer, info, model)

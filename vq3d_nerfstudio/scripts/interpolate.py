@@ -8,7 +8,7 @@ from typing import List, Literal
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir
+from vq3d_nerfstudio.checks import OutputDir, ranged
 from vq3d_nerfstudio.scripts.common import Flat, ModelSource, Orbit
 
 
@@ -23,7 +23,7 @@ class Interpolate:
     source: Flat[ModelSource] = field(default_factory=ModelSource)
     output_dir: OutputDir = Path("interpolation")
     """Where the outputs go (created if missing)."""
-    steps: int = 48
+    steps: ranged(int, 2) = 48
     """Frames from the first scene to the second (the video then comes back: 2 x steps frames)."""
     # stage1.edits.InterpolationSpace, spelled out: importing it loads torch and nerfstudio before
     # the options are parsed (tests/test_edits.py checks the two agree)
@@ -33,20 +33,17 @@ class Interpolate:
     orbit: Flat[Orbit] = field(default_factory=lambda: Orbit(max_yaw_deg=15.0, max_elevation_deg=5.0))
 
     def main(self) -> None:
-        import imageio.v2 as imageio
         import numpy as np
         from rich.progress import Progress
 
         from vq3d_nerfstudio.data.dataset import load_image
         from vq3d_nerfstudio.errors import DatasetError
-        from vq3d_nerfstudio.export.video import colorize_disparity, to_uint8, write_video
+        from vq3d_nerfstudio.export.video import colorize_disparity, to_uint8, write_image, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
         from vq3d_nerfstudio.stage1.edits import encode_image, interpolate
 
         if len(self.images) != 2:
             raise SystemExit(f"vq3d interpolate: error: --images takes exactly two photos, got {len(self.images)}")
-        if self.steps < 2:
-            raise SystemExit("vq3d interpolate: error: --steps must be at least 2")
         model = self.source.load("interpolate").model
         if self.space == "codes" and not model.quantizer.has_codes:
             raise SystemExit("vq3d interpolate: error: --space codes needs codes, and this run has continuous tokens "
@@ -78,7 +75,7 @@ class Interpolate:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_video(self.output_dir / "interpolation.mp4", rgb, self.orbit.fps)
         write_video(self.output_dir / "interpolation_disparity.mp4", colorize_disparity(disparity), self.orbit.fps)
-        imageio.imwrite(self.output_dir / "interpolation_strip.png", np.concatenate(strip, axis=1))
+        write_image(self.output_dir / "interpolation_strip.png", np.concatenate(strip, axis=1))
         print(f"Wrote interpolation.mp4, interpolation_disparity.mp4 and interpolation_strip.png to {self.output_dir}")
 
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import tyro
 
+from vq3d_nerfstudio.checks import NonNegativeInt, ranged
+
 
 @dataclass
 class Package:
@@ -21,14 +23,14 @@ class Package:
     """The run's config.yml."""
     output: Path
     """The package folder to write (written in full or not at all)."""
-    load_step: Optional[int] = None
+    load_step: ranged(Optional[int], 0) = None
     """Package the checkpoint of this step (default: the latest)."""
     stage2_checkpoint: Optional[Path] = None
     """Also package a stage-2 model trained on this run's tokens (a vq3d-train-stage2 run folder or
     one of its checkpoints/step-* folders), so that vq3d sample --model works from the package."""
     eval_results: Optional[Path] = None
     """A `vq3d eval` output (eval_results.json) of this run, quoted in the model card."""
-    examples: int = 4
+    examples: NonNegativeInt = 4
     """Held-out images of the run to keep in examples/ (the images vq3d view's panel picks from,
     and something to try the model on; 0: none)."""
     half: bool = False
@@ -46,6 +48,7 @@ class Package:
 
         import torch
 
+        from vq3d_nerfstudio.files import DiskFullError, disk_full_reason
         from vq3d_nerfstudio.model_index import CARD_FILE, STAGE2_DIR, eval_figures, model_card, run_provenance
         from vq3d_nerfstudio.scripts.common import load_run
         from vq3d_nerfstudio.stage1.package import write_package_files
@@ -94,8 +97,11 @@ class Package:
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
             out.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            reason = disk_full_reason(err) if isinstance(err, Exception) else None
+            if reason is not None:  # name the package, not a file of its removed temporary folder
+                raise DiskFullError(out, reason) from err
             raise
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         print(f"Wrote the model package {out} ({size / 2**20:.1f} MiB): use it with --model {out}")
@@ -103,16 +109,14 @@ class Package:
 
 def write_examples(folder: Path, pipeline, count: int) -> None:
     """The first ``count`` held-out images of a run (as the model sees them) as PNGs in ``folder``."""
-    import imageio.v2 as imageio
-
-    from vq3d_nerfstudio.export.video import to_uint8
+    from vq3d_nerfstudio.export.video import to_uint8, write_image
 
     count = min(count, len(pipeline.datamanager.eval_dataset))
     if count <= 0:
         return
     folder.mkdir(parents=True)
     for i in range(count):
-        imageio.imwrite(folder / f"example_{i:02d}.png", to_uint8(pipeline.load_image("eval", i)))
+        write_image(folder / f"example_{i:02d}.png", to_uint8(pipeline.load_image("eval", i)))
 
 
 @dataclass

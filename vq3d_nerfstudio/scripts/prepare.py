@@ -10,7 +10,7 @@ from typing import Optional
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+from vq3d_nerfstudio.checks import OutputDir, PositiveInt, ranged
 from vq3d_nerfstudio.data.folders import DepthKind
 
 
@@ -23,13 +23,13 @@ class Prepare:
     resumes: finished shards are kept, the rest are written to be byte-identical to an
     uninterrupted run."""
 
-    input: Path
-    """A folder of images (flat, ImageNet-style class subfolders, or `vq3d synth` scenes), or a text
-    file listing image paths, one a line, optionally followed by a TAB and a class name (relative
-    paths are relative to the list file)."""
     output: OutputDir
     """Folder for the shards, index.json and bad_files.txt (created if needed)."""
-    resolution: int = 256
+    input: Optional[Path] = None
+    """A folder of images (flat, ImageNet-style class subfolders, or `vq3d synth` scenes), or a text
+    file listing image paths, one a line, optionally followed by a TAB and a class name (relative
+    paths are relative to the list file). Required, except with --verify."""
+    resolution: ranged(int, 8) = 256
     """Images are centre-cropped to a square and resized to this size (pixels)."""
     depth_model: Optional[str] = None
     """A transformers monocular depth model (DPT or Depth Anything; a folder written by save_pretrained,
@@ -47,22 +47,32 @@ class Prepare:
     gives ~400 MB shards; the last shard holds the remainder."""
     strict: bool = False
     """Stop at the first unreadable file instead of skipping it and listing it in bad_files.txt."""
-    num_workers: Optional[int] = None
+    num_workers: ranged(Optional[int], 0) = None
     """Decoding processes (default: min(4, number of CPUs)); 0 decodes in this process."""
-
-    def _check(self) -> Optional[str]:
-        if self.resolution < 8:
-            return f"--resolution must be >= 8, got {self.resolution}"
-        if self.num_workers is not None and self.num_workers < 0:
-            return f"--num-workers must be >= 0, got {self.num_workers}"
-        return None
+    verify: bool = False
+    """Write nothing: check every shard of --output against index.json (its size and sha256, reading
+    every byte), list the shards that differ and exit with status 1 if any do."""
 
     def main(self) -> None:
-        from vq3d_nerfstudio.data.prepare import prepare_shards
+        from vq3d_nerfstudio.data.prepare import prepare_shards, verify_prepared
 
-        error = self._check()
-        if error is not None:
-            raise SystemExit(f"vq3d prepare: error: {error}")
+        if self.verify:
+            try:
+                checked, problems = verify_prepared(self.output)
+            except ValueError as err:  # PrepareError, ShardError
+                raise SystemExit(f"vq3d prepare: error: {err}") from None
+            for problem in problems:
+                print(problem)
+            if problems:
+                raise SystemExit(
+                    f"vq3d prepare: error: {len(problems)} of {checked} shards in {self.output} do not match index.json "
+                    "(listed above); delete them and rerun `vq3d prepare` with the options they were prepared with "
+                    "to rewrite them"
+                )
+            print(f"All {checked} shards in {self.output} match index.json (sizes and sha256)")
+            return
+        if self.input is None:
+            raise SystemExit("vq3d prepare: error: pass --input <folder of images or list file> (or --verify to check --output)")
         num_workers = self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
         try:
             index = prepare_shards(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir, OutputFile, PositiveInt
+from vq3d_nerfstudio.checks import NonNegativeInt, OutputDir, OutputFile, PositiveFloat, PositiveInt
 from vq3d_nerfstudio.scripts.common import Flat, ModelSource, OrbitLoop, reworded
 
 ReconstructOrbit = reworded(
@@ -61,9 +62,10 @@ class Reconstruct:
     output_dir: OutputDir = Path("reconstructions")
     """Where the outputs go (created if missing)."""
     orbit: Flat[ReconstructOrbit] = field(default_factory=ReconstructOrbit)
-    num_points: int = 20000
-    """Points in each .ply (0 skips the point cloud)."""
-    max_point_radius: float = 4.0
+    num_points: NonNegativeInt = 20000
+    """Points in each .ply (0 skips the point cloud). A photo whose NeRF holds no dense point within
+    --max-point-radius gets no .ply, and a warning."""
+    max_point_radius: PositiveFloat = 4.0
     """Drop points farther than this from the pivot (world units; the camera is 2 away): the sky."""
     contact_sheet: Optional[OutputFile] = None
     """Also stack every photo's views strip into this one image (a row per photo)."""
@@ -71,7 +73,6 @@ class Reconstruct:
     """Pixel-repeat factor of the contact sheet (small renders stay crisp on screen)."""
 
     def main(self) -> None:
-        import imageio.v2 as imageio
         import numpy as np
         import torch
         from rich.progress import Progress
@@ -79,7 +80,7 @@ class Reconstruct:
         from vq3d_nerfstudio.data.dataset import load_image
         from vq3d_nerfstudio.errors import DatasetError
         from vq3d_nerfstudio.export.pointcloud import point_cloud, write_point_ply
-        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_image, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
         images = expand_images(self.image)
@@ -104,22 +105,28 @@ class Reconstruct:
                 rgb, disp = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
                 disp_rgb = colorize_disparity(disp)
                 stem = self.output_dir / name
-                imageio.imwrite(f"{stem}_canonical.png", to_uint8(rgb[0]))
+                write_image(f"{stem}_canonical.png", to_uint8(rgb[0]))
                 shown = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(size, size), mode="area")[0]
                 strip = torch.cat([shown.permute(1, 2, 0), rgb[0], rgb[1], rgb[2], disp_rgb[0]], dim=1)
-                imageio.imwrite(f"{stem}_views.png", to_uint8(strip))
+                write_image(f"{stem}_views.png", to_uint8(strip))
                 strips.append(to_uint8(strip))
                 write_video(f"{stem}_orbit.mp4", rgb[3:], self.orbit.fps)
                 write_video(f"{stem}_disparity.mp4", disp_rgb[3:], self.orbit.fps)
                 if self.num_points > 0:
                     points, colors, normals = point_cloud(model, loaded.orbit_rays, self.num_points, self.max_point_radius)
-                    write_point_ply(Path(f"{stem}.ply"), points, colors, normals)
+                    if len(points):
+                        write_point_ply(Path(f"{stem}.ply"), points, colors, normals)
+                    else:
+                        print(f"vq3d reconstruct: warning: {name}: no point cloud written: no ray hit anything dense "
+                              f"(accumulation >= 0.5) within --max-point-radius {self.max_point_radius:g} of the pivot; the "
+                              "reconstruction is empty or all background (check the photo, or raise --max-point-radius)",
+                              file=sys.stderr, flush=True)
         print(f"Wrote {len(images) - len(failed)} reconstruction(s) to {self.output_dir}")
         if self.contact_sheet is not None and strips:
             self.contact_sheet.parent.mkdir(parents=True, exist_ok=True)
             sheet = np.concatenate(strips, axis=0)
             scale = self.contact_sheet_scale
-            imageio.imwrite(self.contact_sheet, sheet.repeat(scale, axis=0).repeat(scale, axis=1))
+            write_image(self.contact_sheet, sheet.repeat(scale, axis=0).repeat(scale, axis=1))
             print(f"Wrote {self.contact_sheet}")
         if failed:
             raise SystemExit("vq3d reconstruct: error: skipped unreadable images:\n  " + "\n  ".join(failed))

@@ -28,10 +28,9 @@ class RenderOrbit:
     orbit: Flat[RenderOrbitLoop] = field(default_factory=RenderOrbitLoop)
 
     def main(self) -> None:
-        import imageio.v2 as imageio
         from rich.progress import Progress
 
-        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_video
+        from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_image, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
         loaded = self.source.load("render-orbit")
@@ -45,8 +44,8 @@ class RenderOrbit:
             rgb, disparity = render_frames(model, cameras, on_frame=lambda: progress.advance(task))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         stem = self.output_dir / stem_name
-        imageio.imwrite(f"{stem}_input.png", to_uint8(image))
-        imageio.imwrite(f"{stem}_canonical.png", to_uint8(rgb[0]))
+        write_image(f"{stem}_input.png", to_uint8(image))
+        write_image(f"{stem}_canonical.png", to_uint8(rgb[0]))
         write_video(f"{stem}_orbit.mp4", rgb[1:], self.orbit.fps)
         write_video(f"{stem}_disparity.mp4", colorize_disparity(disparity[1:]), self.orbit.fps)
         print(f"Wrote {stem}_orbit.mp4, {stem}_disparity.mp4, {stem}_canonical.png and {stem}_input.png")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import tyro
 
-from vq3d_nerfstudio.checks import OutputDir, PositiveInt
+from vq3d_nerfstudio.checks import NonNegativeInt, OutputDir, PositiveInt, ranged
 from vq3d_nerfstudio.data.synth import VIEW_OFFSETS_DEG, scene_dir_name, write_scenes
 
 
@@ -19,31 +19,17 @@ class Synth:
     """Directory to write scene_XXXXX/ folders and synth_meta.json into (created if needed;
     existing complete scenes are kept, so an interrupted run can be resumed)."""
     num_scenes: PositiveInt = 200
-    """Number of scenes to write (>= 1)."""
-    resolution: int = 64
-    """Square image size R in pixels (>= 8)."""
-    num_views: int = 7
-    """Views per scene (1-7): canonical, yaw -20/-10/+10/+20, elevation +10/-10; the first K are used."""
-    seed: int = 0
-    """Random seed (>= 0); scene i depends only on (seed, i)."""
-    num_workers: Optional[int] = None
+    """Number of scenes to write."""
+    resolution: ranged(int, 8) = 64
+    """Square image size R in pixels."""
+    num_views: ranged(int, 1, len(VIEW_OFFSETS_DEG)) = 7
+    """Views per scene: canonical, yaw -20/-10/+10/+20, elevation +10/-10; the first K are used."""
+    seed: NonNegativeInt = 0
+    """Random seed; scene i depends only on (seed, i)."""
+    num_workers: ranged(Optional[int], 1) = None
     """Worker processes (default: min(2, number of CPUs))."""
 
-    def _check(self) -> Optional[str]:
-        if self.resolution < 8:
-            return f"--resolution must be >= 8, got {self.resolution}"
-        if not 1 <= self.num_views <= len(VIEW_OFFSETS_DEG):
-            return f"--num-views must be between 1 and {len(VIEW_OFFSETS_DEG)}, got {self.num_views}"
-        if self.seed < 0:
-            return f"--seed must be >= 0, got {self.seed}"
-        if self.num_workers is not None and self.num_workers < 1:
-            return f"--num-workers must be >= 1, got {self.num_workers}"
-        return None
-
     def main(self) -> None:
-        error = self._check()
-        if error is not None:
-            raise SystemExit(f"vq3d synth: error: {error}")
         already = sum(
             (self.output_dir / scene_dir_name(i) / "transforms.json").is_file() for i in range(self.num_scenes)
         )

@@ -8,6 +8,7 @@ from typing import Optional
 
 import tyro
 
+from vq3d_nerfstudio.checks import ranged
 from vq3d_nerfstudio.scripts.common import Flat, ModelSource
 
 
@@ -21,7 +22,7 @@ class View:
     source: Flat[ModelSource] = field(default_factory=ModelSource)
     images: Optional[Path] = None
     """A folder of photos the panel's image index picks from (default: the package's examples/)."""
-    websocket_port: Optional[int] = None
+    websocket_port: ranged(Optional[int], 1, 65535) = None
     """The viewer's port (default: nerfstudio's, 7007, or the next free one)."""
 
     def main(self) -> None:

@@ -27,6 +27,15 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from torch.nn import Parameter
 
+from vq3d_nerfstudio.checks import (
+    ElevationRange,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    YawRange,
+    ranged,
+)
 from vq3d_nerfstudio.geometry.cameras import (
     canonical_camera_to_world,
     ray_generator,
@@ -58,17 +67,17 @@ class Vq3dModelConfig(ModelConfig):
     _target: Type = field(default_factory=lambda: Vq3dModel)
     enable_collider: bool = False
     """Unused: the model makes its own near/far collider from near_plane/far_plane."""
-    image_size: int = 64
+    image_size: PositiveInt = 64
     """Input image size (square, pixels); must equal the dataparser's image size."""
-    patch_size: int = 8
+    patch_size: PositiveInt = 8
     """ViT patch size (pixels); the token grid is image_size / patch_size on a side."""
-    hidden_dim: int = 128
+    hidden_dim: PositiveInt = 128
     """Transformer width of encoder and decoder."""
-    num_encoder_layers: int = 2
+    num_encoder_layers: PositiveInt = 2
     """Transformer blocks in the encoder."""
-    num_decoder_layers: int = 2
+    num_decoder_layers: PositiveInt = 2
     """Transformer blocks in the decoder."""
-    num_heads: int = 4
+    num_heads: PositiveInt = 4
     """Attention heads."""
     quantizer: AnnotatedQuantizerUnion = field(default_factory=VQConfig)
     """How tokens become codes; on the command line a subcommand with its own options
@@ -78,10 +87,10 @@ class Vq3dModelConfig(ModelConfig):
     token (``groups``). Both give code indices to stage 2, the token cache and edits.
     ``no-quantizer`` (beyond the paper): continuous tokens, for single-image 3D only; stage 2, token
     caches and code-space edits refuse such a run."""
-    triplane_resolution: int = 32
+    triplane_resolution: PositiveInt = 32
     """Tri-plane texels covering the canonical image, on a side; a multiple of the token grid. In
     the frustum layout the planes have ``triplane_margin`` more texels on each side."""
-    triplane_channels: int = 16
+    triplane_channels: PositiveInt = 16
     """Feature channels per plane."""
     triplane_layout: Literal["frustum", "world"] = "frustum"
     """Where world points sample the planes (``triplane.PlaneLayout``). 'frustum': coordinates of
@@ -89,7 +98,7 @@ class Vq3dModelConfig(ModelConfig):
     tile is exactly where image patch (i, j) lies at every depth, and >= 80% of the xy texels are
     seen by the input view. 'world': the first design (L-inf contraction of world xyz by
     scene_scale); it left 65% of the xy plane unseen and patch (i, j) in other tokens' tiles."""
-    triplane_margin: int = 3
+    triplane_margin: NonNegativeInt = 3
     """Frustum layout: texels beyond the canonical image edge on each side; the space only novel
     views see (the GAN's +-30 degree yaw) is contracted into them."""
     triplane_margin_source: Literal["replicate", "decoded"] = "replicate"
@@ -97,50 +106,50 @@ class Vq3dModelConfig(ModelConfig):
     refinement); 'decoded': the decoder writes it from rings of learned query tokens around the
     token grid (LRM-style; the margin must be a multiple of triplane_resolution / token grid, and
     only novel-view losses - multi-view supervision, the GAN - teach it anything)."""
-    frustum_depth_halfwidth: float = 1.0
+    frustum_depth_halfwidth: PositiveFloat = 1.0
     """Frustum layout: half-width (world units of z-depth) of the slab around the pivot that the
     planes' depth axis resolves linearly (the synthetic objects and most of a photo's subject lie
     within 1 unit of the pivot); nearer space gets the rest of the near side, farther space is
     contracted (mip-NeRF 360) so the background at infinity fits."""
-    frustum_depth_inner: float = 0.5
+    frustum_depth_inner: ranged(float, 0, 1, low_open=True, high_open=True) = 0.5
     """Frustum layout: share of the depth axis ([-1, 1]) the pivot slab takes (0.5 as mip-NeRF 360)."""
-    num_depth_frequencies: int = 4
+    num_depth_frequencies: NonNegativeInt = 4
     """The density MLP also sees the plane coordinates and this many sin/cos frequencies of the
     depth coordinate (0: tri-plane features only, the first design). A canonical ray reads one xy
     texel at every depth; the depth input lets that texel place its surface along the ray."""
     decoder_upsampler: Literal["linear", "conv"] = "linear"
     """How the decoder turns tokens into plane texels: 'linear', one linear head per token tile
     (pixel shuffle); 'conv', nearest-upsampling + 3x3 convolutions (LRM / TripoSR style)."""
-    field_hidden_dim: int = 64
+    field_hidden_dim: PositiveInt = 64
     """Width of the density and colour MLPs."""
-    scene_scale: float = 1.5
+    scene_scale: PositiveFloat = 1.5
     """World layout only: half-width (world units) of the cube kept linear by the scene
     contraction; beyond it space is contracted (mip-NeRF 360) so the unbounded background fits."""
-    near_plane: float = 0.3
+    near_plane: PositiveFloat = 0.3
     """Where rays start (world units from the camera)."""
-    far_plane: float = 1000.0
+    far_plane: PositiveFloat = 1000.0
     """Where rays end; far enough to stand for infinity after contraction."""
-    sampler_linear_until: float = 3.0
+    sampler_linear_until: PositiveFloat = 3.0
     """Coarse samples are uniform up to this distance, linear in disparity beyond."""
-    coarse_samples_per_ray: int = 32
+    coarse_samples_per_ray: PositiveInt = 32
     """Coarse samples per ray."""
-    fine_samples_per_ray: int = 32
+    fine_samples_per_ray: PositiveInt = 32
     """PDF samples per ray drawn from the coarse weights (added to the coarse ones)."""
-    rgb_loss_mult: float = 1.0
+    rgb_loss_mult: NonNegativeFloat = 1.0
     """Weight of the MSE photometric loss on the fine render."""
-    coarse_rgb_loss_mult: float = 0.1
+    coarse_rgb_loss_mult: NonNegativeFloat = 0.1
     """Weight of the MSE photometric loss on the coarse render."""
-    vq_loss_mult: float = 1.0
+    vq_loss_mult: NonNegativeFloat = 1.0
     """Weight of the codebook + commitment loss."""
-    depth_loss_mult: float = 0.1
+    depth_loss_mult: NonNegativeFloat = 0.1
     """Weight of the depth loss (coarse and fine weights), applied when the data has depth."""
     depth_loss_type: Literal["pointwise", "accumulated"] = "pointwise"
     """'pointwise': VQ3D's loss on per-sample rendering weights; 'accumulated': the ablation,
     a loss on the rendered (expected) disparity only."""
-    relative_disparity_percentiles: Tuple[float, float] = (5.0, 95.0)
+    relative_disparity_percentiles: ranged(Tuple[float, float], 0, 100) = (5.0, 95.0)
     """Relative pseudo-GT disparity (depth kind 'disparity': what a monocular network gives a photo,
     unknown scale and shift per image): these percentiles of each image's valid pixels ..."""
-    relative_disparity_range: Tuple[float, float] = (0.0, 0.83)
+    relative_disparity_range: ranged(Tuple[float, float], 0) = (0.0, 0.83)
     """... are mapped onto this (far, near) disparity of the canonical scene. 0 puts the farthest 5%
     at infinity (sky, distant background); 0.83 puts the nearest 5% 1.2 units from the camera (0.8
     units in front of the pivot): in the median synthetic scene the 95th percentile of the true
@@ -148,7 +157,7 @@ class Vq3dModelConfig(ModelConfig):
     the pseudo-GT only: a flat or inverted NeRF cannot match it (the first design fitted the
     pseudo-GT to the render, so flat geometry scored zero), and it is invariant to a * d + b (a > 0)
     of the pseudo-GT."""
-    default_scene_index: int = 0
+    default_scene_index: NonNegativeInt = 0
     """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx); the
     VQ3D_SCENE environment variable overrides it for any command: 'eval:N', 'train:N' or a photo's path."""
     output_normals: bool = True
@@ -161,51 +170,51 @@ class Vq3dModelConfig(ModelConfig):
     looked up at the same samples, colour only where a sample is seen; 'exact', the tri-plane field
     itself. Training, rays with batch_idx and ``vq3d eval`` always use the exact field. Measured on
     the shipped vq3d-tiny-synth, a 256x256 frame on 2 CPU cores (BENCHMARKS.md, render-throughput):
-    0.43 s instead of 1.8 s (2.5 s before the exact path stopped evaluating coarse samples twice),
-    plus 0.47 s once per scene to bake; 47.8-48.9 dB PSNR and a 0.08% median depth error against the
+    0.34 s instead of 2.5 s (3.0 s before the exact path stopped evaluating coarse samples twice),
+    plus 0.44 s once per scene to bake; 47.8-48.9 dB PSNR and a 0.08% median depth error against the
     exact render (45-51 dB over the four example scenes, canonical and 20 degree views)."""
-    bake_nodes_per_texel: int = 1
+    bake_nodes_per_texel: PositiveInt = 1
     """Baked inference field: grid nodes per plane texel interval along U and V (the texels are
     nodes; the depth axis gets at least as many, and 16 per period of the highest depth frequency).
     1 gives 139 x 70 x 70 nodes for vq3d-tiny (45-51 dB against the exact render at 256 px); 2 gives
     50-57 dB for a bake five times as long (2.1 s instead of 0.45 s)."""
 
     # ---- 3D-aware adversarial training: novel views have no ground truth, only the discriminator
-    adversarial_loss_mult: float = 0.0
+    adversarial_loss_mult: NonNegativeFloat = 0.0
     """Weight of the generator's adversarial loss; 0 turns the discriminator off entirely."""
     discriminator: Literal["resnet", "patch"] = "resnet"
     """'resnet': StyleGAN2's residual discriminator (one logit per image, judges global layout; the
     default, as in ViT-VQGAN); 'patch': pix2pix's PatchGAN (one logit per patch, local texture)."""
-    discriminator_channels: int = 64
+    discriminator_channels: PositiveInt = 64
     """Width of the discriminator's first layer (doubling per level, up to 256)."""
     gan_loss: Literal["non-saturating", "hinge"] = "non-saturating"
     """GAN objective for both players."""
-    adversarial_start_step: int = 0
+    adversarial_start_step: NonNegativeInt = 0
     """Step at which the adversarial loss (and the discriminator's training) starts."""
-    adversarial_ramp_steps: int = 1000
+    adversarial_ramp_steps: NonNegativeInt = 1000
     """The adversarial weight ramps linearly from 0 to 1 over this many steps after the start."""
     adaptive_adversarial_weight: bool = False
     """VQGAN's adaptive weight: scale the adversarial loss so its gradient at the decoder's last
     layer matches the reconstruction loss's (costs two extra backward passes per step)."""
-    r1_gamma: float = 1.0
+    r1_gamma: NonNegativeFloat = 1.0
     """R1 penalty weight on real images (the loss is gamma / 2 * E||grad D(real)||^2)."""
-    r1_interval: int = 4
+    r1_interval: PositiveInt = 4
     """Apply R1 every this many discriminator steps, scaled up to match (StyleGAN2's lazy R1)."""
-    gan_resolution: int = 32
+    gan_resolution: PositiveInt = 32
     """Side of the images the discriminator sees: renders of the whole view at this resolution,
     and the input images downsampled to it (a power of two)."""
-    gan_images_per_batch: int = 4
+    gan_images_per_batch: PositiveInt = 4
     """How many of the batch's images get a canonical and a novel-view render for the discriminator."""
-    novel_view_max_yaw_deg: float = 30.0
+    novel_view_max_yaw_deg: YawRange = 30.0
     """Novel-view cameras orbit the pivot with yaw uniform in +-this (degrees)."""
-    novel_view_max_elevation_deg: float = 15.0
+    novel_view_max_elevation_deg: ElevationRange = 15.0
     """... and elevation uniform in +-this (degrees)."""
-    novel_view_radius_jitter: float = 0.0
+    novel_view_radius_jitter: ranged(float, 0, 1, high_open=True) = 0.0
     """... at the canonical distance times 1 +- this (0: exactly the canonical distance)."""
     discriminator_sees_disparity: bool = False
     """Also give the discriminator the disparity channel (render vs pseudo-GT, each normalised per
     image); needs depth in the data."""
-    perceptual_loss_mult: float = 0.0
+    perceptual_loss_mult: NonNegativeFloat = 0.0
     """Weight of LPIPS (VGG) between the canonical render and the input image, at gan_resolution."""
     perceptual_weights: Optional[Path] = None
     """torchvision's ImageNet VGG16 state dict for LPIPS (default: the torch hub cache,

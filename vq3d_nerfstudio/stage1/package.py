@@ -17,6 +17,7 @@ from typing import Any, Dict, Tuple
 import torch
 from nerfstudio.data.scene_box import SceneBox
 
+from vq3d_nerfstudio.checks import config_type_problem
 from vq3d_nerfstudio.errors import PackageError
 from vq3d_nerfstudio.model_index import (
     CARD_FILE,
@@ -127,9 +128,13 @@ def config_from_json(fields: Dict[str, Any], path: Path) -> Vq3dModelConfig:
             value = tuple(value)
         values[name] = value
     try:
-        return Vq3dModelConfig(**values)
+        config = Vq3dModelConfig(**values)
     except (TypeError, ValueError) as err:
         raise PackageError(f"{path}: 'model' is not a valid model config ({err}); remake the package") from None
+    problem = config_type_problem(config, ("model",))
+    if problem is not None:
+        raise PackageError(f"{path}: {problem}; remake the package")
+    return config
 
 
 def _quantizer_from_json(value: Any, path: Path):

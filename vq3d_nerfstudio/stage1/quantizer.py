@@ -31,6 +31,8 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from torch import nn
 from typing_extensions import Annotated
 
+from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveInt, ranged
+
 # ---------------------------------------------------------------------------------------------------
 # Vector quantization: pure functions
 # ---------------------------------------------------------------------------------------------------
@@ -622,16 +624,16 @@ class VQConfig(QuantizerConfig):
     """ViT-VQGAN's factorized, l2-normalised learned codebook (the paper's choice)."""
 
     _target: Type = field(default_factory=lambda: FactorizedQuantizer)
-    size: int = 1024
+    size: PositiveInt = 1024
     """Number of codes in the learned codebook."""
-    code_dim: int = 32
+    code_dim: PositiveInt = 32
     """Dimension of the l2-normalised code space (factorized codes, ViT-VQGAN)."""
-    commitment_beta: float = 0.25
+    commitment_beta: NonNegativeFloat = 0.25
     """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
     kmeans_init: bool = True
     """Initialise the codebook by spherical k-means on the first training batch's latents (random
     codes far from every encoding are never picked, so most of the codebook stayed unused)."""
-    dead_code_fraction: float = 0.03
+    dead_code_fraction: NonNegativeFloat = 0.03
     """A code is restarted on a current latent when its usage (an EMA of picks per step) falls below
     this fraction of the expected picks per code per step (latents per step / codebook size), so the
     threshold scales with batch and codebook size; 0 turns restarts off. The optimizer's moments of
@@ -654,10 +656,10 @@ class FSQConfig(QuantizerConfig):
     codebook to learn or collapse, no auxiliary loss; G codes per token with ``groups``."""
 
     _target: Type = field(default_factory=lambda: FSQuantizer)
-    levels: Tuple[int, ...] = (8, 5, 5, 5)
+    levels: ranged(Tuple[int, ...], 2) = (8, 5, 5, 5)
     """Levels per channel; a code is one point of their product grid (8*5*5*5 = 1000 codes: the FSQ
     paper's levels for ~2^10; (8, 8, 8, 6, 5) = 15,360 for ~2^14)."""
-    groups: int = 1  # type: ignore[assignment]
+    groups: PositiveInt = 1  # type: ignore[assignment]
     """Codes per token, each over its own channels with these levels (1: the paper's one code per
     token). G codes carry G times the bits; code indices then have a trailing axis of G, and stage 2
     models h x w x G codes."""

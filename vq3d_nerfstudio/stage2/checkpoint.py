@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from vq3d_nerfstudio.files import disk_full_as_error
 from vq3d_nerfstudio.stage2.transformer import TokenTransformer, TokenTransformerConfig
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
@@ -62,11 +63,31 @@ def save_checkpoint(
     info: Dict,
     keep: int = 3,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step-<step>`` atomically and keep the newest ``keep``."""
-    from safetensors.torch import save_file
-
+    """Write ``run_dir/checkpoints/step-<step>`` atomically and keep the newest ``keep``. A failed
+    save (a full disk: :class:`~vq3d_nerfstudio.files.DiskFullError`) removes its temporary folder
+    and leaves the checkpoints before it as they were."""
     final = run_dir / "checkpoints" / f"step-{step:09d}"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        with disk_full_as_error(final):
+            _write_checkpoint_folder(tmp, step, model, optimizer, train_state, info)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_folder(
+    tmp: Path, step: int, model: TokenTransformer, optimizer: torch.optim.Optimizer, train_state: Dict, info: Dict
+) -> None:
+    """The files of a checkpoint, written and fsync'ed in the fresh folder ``tmp``."""
+    from safetensors.torch import save_file
+
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -87,12 +108,6 @@ def save_checkpoint(
     for path in (tmp / "model.safetensors", tmp / "optimizer.safetensors"):
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _read_json(path: Path) -> Dict:
@@ -112,10 +127,16 @@ def _read_tensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is truncated or corrupt") from err
 
 
+def read_info(path: Path) -> Tuple[Dict, Path]:
+    """``(config.json contents, checkpoint folder)`` of a run or step folder, without reading the weights:
+    enough to check a class label or a grid before anything slow is loaded."""
+    folder = resolve_checkpoint(path)
+    return _read_json(folder / "config.json"), folder
+
+
 def load_model(path: Path, device: str = "cpu") -> Tuple[TokenTransformer, Dict, Path]:
     """``(model in eval mode, config.json contents, checkpoint folder)`` of a run or step folder."""
-    folder = resolve_checkpoint(path)
-    info = _read_json(folder / "config.json")
+    info, folder = read_info(path)
     try:
         model_config = TokenTransformerConfig(**info["model"])
     except (KeyError, TypeError) as err:
@@ -132,6 +153,21 @@ def load_model(path: Path, device: str = "cpu") -> Tuple[TokenTransformer, Dict,
 def load_training_state(folder: Path, model: TokenTransformer, optimizer: torch.optim.Optimizer) -> Dict:
     """Load weights and optimizer state for resuming; returns ``state.json``."""
     state = _read_json(folder / "state.json")
+    step = state.get("step") if isinstance(state, dict) else None
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"holds a {type(state).__name__}, not a JSON object"
+    elif not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problem = "has no 'step'" if step is None else f"'step' is {step!r}, not a step number"
+    elif not isinstance(state.get("param_groups"), list):
+        problem = "has no 'param_groups' list"
+    elif not isinstance(state.get("train_time_s", 0.0), (int, float)):
+        problem = f"'train_time_s' is {state['train_time_s']!r}, not a number"
+    if problem is not None:
+        raise CheckpointError(
+            f"{folder / 'state.json'}: {problem}; the checkpoint is damaged: delete {folder} to resume from the "
+            "checkpoint before it, or pass a new --output-dir"
+        )
     weights = _read_tensors(folder / "model.safetensors")
     try:
         model.load_state_dict(weights)

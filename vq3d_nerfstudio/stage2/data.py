@@ -9,7 +9,8 @@ Layout of a cache folder (plain ``.npy`` and JSON: loading never executes code):
     eval.codes.npy / eval.classes.npy   the held-out split (bits per token)
 
 While encoding, finished chunks sit in ``parts/<split>-<chunk>.npz`` (each written to a temporary
-name and renamed), so an interrupted run resumes at the first missing chunk; ``meta.json`` is
+name and renamed), so an interrupted run resumes at the first missing chunk (a chunk that does not
+load, e.g. an empty or truncated copy, is encoded again); ``meta.json`` is
 written last and marks the cache complete. The fingerprint covers the stage-1 checkpoint's bytes and
 the image list (paths, sizes, modification times, class labels): a cache is reused only when all are unchanged.
 """
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -116,18 +118,56 @@ def write_token_cache(
     return load_token_cache(path)
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def meta_problem(meta) -> Optional[str]:
+    """Why the contents of a cache's ``meta.json`` are not a finished cache's (one phrase), or ``None``."""
+    if not isinstance(meta, dict):
+        return f"holds a {type(meta).__name__}, not a JSON object"
+    for key in ("codebook_size", "num_classes"):
+        if not _count(meta.get(key)) or meta[key] < 1:
+            return f"{key!r} is {meta.get(key)!r}, not a positive integer"
+    grid = meta.get("grid")
+    if not isinstance(grid, list) or not grid or not all(_count(g) and g >= 1 for g in grid):
+        return f"'grid' is {grid!r}, not a list of positive integers"
+    sizes = meta.get("sizes")
+    if not isinstance(sizes, dict):
+        return "has no 'sizes'" if sizes is None else f"'sizes' is {sizes!r}, not {{\"train\": N, \"eval\": N}}"
+    for split in SPLITS:
+        if not _count(sizes.get(split)) or sizes[split] < 0:
+            return f"'sizes' gives {split}: {sizes.get(split)!r}, not a count of scenes"
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"'class_names' is {names!r}, not a list of names"
+    return None
+
+
+def _array_problem(file: Path, array: np.ndarray, what: str) -> Optional[str]:
+    """Why ``array`` (a split's codes or class ids) cannot be used: not integers (NaN codes, float class ids)."""
+    if array.dtype.kind in "iu":
+        return None
+    has_nan = array.dtype.kind == "f" and bool(np.isnan(array).any())
+    return f"{file}: holds {array.dtype} values{' (NaN among them)' if has_nan else ''}, not integer {what}"
+
+
 def load_token_cache(path: Path, validate: bool = True) -> TokenCache:
-    """Open a finished cache (codes memory-mapped). Anything missing, truncated or out of range is one
-    :class:`TokenCacheError` naming the file."""
+    """Open a finished cache (codes memory-mapped). Anything missing, empty, truncated, mistyped or out
+    of range is one :class:`TokenCacheError` naming the file and ending in "the token cache is
+    damaged" (the caller says how to rebuild it)."""
     meta_file = path / "meta.json"
     if not meta_file.exists():
         raise TokenCacheError(f"{path}: not a finished token cache (no meta.json); rerun vq3d-train-stage2 to build it")
     try:
-        meta = json.loads(meta_file.read_text())
-        codebook_size, grid, sizes = int(meta["codebook_size"]), tuple(meta["grid"]), meta["sizes"]
-        num_classes = int(meta["num_classes"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise TokenCacheError(f"{meta_file}: unreadable ({err!r}); delete the cache folder to rebuild it") from err
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = "empty file" if meta_file.stat().st_size == 0 else f"{type(err).__name__}: {err}"
+        raise TokenCacheError(f"{meta_file}: unreadable ({reason}); the token cache is damaged") from err
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise TokenCacheError(f"{meta_file}: {problem}; the token cache is damaged")
+    codebook_size, grid, sizes, num_classes = meta["codebook_size"], tuple(meta["grid"]), meta["sizes"], meta["num_classes"]
     loaded = {}
     for split in SPLITS:
         arrays = []
@@ -135,20 +175,25 @@ def load_token_cache(path: Path, validate: bool = True) -> TokenCache:
             file = path / f"{split}.{name}.npy"
             try:
                 arrays.append(np.load(file, mmap_mode="r" if name == "codes" else None, allow_pickle=False))
-            except (OSError, ValueError) as err:
-                raise TokenCacheError(f"{file}: unreadable ({err}); delete the cache folder to rebuild it") from err
+            except (OSError, ValueError, EOFError) as err:
+                reason = "empty file, 0 bytes" if file.is_file() and file.stat().st_size == 0 else str(err)
+                raise TokenCacheError(f"{file}: unreadable ({reason}); the token cache is damaged") from err
         codes, classes = arrays
+        for file, array, what in ((f"{path / split}.codes.npy", codes, "codes"), (f"{path / split}.classes.npy", classes, "class ids")):
+            problem = _array_problem(Path(file), array, what)
+            if problem is not None:
+                raise TokenCacheError(f"{problem}; the token cache is damaged")
         expected = (int(sizes[split]), *grid)
         if codes.shape != expected or classes.shape != expected[:1]:
             raise TokenCacheError(
                 f"{path / split}.*.npy: shapes {codes.shape} / {classes.shape} do not match meta.json {expected}; "
-                "delete the cache folder to rebuild it"
+                "the token cache is damaged"
             )
         if validate and len(codes):
             if int(codes.max()) >= codebook_size or (codes.dtype.kind == "i" and int(codes.min()) < 0):
-                raise TokenCacheError(f"{path / split}.codes.npy: codes outside [0, {codebook_size}); the cache is corrupt")
+                raise TokenCacheError(f"{path / split}.codes.npy: codes outside [0, {codebook_size}); the token cache is damaged")
             if int(classes.min()) < 0 or int(classes.max()) >= num_classes:
-                raise TokenCacheError(f"{path / split}.classes.npy: class ids outside [0, {num_classes}); the cache is corrupt")
+                raise TokenCacheError(f"{path / split}.classes.npy: class ids outside [0, {num_classes}); the token cache is damaged")
         loaded[split] = TokenSplit(codes, classes)
     return TokenCache(path, meta, loaded["train"], loaded["eval"])
 
@@ -166,6 +211,33 @@ def listing_digest(files: Sequence[Path]) -> str:
 
 def chunk_ranges(num: int, chunk_size: int) -> List[Tuple[int, int]]:
     return [(start, min(start + chunk_size, num)) for start in range(0, num, chunk_size)]
+
+
+def _read_part(part: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """``(codes, classes)`` of a finished chunk; an empty, truncated or mistyped one is a
+    :class:`TokenCacheError` naming it."""
+    try:
+        with np.load(part, allow_pickle=False) as data:
+            codes, classes = data["codes"], data["classes"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        reason = "empty file, 0 bytes" if part.stat().st_size == 0 else f"{type(err).__name__}: {err}"
+        raise TokenCacheError(f"{part}: unreadable chunk ({reason})") from err
+    for array, what in ((codes, "codes"), (classes, "class ids")):
+        problem = _array_problem(part, array, what)
+        if problem is not None:
+            raise TokenCacheError(problem)
+    return codes, classes
+
+
+def part_problem(part: Path, num: int) -> Optional[str]:
+    """Why a finished chunk file cannot be used (it must hold ``num`` scenes), or ``None``."""
+    try:
+        codes, classes = _read_part(part)
+    except TokenCacheError as err:
+        return str(err)
+    if len(codes) != num or len(classes) != num:
+        return f"{part}: holds {len(codes)} scenes, not {num}"
+    return None
 
 
 def encode_split(
@@ -188,9 +260,13 @@ def encode_split(
         if chunk % world_size != rank:
             continue
         if part.exists():
-            if on_images:
-                on_images(stop - start)
-            continue
+            problem = part_problem(part, stop - start)
+            if problem is None:
+                if on_images:
+                    on_images(stop - start)
+                continue
+            print(f"{problem}: encoding that chunk again")
+            part.unlink()
         subset = torch.utils.data.Subset(dataset, range(start, stop))
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
         codes, classes = [], []
@@ -213,8 +289,7 @@ def assemble_cache(path: Path, sizes: Dict[str, int], chunk_size: int, codebook_
         codes_out = classes_out = None
         final_codes = path / f"{split}.codes.npy"
         for chunk, (start, stop) in enumerate(ranges):
-            with np.load(parts_dir / f"{split}-{chunk:06d}.npz", allow_pickle=False) as part:
-                codes, classes = part["codes"], part["classes"]
+            codes, classes = _read_part(parts_dir / f"{split}-{chunk:06d}.npz")
             if codes_out is None:
                 tmp_codes = temporary_path(final_codes)
                 codes_out = np.lib.format.open_memmap(

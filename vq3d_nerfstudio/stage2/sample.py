@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from vq3d_nerfstudio.export.video import to_uint8
-from vq3d_nerfstudio.model_index import is_package
+from vq3d_nerfstudio.errors import PackageError
+from vq3d_nerfstudio.export.video import to_uint8, write_image
+from vq3d_nerfstudio.files import safe_file_names
+from vq3d_nerfstudio.model_index import check_named_run_config, is_package
 from vq3d_nerfstudio.stage2.checkpoint import CheckpointError, load_model
 from vq3d_nerfstudio.stage2.transformer import TokenTransformer, sample_tokens
 
@@ -55,6 +57,14 @@ def class_label_name(class_id: int, class_names: Sequence[str], num_classes: int
     if not class_names and num_classes == 1:
         return "sample"  # data without classes
     return class_names[class_id] if class_id < len(class_names) else f"class{class_id}"
+
+
+def class_file_name(class_id: int, class_names: Sequence[str], num_classes: int) -> str:
+    """The file-name part of class ``class_id``'s samples: its :func:`class_label_name`, made safe
+    (:func:`~vq3d_nerfstudio.files.safe_file_names`: ``cars/sedan`` -> ``cars_sedan``, ``../../ESC``
+    -> ``ESC``) and distinct among the labels of the model's classes and ``unconditional``."""
+    labels = [class_label_name(i, class_names, num_classes) for i in range(num_classes + 1)]
+    return safe_file_names(labels, [f"class{i}" for i in range(num_classes)] + ["unconditional"])[class_id]
 
 
 def check_compatible(info: Dict, stage1_model) -> None:
@@ -106,26 +116,49 @@ class SceneSampler:
         return resolve_class(label, self.class_names, self.num_classes)
 
     @torch.no_grad()
-    def sample(self, class_id: int, num: int, settings: SamplingSettings, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, class_id: int, num: int, settings: SamplingSettings, generator: Optional[torch.Generator] = None,
+               batch_size: Optional[int] = None, on_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
         """``(num, h, w)`` (``(num, h, w, G)``) code grids of class ``class_id`` (``num_classes`` =
-        unconditional). A token's G codes are consecutive in the sampled sequence."""
-        classes = torch.full((num,), int(class_id), dtype=torch.long)
-        codes = sample_tokens(
-            self.transformer, classes, settings.temperature, settings.top_k, settings.top_p,
-            settings.cfg_scale, generator, settings.use_kv_cache,
-        )
-        return codes.reshape(num, *self.stage1_model.index_shape)
+        unconditional), drawn ``batch_size`` at a time (default: all at once): the memory of a batch
+        (its attention KV cache: layers x 2 x batch x sequence x width floats, twice with guidance) is
+        bounded whatever ``num`` is. Batch b draws from ``generator`` after batch b - 1, so the first
+        batch's grids are those of ``sample(class_id, batch_size)``. ``on_batch(n)`` after each batch of n.
+        A token's G codes are consecutive in the sampled sequence."""
+        step = num if batch_size is None else max(1, int(batch_size))
+        grids = []
+        for start in range(0, num, step):
+            count = min(step, num - start)
+            classes = torch.full((count,), int(class_id), dtype=torch.long)
+            codes = sample_tokens(
+                self.transformer, classes, settings.temperature, settings.top_k, settings.top_p,
+                settings.cfg_scale, generator, settings.use_kv_cache,
+            )
+            grids.append(codes.cpu().reshape(count, *self.stage1_model.index_shape))
+            if on_batch is not None:
+                on_batch(count)
+        return torch.cat(grids) if grids else torch.zeros(0, *self.stage1_model.index_shape, dtype=torch.long)
 
 
-def stage1_config_of(info: Dict, override: Optional[Path]) -> Path:
-    """The stage-1 model a stage-2 checkpoint decodes with: ``override``, else the run's
-    ``config.yml`` or the package folder the checkpoint records."""
-    path = override or (Path(info["stage1_config"]) if info.get("stage1_config") else None)
+def stage1_config_of(info: Dict, override: Optional[Path], info_file: Optional[Path] = None) -> Path:
+    """The stage-1 model a stage-2 checkpoint decodes with: ``override`` (the user's
+    ``--stage1-config``, taken as given), else the run's ``config.yml`` or the package folder the
+    checkpoint's ``info_file`` (its config.json) records. A recorded ``config.yml`` is read with a safe
+    loader first: one that holds Python tags beyond nerfstudio's config classes is refused
+    (:func:`~vq3d_nerfstudio.model_index.check_named_run_config`)."""
+    if override is not None:
+        return override
+    recorded = info.get("stage1_config")
+    path = Path(recorded) if isinstance(recorded, str) and recorded else None
     if path is None or not (path.is_file() or is_package(path)):
         raise CheckpointError(
             f"the stage-1 model {path} this stage-2 model was trained on is not there; pass --stage1-config "
             "<run>/config.yml (or --model <package>)"
         )
+    if path.is_file():
+        try:
+            check_named_run_config(path, info_file or Path("the stage-2 checkpoint's config.json"), "--stage1-config")
+        except PackageError as err:
+            raise CheckpointError(str(err)) from None
     return path
 
 
@@ -152,9 +185,6 @@ def render_sample_views(
 ) -> None:
     """Sample a scene per class label (batches of ``batch_size``, seeded), render it from each camera
     and write ``out_dirs[view_names[i]]/<prefix>_<n>.png``."""
-    import imageio.v2 as imageio
-
-
     model = sampler.stage1_model
     generator = torch.Generator().manual_seed(seed)
     for folder in out_dirs.values():
@@ -170,7 +200,7 @@ def render_sample_views(
                 model.set_scene_indices(grid, key=("sample", number))
                 for i, name in enumerate(view_names):
                     rgb = model.get_outputs_for_camera(cameras[i : i + 1])["rgb"].clamp(0, 1).cpu()
-                    imageio.imwrite(out_dirs[name] / f"{prefix}_{number:06d}.png", to_uint8(rgb))
+                    write_image(out_dirs[name] / f"{prefix}_{number:06d}.png", to_uint8(rgb))
                 number += 1
                 if on_sample is not None:
                     on_sample()

@@ -23,13 +23,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vq3d_nerfstudio.checks import OutputDir, PositiveInt, check_options
+from vq3d_nerfstudio.checks import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    OutputDir,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    check_options,
+    nerfstudio_checkpoint_problem,
+    ranged,
+)
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
 from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
 from vq3d_nerfstudio.errors import DatasetError, PackageError
-from vq3d_nerfstudio.files import file_sha256
-from vq3d_nerfstudio.model_index import WEIGHTS_FILE, is_package, resolve_model
+from vq3d_nerfstudio.files import file_sha256, write_atomic
+from vq3d_nerfstudio.model_index import (
+    WEIGHTS_FILE,
+    check_named_run_config,
+    is_package,
+    resolve_model,
+    run_config_problem,
+)
 from vq3d_nerfstudio.stage1.package import load_package
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
 from vq3d_nerfstudio.stage2.data import (
@@ -74,38 +90,38 @@ class Stage2TrainConfig:
     model: Literal["nano", "tiny", "small", "paper"] = "tiny"
     """Network size preset (layers / heads / width): nano 2/2/64, tiny 4/4/128, small 8/8/512,
     paper 24/16/1024."""
-    depth_layers: int = 2
+    depth_layers: NonNegativeInt = 2
     """With G > 1 codes per token (a stage-1 run with FSQ groups): N > 0 is an RQ-Transformer depth
     head, N layers over a token's G codes, under a spatial transformer over h x w positions (1/G of the
     sequence to attend over); 0 reads a token's G codes as consecutive steps of one sequence of
     h x w x G. The depth head won on both counts in BENCHMARKS.md (fewer held-out bits, less time a
     step). Ignored with one code per token."""
-    dropout: float = 0.0
+    dropout: ranged(float, 0, 1, high_open=True) = 0.0
     """Dropout inside the transformer (0.1 helps on small datasets that it would otherwise memorise)."""
     max_steps: PositiveInt = 2000
     """Optimizer steps in total (a resumed run stops here too)."""
     batch_size: PositiveInt = 32
     """Scenes per step over all processes (must be divisible by the number of processes)."""
-    learning_rate: float = 3e-4
+    learning_rate: PositiveFloat = 3e-4
     """Peak learning rate (after warm-up)."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Probability = 0.1
     """The cosine schedule ends at learning_rate * min_lr_ratio."""
-    warmup_steps: int = 100
+    warmup_steps: NonNegativeInt = 100
     """Linear warm-up from 0."""
-    weight_decay: float = 0.01
+    weight_decay: NonNegativeFloat = 0.01
     """AdamW decoupled weight decay on weight matrices and embeddings (not biases or norms)."""
-    beta1: float = 0.9
+    beta1: ranged(float, 0, 1, high_open=True) = 0.9
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: ranged(float, 0, 1, high_open=True) = 0.95
     """AdamW beta2."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegativeFloat = 1.0
     """Clip the gradient's global norm to this (0: no clipping)."""
-    class_dropout: float = 0.1
+    class_dropout: Probability = 0.1
     """Probability of replacing a label by the null class: trains unconditional generation and
     classifier-free guidance."""
     eval_every: PositiveInt = 250
     """Held-out bits per token every this many steps (and at the end)."""
-    max_eval_scenes: int = 512
+    max_eval_scenes: NonNegativeInt = 512
     """Score at most this many held-out scenes per evaluation (0: all)."""
     eval_batch_size: PositiveInt = 64
     """Scenes per forward pass when evaluating."""
@@ -119,7 +135,7 @@ class Stage2TrainConfig:
     """Images per stage-1 forward pass while building the token cache."""
     encode_chunk_size: PositiveInt = 1024
     """Images per cache chunk: an interrupted encoding resumes at the first unfinished chunk."""
-    num_workers: int = 2
+    num_workers: NonNegativeInt = 2
     """Image-decoding worker processes while building the token cache."""
     seed: int = 0
     """Seeds the initial weights, the data order and the label dropout."""
@@ -222,6 +238,38 @@ def default_cache_dir(folder: Path, data: Path) -> Path:
     return folder / f"token_cache-{tag}"
 
 
+def rebuild_hint(cache_dir: Path) -> str:
+    """How to rebuild a damaged cache given as ``--token-cache`` alone: the command with the stage-1
+    run (and data) its ``meta.json`` names, when it is readable and that run's ``config.yml`` passes
+    :func:`~vq3d_nerfstudio.model_index.run_config_problem` (the hint must not have the user vouch for
+    a file that runs code); a placeholder otherwise."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
+        stage1, data = meta.get("stage1_config"), meta.get("data")
+    except (OSError, ValueError, AttributeError):
+        stage1 = data = None
+    safe = isinstance(stage1, str) and Path(stage1).is_file() and run_config_problem(Path(stage1)) is None
+    stage1 = stage1 if safe else "<stage-1 run>/config.yml"
+    data = f" --data {data}" if isinstance(data, str) else ""
+    return f"; rebuild it with vq3d-train-stage2 --stage1-config {stage1}{data} --token-cache {cache_dir}"
+
+
+def recorded_stage1(cfg: Stage2TrainConfig, cache: TokenCache) -> Optional[str]:
+    """The stage-1 model the checkpoints record (``vq3d sample`` decodes with it): the cache's. A
+    run ``config.yml`` that the ``meta.json`` of a cache given alone names (not the user) is read
+    with a safe loader first, and refused in one line when it holds Python tags beyond nerfstudio's
+    config classes (loading it would run code)."""
+    recorded = cache.meta.get("stage1_config")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    if cfg.stage1_config is None and Path(recorded).is_file():
+        try:
+            check_named_run_config(Path(recorded), cache.path / "meta.json", "--stage1-config")
+        except PackageError as err:
+            raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
+    return recorded
+
+
 def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
     """Reuse the cache when its fingerprint matches, else encode the dataset (each rank its share of
     the chunks, resuming finished ones) and assemble it."""
@@ -231,7 +279,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
         try:
             return load_token_cache(cfg.token_cache)
         except TokenCacheError as err:
-            raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
+            raise SystemExit(f"vq3d-train-stage2: error: {err}{rebuild_hint(cfg.token_cache)}") from None
     from rich.progress import Progress
 
     try:
@@ -255,7 +303,15 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
     else:
         from nerfstudio.utils.eval_utils import eval_setup
 
-        stage1, pipeline, checkpoint_path, stage1_step = eval_setup(stage1_path, test_mode="inference")
+        def check_checkpoint(config):  # an empty or truncated checkpoint: one line, not torch.load's traceback
+            problem = nerfstudio_checkpoint_problem(config.get_checkpoint_dir(), config.load_step)
+            if problem is not None:
+                raise SystemExit(f"vq3d-train-stage2: error: {problem}")
+            return config
+
+        stage1, pipeline, checkpoint_path, stage1_step = eval_setup(
+            stage1_path, test_mode="inference", update_config_callback=check_checkpoint
+        )
         model = pipeline.model.to(dist.device)
         stage1_parser = stage1.pipeline.datamanager.dataparser
         data = Path(cfg.data or stage1_parser.data)
@@ -298,18 +354,25 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
         ).encode()
     ).hexdigest()
     meta_file = cache_dir / "meta.json"
+    why_rebuild = f"The stage-1 checkpoint, the images or their classes changed: rebuilding the token cache {cache_dir}"
     if meta_file.exists():
         try:
-            if json.loads(meta_file.read_text()).get("fingerprint") == fingerprint:
-                if dist.is_main:
-                    print(f"Reusing the token cache {cache_dir} (same stage-1 checkpoint and images)")
-                return load_token_cache(cache_dir)
-        except (json.JSONDecodeError, TokenCacheError):
-            pass
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            same = isinstance(meta, dict) and meta.get("fingerprint") == fingerprint
+            cache = load_token_cache(cache_dir) if same else None  # a changed cache is not read
+        except TokenCacheError as err:
+            why_rebuild, cache = f"{err}: rebuilding it", None
+        except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+            why_rebuild, cache = f"{meta_file}: unreadable ({err}); the token cache is damaged: rebuilding it", None
+        if cache is not None:
+            if dist.is_main:
+                print(f"Reusing the token cache {cache_dir} (same stage-1 checkpoint and images)")
+            cache.meta["stage1_config"] = str(stage1_path.resolve())  # the run the user named, whatever meta.json names
+            return cache
     parts = cache_dir / "parts"
     if dist.is_main:
         if meta_file.exists():
-            print(f"The stage-1 checkpoint, the images or their classes changed: rebuilding the token cache {cache_dir}")
+            print(why_rebuild)
             meta_file.unlink()
         stamp = parts / "fingerprint"
         if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
@@ -317,7 +380,7 @@ def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
 
             shutil.rmtree(parts)
         parts.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fingerprint)
+        write_atomic(stamp, fingerprint.encode("utf-8"))
     dist.barrier()
     mine = {
         split: sum(b - a for c, (a, b) in enumerate(chunk_ranges(len(datasets[split]), cfg.encode_chunk_size)) if c % dist.world_size == dist.rank)
@@ -443,7 +506,7 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
         "model": model_config.to_dict(),
         "class_names": cache.class_names,
         "grid": cache.meta["grid"],
-        "stage1_config": cache.meta.get("stage1_config"),
+        "stage1_config": recorded_stage1(cfg, cache),
         "stage1_checkpoint": cache.meta.get("stage1_checkpoint"),
         "token_cache": str(cache.path.resolve()),
         "token_cache_fingerprint": cache.meta.get("fingerprint"),
@@ -481,7 +544,7 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
     log_file = None
     if dist.is_main:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.output_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_atomic(cfg.output_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=1).encode("utf-8"))
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(cfg.output_dir / "tensorboard"))
@@ -497,9 +560,7 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
         log_file.flush()
 
     amp = cfg.use_amp and dist.device.type == "cuda"
-    elapsed_before = 0.0
-    if latest is not None:
-        elapsed_before = float(json.loads((latest / "state.json").read_text()).get("train_time_s", 0.0))
+    elapsed_before = float(state.get("train_time_s", 0.0)) if latest is not None else 0.0
     t0 = time.perf_counter()
 
     def save(step: int) -> Path:
