@@ -332,7 +332,7 @@ def config_classes():
 UNBOUNDED = {"seed", "position", "object_box", "novel_yaw_deg", "report_views", "eval_num_rays_per_chunk",
              "train_num_rays_per_batch", "train_num_images_to_sample_from", "train_num_times_to_repeat_images",
              "eval_num_rays_per_batch", "eval_num_images_to_sample_from", "eval_num_times_to_repeat_images",
-             "camera_res_scale_factor", "patch_size", "lr", "eps", "max_norm", "weight_decay", "scale_factor",
+             "camera_res_scale_factor", "patch_size", "scale_factor",
              "scene_scale", "collider_params", "eval_image_indices"}
 
 
@@ -428,6 +428,10 @@ def test_ns_train_refuses_an_out_of_range_model_option_before_making_a_run_folde
     config.pipeline.model.num_heads = 2
     config.pipeline.datamanager.dataparser.eval_fraction = 1.0
     with pytest.raises(SystemExit, match=r"^vq3d: error: --pipeline\.datamanager\.dataparser\.eval-fraction must be in \[0, 1\), got 1\.0$"):
+        ns_train(config)
+    config.pipeline.datamanager.dataparser.eval_fraction = 0.1
+    config.optimizers["field"]["optimizer"].lr = -1.0  # once a traceback at the first optimizer step
+    with pytest.raises(SystemExit, match=r"^vq3d: error: --optimizers\.field\.optimizer\.lr must be > 0, got -1\.0$"):
         ns_train(config)
     assert not (tmp_path / "runs").exists()
 

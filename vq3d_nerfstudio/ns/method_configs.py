@@ -11,14 +11,13 @@ import copy
 from typing import Dict
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.ns.pipeline import Vq3dPipelineConfig
 from vq3d_nerfstudio.ns.schedulers import WarmupCosineSchedulerConfig
-from vq3d_nerfstudio.ns.trainer import AdamWithBetasConfig, Vq3dTrainerConfig
+from vq3d_nerfstudio.ns.trainer import AdamConfig, AdamWithBetasConfig, Vq3dTrainerConfig
 from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
 from vq3d_nerfstudio.stage1.quantizer import FSQConfig
 
@@ -79,7 +78,7 @@ def build_trainer_config(name: str) -> Vq3dTrainerConfig:
 
     def schedule() -> Dict:
         return {
-            "optimizer": AdamOptimizerConfig(lr=p["lr"], eps=1e-8, weight_decay=0.0),
+            "optimizer": AdamConfig(lr=p["lr"], eps=1e-8, weight_decay=0.0),
             # the cosine's length follows --max-num-iterations (max_steps None; see the scheduler)
             "scheduler": WarmupCosineSchedulerConfig(warm_up_end=p["warmup"], learning_rate_alpha=0.05),
         }

@@ -37,7 +37,7 @@ from nerfstudio.utils import colormaps, writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from vq3d_nerfstudio.checks import check_options, output_path_problem, ranged
+from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveFloat, check_options, output_path_problem, ranged
 from vq3d_nerfstudio.data.datamanager import dataset_error_message
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.files import DiskFullError, atomic_path
@@ -50,7 +50,23 @@ DISCRIMINATOR = "discriminator"
 
 
 @dataclass
-class AdamWithBetasConfig(AdamOptimizerConfig):
+class AdamConfig(AdamOptimizerConfig):
+    """nerfstudio's Adam config with the ranges of its options checked before training starts
+    (``--optimizers.field.optimizer.lr -1`` is one line, not torch's traceback at the first step).
+    Runs saved with nerfstudio's class load as before."""
+
+    lr: PositiveFloat = 0.0005
+    """The learning rate to use."""
+    eps: PositiveFloat = 1e-08
+    """The epsilon value to use."""
+    max_norm: ranged(Optional[float], 0, low_open=True) = None
+    """The max norm to use for gradient clipping (None: no clipping)."""
+    weight_decay: NonNegativeFloat = 0
+    """The weight decay to use."""
+
+
+@dataclass
+class AdamWithBetasConfig(AdamConfig):
     """nerfstudio's Adam config with the betas exposed (GANs want beta1 = 0)."""
 
     betas: ranged(Tuple[float, float], 0, 1, high_open=True) = (0.9, 0.999)
