@@ -275,6 +275,28 @@ def test_strict_training_stops_at_an_undecodable_shard_sample_in_one_line(bad_sa
     assert line.endswith("(--pipeline.datamanager.strict True; without it bad files are skipped and reported)")
 
 
+def test_stage2_encoding_replaces_an_undecodable_shard_sample_as_a_folder_does(bad_samples):
+    """Stage 2 reads prepared shards by offset (ShardSplit): a sample that does not decode gives the next
+    readable one in its place, as a bad file of a folder does; with strict, the one line naming it."""
+    import torch
+
+    from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
+    from vq3d_nerfstudio.data.shards import ShardError
+    from vq3d_nerfstudio.stage2.data import ShardSplit
+
+    data, bad = bad_samples
+    broken = next(key for key, member in bad.items() if member == "png")
+    fraction = Vq3dImagesDataParserConfig().eval_fraction
+    split = ShardSplit(data, "train", fraction, SIZE)
+    keys = [loc.key for loc in split.locations]
+    i = keys.index(broken)
+    assert bad.get(keys[i + 1]) != "png"  # the next sample decodes (stage 2 reads no depth member)
+    item, following = split[i], split.get_data(i + 1)
+    assert torch.equal(item["image"], following["image"]) and int(item["class_id"]) == int(following["class_id"])
+    assert broken in split.bad_files[i]
+    with pytest.raises(ShardError, match=f"member {broken}.png cannot be decoded"):
+        ShardSplit(data, "train", fraction, SIZE, strict=True)[i]
+
 def test_verify_finds_a_modified_shard_and_the_fix_works(photos, shards, tmp_path, cli_env):
     out = tmp_path / "prepared"
     shutil.copytree(shards, out)

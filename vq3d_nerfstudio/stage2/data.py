@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, item_or_next_readable
 from vq3d_nerfstudio.data.shard_dataset import held_out_rule
 from vq3d_nerfstudio.data.shards import decode_sample, read_index, read_sample, scan_shard
 from vq3d_nerfstudio.files import atomic_path, temporary_path, write_atomic
@@ -334,10 +335,14 @@ def rank_share(global_indices: np.ndarray, rank: int, world_size: int) -> np.nda
 class ShardSplit(torch.utils.data.Dataset):
     """The training or held-out samples of a ``vq3d prepare`` output as a map-style dataset (each
     item read by byte offset), items ``{"image" [S, S, 3], "class_id"}`` like ``Vq3dImageDataset``'s.
-    The held-out rule is the dataparser's, so stage 2 holds out what stage 1 held out."""
+    The held-out rule is the dataparser's, so stage 2 holds out what stage 1 held out. A sample that
+    does not decode is handled as a folder's bad file is (``data.dataset.item_or_next_readable``):
+    with ``strict`` its one-line :class:`~vq3d_nerfstudio.data.shards.ShardError`, otherwise the next
+    readable sample in its place (``bad_files`` remembers it)."""
 
-    def __init__(self, root: Path, split: str, eval_fraction: float, image_size: int) -> None:
-        self.root, self.image_size = Path(root), image_size
+    def __init__(self, root: Path, split: str, eval_fraction: float, image_size: int, strict: bool = False) -> None:
+        self.root, self.image_size, self.strict = Path(root), image_size, strict
+        self.bad_files: Dict[int, str] = {}
         self.index = read_index(self.root)
         rule = held_out_rule(self.root, self.index, eval_fraction)
         want_eval = split != "train"
@@ -359,7 +364,13 @@ class ShardSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.locations)
 
-    def __getitem__(self, i: int) -> Dict:
+    def get_data(self, i: int) -> Dict:
+        """Sample ``i`` decoded (a :class:`~vq3d_nerfstudio.data.shards.ShardError` when it does not)."""
         location = self.locations[i]
         sample = decode_sample(read_sample(self.root, location), self.root / location.shard, self.image_size, False)
         return {"image": sample["image"], "class_id": torch.tensor(sample["class_id"], dtype=torch.long)}
+
+    def __getitem__(self, i: int) -> Dict:
+        item = item_or_next_readable(self, i, lambda j: f"{self.root / self.locations[j].shard}:{self.locations[j].key}")
+        item.pop(SKIPPED_KEY)  # as from a folder: the bad sample is replaced (bad_files keeps it)
+        return item
