@@ -1,8 +1,9 @@
 """Benchmark: stage 2 on 2 CPU cores.
 
 1. Sampling speed, with and without the KV cache, of randomly initialised transformers (speed does
-   not depend on the weights): `tiny` over vq3d-tiny's 8x8 grid (1024 codes) and `paper` over
-   vq3d's 32x32 grid (8192 codes). Without the cache every step re-runs the whole prefix; for the
+   not depend on the weights): `tiny` over an 8x8 grid of 1024 codes and `paper` over a 32x32 grid
+   of 8192 codes (fixed sizes, not read from the presets, which give 16x16 and 32x32 tokens of
+   15,360 codes). Without the cache every step re-runs the whole prefix; for the
    paper size that is hours per scene on a CPU, so that path is timed over the first
    --paper-uncached-tokens tokens only (later tokens cost more, so its tokens/s is an upper bound).
 2. Held-out bits per token against training time: `vq3d-train-stage2 --model tiny` on a trained

@@ -106,11 +106,23 @@ def build_trainer_config(name: str) -> Vq3dTrainerConfig:
     return config
 
 
+def preset_summary(name: str) -> str:
+    """Image size, token grid and codes of preset ``name``, read from :data:`PRESETS` (so the
+    ``ns-train --help`` text cannot drift from the table), e.g. ``256 px, 32x32 tokens of 15,360 FSQ codes``."""
+    model = PRESETS[name]["model"]
+    side = model["image_size"] // model["patch_size"]
+    quantizer = model["quantizer"]
+    kind = type(quantizer).__name__.removesuffix("Config")
+    codes = f"{quantizer.codebook_size:,} {kind} codes" if quantizer.has_codes else "continuous values"
+    per_token = f"{quantizer.groups} x " if quantizer.groups > 1 else ""
+    return f"{model['image_size']} px, {side}x{side} tokens of {per_token}{codes}"
+
+
 vq3d = MethodSpecification(
     config=build_trainer_config("vq3d"),
-    description="VQ3D stage 1 at paper scale (256 px, codebook 8192): one image -> a NeRF. Needs a GPU.",
+    description=f"VQ3D stage 1 at paper scale ({preset_summary('vq3d')}): one image -> a NeRF. Needs a GPU.",
 )
 vq3d_tiny = MethodSpecification(
     config=build_trainer_config("vq3d-tiny"),
-    description="VQ3D stage 1, small enough to train on a 2-core CPU in minutes (64 px).",
+    description=f"VQ3D stage 1, small enough to train on a 2-core CPU in minutes ({preset_summary('vq3d-tiny')}).",
 )

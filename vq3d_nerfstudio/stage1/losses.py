@@ -102,8 +102,8 @@ def canonical_disparity(
     ``disparity_range = (far, near)`` (world units^-1 of the canonical camera).
 
     The target depends on the pseudo-GT alone, never on the model's prediction, so a flat or an
-    inverted NeRF cannot satisfy it (the first design fitted the pseudo-GT to the render, which
-    scored flat geometry zero). It is invariant to ``a * d + b`` (``a > 0``) applied to the
+    inverted NeRF cannot satisfy it (fitting the pseudo-GT to the render instead
+    scores flat geometry zero). It is invariant to ``a * d + b`` (``a > 0``) applied to the
     pseudo-GT, since the anchors move with it. An image whose anchors coincide (a flat pseudo-GT)
     carries no depth information and is masked out.
 

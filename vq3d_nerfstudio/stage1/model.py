@@ -55,14 +55,15 @@ from vq3d_nerfstudio.stage1.scene import ShownScene
 from vq3d_nerfstudio.stage1.triplane import PlaneLayout
 
 #: Fields renamed since runs were first saved: old name -> new name (read by ``Vq3dModelConfig.__setstate__``).
+#: Removal: at version 0.2.0, when runs saved before commit 13128e1 (2026-12-02) no longer need to load.
 RENAMED_FIELDS = {"num_coarse_samples": "coarse_samples_per_ray", "num_fine_samples": "fine_samples_per_ray"}
 
 
 @dataclass
 class Vq3dModelConfig(ModelConfig):
     """VQ3D stage 1 (Sargent et al., ICCV 2023). Sizes come from the preset table in
-    ``ns/method_configs.py``; paper-scale values follow ViT-VQGAN (256 px, 8 px patches, 8192 codes of
-    32-d). Choices the paper leaves open are written beside each field."""
+    ``ns/method_configs.py``; paper-scale values follow ViT-VQGAN (256 px, 8 px patches), with FSQ's
+    15,360 codes in place of its 8192 learned ones. Choices the paper leaves open are written beside each field."""
 
     _target: Type = field(default_factory=lambda: Vq3dModel)
     enable_collider: bool = False
@@ -96,8 +97,8 @@ class Vq3dModelConfig(ModelConfig):
     """Where world points sample the planes (``triplane.PlaneLayout``). 'frustum': coordinates of
     the canonical camera's frustum (normalised image u, v and a contracted depth), so token (i, j)'s
     tile is exactly where image patch (i, j) lies at every depth, and >= 80% of the xy texels are
-    seen by the input view. 'world': the first design (L-inf contraction of world xyz by
-    scene_scale); it left 65% of the xy plane unseen and patch (i, j) in other tokens' tiles."""
+    seen by the input view. 'world': L-inf contraction of world xyz by
+    scene_scale (kept for ablations); it left 65% of the xy plane unseen and patch (i, j) in other tokens' tiles."""
     triplane_margin: NonNegativeInt = 3
     """Frustum layout: texels beyond the canonical image edge on each side; the space only novel
     views see (the GAN's +-30 degree yaw) is contracted into them."""
@@ -115,7 +116,7 @@ class Vq3dModelConfig(ModelConfig):
     """Frustum layout: share of the depth axis ([-1, 1]) the pivot slab takes (0.5 as mip-NeRF 360)."""
     num_depth_frequencies: NonNegativeInt = 4
     """The density MLP also sees the plane coordinates and this many sin/cos frequencies of the
-    depth coordinate (0: tri-plane features only, the first design). A canonical ray reads one xy
+    depth coordinate (0: tri-plane features only). A canonical ray reads one xy
     texel at every depth; the depth input lets that texel place its surface along the ray."""
     decoder_upsampler: Literal["linear", "conv"] = "linear"
     """How the decoder turns tokens into plane texels: 'linear', one linear head per token tile
@@ -154,8 +155,8 @@ class Vq3dModelConfig(ModelConfig):
     at infinity (sky, distant background); 0.83 puts the nearest 5% 1.2 units from the camera (0.8
     units in front of the pivot): in the median synthetic scene the 95th percentile of the true
     disparity is 0.83 (ground 0.5 below the camera, seen at the bottom edge). The target depends on
-    the pseudo-GT only: a flat or inverted NeRF cannot match it (the first design fitted the
-    pseudo-GT to the render, so flat geometry scored zero), and it is invariant to a * d + b (a > 0)
+    the pseudo-GT only: a flat or inverted NeRF cannot match it (fitting the
+    pseudo-GT to the render instead scores flat geometry zero), and it is invariant to a * d + b (a > 0)
     of the pseudo-GT."""
     default_scene_index: NonNegativeInt = 0
     """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx); the
@@ -226,7 +227,9 @@ class Vq3dModelConfig(ModelConfig):
     def __setstate__(self, state: dict) -> None:
         """A run's ``config.yml`` written before a field was renamed loads with its values under the
         new names (``num_coarse_samples`` clashed with nerfstudio's own tests, which take any config
-        with that field for vanilla-nerf's)."""
+        with that field for vanilla-nerf's), and one written before the quantizer had its own config loads
+        it nested (:func:`legacy_quantizer_config`). Removal: at version 0.2.0, when runs saved before
+        commit 426d7d4 (2026-12-05) no longer need to load; then nerfstudio's default unpickling does."""
         state = {RENAMED_FIELDS.get(key, key): value for key, value in state.items()}
         if isinstance(state.get("quantizer"), str):  # saved before the quantizer had its own config
             state["quantizer"] = legacy_quantizer_config(state)

@@ -698,7 +698,9 @@ AnnotatedQuantizerUnion = Union[  # type: ignore  # prefix_name=False: "fsq-quan
 
 def legacy_quantizer_config(state: Dict) -> QuantizerConfig:
     """The nested config for a model config saved before quantizers had their own (``quantizer``
-    a string beside flat ``codebook_size``, ``fsq_levels``, ... fields), which it pops from ``state``."""
+    a string beside flat ``codebook_size``, ``fsq_levels``, ... fields), which it pops from ``state``.
+    Removal: at version 0.2.0, with :data:`LEGACY_QUANTIZER_FIELDS`, when runs saved before commit 426d7d4
+    (2026-12-05) no longer need to load; drop tests/test_quantizer.py's flat-fields test with it."""
     old = {key: state.pop(key) for key in LEGACY_QUANTIZER_FIELDS if key in state}
     kind = state.pop("quantizer")
     if kind == "fsq":

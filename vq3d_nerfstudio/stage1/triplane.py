@@ -2,7 +2,7 @@
 
 A tri-plane is a tensor ``[B, 3, C, R, R]`` holding three axis-aligned feature planes over the
 cube ``[-1, 1]^3`` of *plane coordinates* (U, V, W) (for the default layout, see
-:func:`frustum_coordinates`; for the first design, :func:`contract`). Below they are called x, y, z:
+:func:`frustum_coordinates`; for the ``world`` layout, :func:`contract`). Below they are called x, y, z:
 
 - plane 0 (``xy``) is indexed by (x, y) and drops z,
 - plane 1 (``xz``) is indexed by (x, z) and drops y,
@@ -207,11 +207,11 @@ def contract(points: torch.Tensor, scene_scale: float = 1.0) -> torch.Tensor:
 @dataclass(frozen=True)
 class PlaneLayout:
     """Where world points sample the tri-plane: one object used by every renderer (training, viewer,
-    ns-render, ns-export, eval, splats, edits), through :class:`~vq3d_nerfstudio.field.TriplaneField`.
+    ns-render, ns-export, eval, splats, edits), through :class:`~vq3d_nerfstudio.stage1.field.TriplaneField`.
 
     - ``"frustum"``: :func:`frustum_coordinates` around the canonical camera; the planes have
       ``inner_resolution + 2 * margin`` texels, the inner ones covering the canonical image.
-    - ``"world"``: the first design, :func:`contract` of world points (kept for ablations).
+    - ``"world"``: :func:`contract` of world points (kept for ablations).
     """
 
     kind: str = "frustum"

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Size presets (nanoGPT style). ``paper`` is our choice for 256 px / 32x32 tokens / 8192 codes:
-#: GPT-2-medium-sized (24 layers, 1024 wide, ~330 M parameters incl. embeddings), between
-#: ViT-VQGAN's VIM-Base and VIM-Large stage-2 transformers; VQ3D does not state its size.
+#: Size presets (nanoGPT style). ``paper`` is our choice for the ``vq3d`` preset's 256 px / 32x32 tokens /
+#: 15,360 codes: GPT-2-medium-sized (24 layers, 1024 wide, 336 M parameters incl. embeddings with 1000
+#: classes), between ViT-VQGAN's VIM-Base and VIM-Large stage-2 transformers; VQ3D does not state its size.
 PRESETS: Dict[str, Dict[str, int]] = {
     "nano": dict(num_layers=2, num_heads=2, embed_dim=64),
     "tiny": dict(num_layers=4, num_heads=4, embed_dim=128),
