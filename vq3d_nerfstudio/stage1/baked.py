@@ -29,7 +29,7 @@ from vq3d_nerfstudio.stage1.triplane import PlaneLayout
 BAKED_CHANNELS = 4
 
 #: Inference with a baked field computes a sample's colour only where its rendering weight exceeds this
-#: (``NerfRenderer.sample``'s ``colour_min_weight``): a pixel then differs by at most ``(S - 1) * 1e-6``
+#: (``NerfRenderer.render``'s ``colour_min_weight``, :meth:`NerfRenderer.render_density_first`): a pixel then differs by at most ``(S - 1) * 1e-6``
 #: (5e-5 for 49 fine samples) from compositing every sample's colour, while about a quarter of the
 #: samples need a colour (the shipped model's example scenes: 13 of 49 fine, 5 of 24 coarse).
 COLOUR_MIN_WEIGHT = 1e-6
@@ -120,7 +120,7 @@ class BakedField(PointField):
 
     Density and colour sit in separate volumes (a lookup costs about the same per channel), so a
     renderer can ask for the density everywhere and the colour only where it is seen
-    (``NerfRenderer.sample``'s ``colour_min_weight``).
+    (``NerfRenderer.render``'s ``colour_min_weight``, :meth:`NerfRenderer.render_density_first`).
     """
 
     def __init__(self, volume: torch.Tensor, layout: PlaneLayout, source_planes: Optional[torch.Tensor] = None) -> None:

@@ -146,8 +146,8 @@ def pdf_spacing(spacing: torch.Tensor, weights: torch.Tensor, num_samples: int, 
 
 @dataclass
 class RaySamplesPass:
-    """One coarse and one fine pass over ``R`` rays: the samples, the field's outputs and weights
-    (sampled with ``colour_min_weight``, the RGB outputs are 0 where a sample's weight is at most it)."""
+    """One coarse and one fine pass over ``R`` rays (:meth:`NerfRenderer.sample`): the samples, the
+    field's outputs and weights."""
 
     ray_bundle: RayBundle
     """The rays, clipped to the near/far planes."""
