@@ -4,7 +4,7 @@ Three `ns-train vq3d-tiny` runs on the same 1000 `vq3d synth` scenes, each stopp
 saves a checkpoint) after the same CPU time of its process tree (user + system seconds, so other
 work on the machine does not change the budget):
 1. reconstruction only (the default `vq3d-tiny`);
-2. + the adversarial loss on canonical and novel-view renders (`--pipeline.model.adversarial-loss-mult 0.1`);
+2. + the adversarial loss on canonical and novel-view renders (`--pipeline.model.adversarial.loss-mult 0.1`);
 3. as 2, with the discriminator also seeing the disparity channel.
 Each is scored by `vq3d eval` on 20 unseen scenes (`vq3d synth --seed 1`, 64 px): canonical PSNR,
 novel-view PSNR and SSIM against the scenes' true novel views. Prints a table and updates
@@ -30,12 +30,12 @@ from quality_over_budget import novel_mean
 # The tiny preset starts the adversarial loss at step 500; a GAN step costs ~2.8x a reconstruction
 # step on 2 cores (the extra renders and D), so within this budget a GAN run makes ~370 steps: the
 # benchmark starts the adversarial loss at step 100, ramped over 100 steps.
-GAN = ["--pipeline.model.adversarial-loss-mult", "0.1", "--pipeline.model.adversarial-start-step", "100",
-       "--pipeline.model.adversarial-ramp-steps", "100"]
+GAN = ["--pipeline.model.adversarial.loss-mult", "0.1", "--pipeline.model.adversarial.start-step", "100",
+       "--pipeline.model.adversarial.ramp-steps", "100"]
 VARIANTS = {
     "reconstruction only": [],
     "+ novel-view GAN": GAN,
-    "+ novel-view GAN, D sees disparity": [*GAN, "--pipeline.model.discriminator-sees-disparity", "True"],
+    "+ novel-view GAN, D sees disparity": [*GAN, "--pipeline.model.adversarial.use-disparity", "True"],
 }
 
 

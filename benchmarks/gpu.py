@@ -343,7 +343,11 @@ def build_trainer(preset: str, data: Path, out: Path, device: str, amp: bool, sm
     config.pipeline.datamanager.num_workers = 0 if smoke else min(8, os.cpu_count() or 1)
     model_overrides = {k: v for k, v in overrides.items() if hasattr(config.pipeline.model, k)}
     for key, value in overrides.items():
-        if key in model_overrides:
+        if "." in key:  # a nested model option: "adversarial.resolution"
+            owner, name = key.split(".")
+            assert hasattr(getattr(config.pipeline.model, owner), name), key
+            setattr(getattr(config.pipeline.model, owner), name, value)
+        elif key in model_overrides:
             setattr(config.pipeline.model, key, value)
         elif hasattr(config.pipeline.datamanager, key):
             setattr(config.pipeline.datamanager, key, value)
@@ -399,8 +403,8 @@ def paper_preset(args, paths: dict, work: Path, budget: Budget) -> dict:
     if smoke:  # the same code at toy sizes
         overrides = dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=2, triplane_resolution=32,
                          triplane_margin=2, triplane_channels=4, coarse_samples_per_ray=8, fine_samples_per_ray=8,
-                         gan_resolution=16, gan_images_per_batch=2, images_per_batch=2, rays_per_image=32,
-                         perceptual_loss_mult=0.0)
+                         images_per_batch=2, rays_per_image=32, perceptual_loss_mult=0.0)
+        overrides.update({"adversarial.resolution": 16, "adversarial.images_per_batch": 2})
     else:
         overrides = dict(perceptual_weights=random_vgg16(work / "vgg16_random.pth"))
     # 256 px: the image (float32 RGB) and its depth and mask, per image in a batch
@@ -414,11 +418,11 @@ def paper_preset(args, paths: dict, work: Path, budget: Budget) -> dict:
             model = trainer.pipeline.model
             cfg = model.config
             if "train_image_gflop" not in result:
-                result["params_m"] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("discriminator")) / 1e6
+                result["params_m"] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("adversarial.")) / 1e6
                 rays = trainer.pipeline.datamanager.rays_per_image
                 result["train_image_gflop"] = train_image_flops(model, rays) / 1e9
                 result["rays_per_image"] = rays
-            gan_step = cfg.adversarial_start_step + cfg.adversarial_ramp_steps + 1
+            gan_step = cfg.adversarial.start_step + cfg.adversarial.ramp_steps + 1
             # before the GAN starts (the first 20k steps): reconstruction, VQ, depth and LPIPS losses
             result[key] = time_steps(trainer, 1, warmup, steps, args.device)
             result[key]["mixed_precision"] = trainer.mixed_precision

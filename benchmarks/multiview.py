@@ -3,7 +3,7 @@
 Two real `ns-train vq3d-tiny` runs on the same 1000 `vq3d synth` scenes (7 views each, seed 0) for
 the same number of steps (8 input images a step, 256 rays each):
 1. the preset: frame 0 of every scene, reconstructed from the canonical camera;
-2. `--pipeline.datamanager.multiview-supervision True`: frame 0 encoded, and each step's 256 rays
+2. `--pipeline.datamanager.use-multiview-supervision True`: frame 0 encoded, and each step's 256 rays
    per image shared between it and 2 other views of its scene drawn at random, rendered from their
    cameras relative to the input (the alignment `vq3d eval` uses), with their depth.
 Both are scored by `vq3d eval` on 20 scenes never trained on (`--seed 1`, 7 views at 64 px):
@@ -27,7 +27,7 @@ from quality_levers import train_and_score
 
 ROWS = [
     ("single-view", "the preset: input views only", []),
-    ("multiview", "+ 2 supervising views per input", ["--pipeline.datamanager.multiview-supervision", "True",
+    ("multiview", "+ 2 supervising views per input", ["--pipeline.datamanager.use-multiview-supervision", "True",
                                                       "--pipeline.datamanager.multiview-views", "2"]),
 ]
 GOAL_DB = 6.0

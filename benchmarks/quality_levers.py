@@ -41,7 +41,7 @@ M = "--pipeline.model."
 # init and the dead-code threshold 0.03 picks per step (= 0.06 of the expected 512 / 1024), 8x8
 # tokens, linear decoder head.
 BASELINE = {"triplane_layout": "world", "num_depth_frequencies": "0", "patch_size": "8", "decoder_upsampler": "linear"}
-BASELINE_VQ = {"kmeans_init": "False", "dead_code_fraction": "0.06"}
+BASELINE_VQ = {"use_kmeans_init": "False", "dead_code_fraction": "0.06"}
 
 
 def flags(quantizer: str = "vq", **changes) -> list:
@@ -63,7 +63,7 @@ def flags(quantizer: str = "vq", **changes) -> list:
 
 FRUSTUM = dict(triplane_layout="frustum")
 DEPTH_INPUT = dict(FRUSTUM, num_depth_frequencies="4")
-CODEBOOK = dict(DEPTH_INPUT, q_kmeans_init="True")
+CODEBOOK = dict(DEPTH_INPUT, q_use_kmeans_init="True")
 FSQ = dict(DEPTH_INPUT, quantizer="fsq")
 # (name, compared with, what changed, ns-train flags)
 ROWS = [
@@ -78,6 +78,7 @@ ROWS = [
     # not the 3D part, bound canonical PSNR; 14 bits a token instead of 10 (the vq3d preset's levels).
     ("fsq-15k", "patch4", "FSQ (8,8,8,6,5) = 15,360 codes", flags(**FSQ, patch_size="4", q_levels=("8", "8", "8", "6", "5"))),
 ]
+
 
 def make_relative_folder(scenes: Path, out: Path, seed: int = 0) -> Path:
     """The scenes' input views as a flat folder with relative disparity ``a / z + b`` per image."""

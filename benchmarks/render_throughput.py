@@ -85,6 +85,7 @@ def inference_paths(repeats: int) -> tuple:
     nodes = bake_resolution(model.layout, cfg.num_depth_frequencies, cfg.bake_nodes_per_texel)
     bake_s = median_time(lambda: BakedField.bake(model.field, planes, nodes), repeats=repeats)
     baked = BakedField.bake(model.field, planes, nodes)
+
     def fewer_samples(coarse: int, fine: int) -> NerfRenderer:
         return NerfRenderer(cfg.near_plane, cfg.far_plane, coarse, fine, cfg.sampler_linear_until).eval()
 

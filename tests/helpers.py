@@ -44,6 +44,20 @@ FAST = [
 ]
 
 
+def random_inception_state(seed: int = 0) -> dict:
+    """A randomly initialised FID Inception-v3 state dict, keyed as pytorch-fid's and torch-fidelity's
+    weights files are (torchvision's Inception3 uses the same names; no AuxLogits, 1008 classes).
+    He-normal convolutions and identity batch norms keep the features O(1) through the depth."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return network.state_dict()
+
+
 def run(args, env, timeout=300):
     """Run a console script; fail the test with its output when it fails."""
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)

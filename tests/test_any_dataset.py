@@ -105,7 +105,7 @@ def multiview_datamanager(data: Path, **overrides):
     from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
     from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 
-    options = dict(images_per_batch=2, rays_per_image=32, num_workers=0, multiview_supervision=True, multiview_views=2)
+    options = dict(images_per_batch=2, rays_per_image=32, num_workers=0, use_multiview_supervision=True, multiview_views=2)
     options.update(overrides)
     parser = Vq3dImagesDataParserConfig(data=data, eval_fraction=0.0)
     return Vq3dDataManagerConfig(dataparser=parser, **options).setup(device="cpu", test_mode="val")
@@ -181,12 +181,12 @@ def test_without_the_option_losses_are_bit_identical(synth_dir):
     from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
     from vq3d_nerfstudio.geometry.cameras import canonical_cameras
 
-    dm = multiview_datamanager(synth_dir, multiview_supervision=False)
+    dm = multiview_datamanager(synth_dir, use_multiview_supervision=False)
     assert type(dm.train_dataset) is Vq3dImageDataset
     images = next(dm.iter_train_image_dataloader)
     assert "view_images" not in images
     torch.manual_seed(0)
-    ray_bundle, batch = dm._rays_for_images(images, dm.train_ray_generator)
+    ray_bundle, batch = dm._view_rays(images, dm.train_ray_generator)
 
     torch.manual_seed(0)
     num, size = images["image"].shape[:2]
@@ -214,6 +214,80 @@ def test_without_the_option_losses_are_bit_identical(synth_dir):
         assert torch.equal(losses[0][key], losses[1][key]), key
 
 
+def _old_single_view_rays(dm, images, generator):
+    """The single-image ray builder as it was before one builder served both paths (commit 20280c8,
+    ``Vq3dDataManager._rays_for_images``), the reference."""
+    image = images["image"]
+    num_images, height, width = image.shape[:3]
+    per_image = dm.rays_per_image
+    pixels = torch.randint(0, height * width, (num_images, per_image))
+    batch_idx = torch.arange(num_images).repeat_interleave(per_image)
+    rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
+    camera_idx = images.get("camera_idx", images["image_idx"])[batch_idx]
+    ray_bundle = generator(torch.stack([camera_idx, rows, cols], dim=-1))
+    ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
+    batch = {"input_images": image.permute(0, 3, 1, 2).contiguous(), "image": image[batch_idx, rows, cols],
+             "image_idx": images["image_idx"], "class_id": images["class_id"],
+             "disparity": images["disparity"][batch_idx, rows, cols],
+             "disparity_mask": images["disparity_mask"][batch_idx, rows, cols],
+             "input_disparity": images["disparity"].permute(0, 3, 1, 2),
+             "input_disparity_mask": images["disparity_mask"].permute(0, 3, 1, 2)}
+    return ray_bundle, batch
+
+
+def _old_multiview_rays(dm, images):
+    """The multi-view ray builder of commit 20280c8 (``Vq3dDataManager._multiview_rays``), the reference."""
+    from nerfstudio.cameras.cameras import Cameras, CameraType
+
+    from vq3d_nerfstudio.geometry.cameras import ray_generator
+
+    views = images["view_images"]
+    num_images, num_views, height, width = views.shape[:4]
+    cams = num_images * num_views
+    intrinsics = images["view_intrinsics"].reshape(cams, 4)
+    cameras = Cameras(
+        camera_to_worlds=images["view_poses"].reshape(cams, 3, 4),
+        fx=intrinsics[:, 0:1], fy=intrinsics[:, 1:2], cx=intrinsics[:, 2:3], cy=intrinsics[:, 3:4],
+        width=torch.full((cams, 1), width, dtype=torch.long), height=torch.full((cams, 1), height, dtype=torch.long),
+        camera_type=CameraType.PERSPECTIVE,
+    )
+    pixels = torch.randint(0, height * width, (cams, max(1, dm.rays_per_image // num_views)))
+    camera_idx = torch.arange(cams).repeat_interleave(pixels.shape[1])
+    rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
+    ray_bundle = ray_generator(cameras)(torch.stack([camera_idx, rows, cols], dim=-1))
+    ray_bundle.metadata["batch_idx"] = (camera_idx // num_views)[:, None]
+    disparity = images["view_disparity"].reshape(cams, height, width, 1)
+    mask = images["view_disparity_mask"].reshape(cams, height, width, 1)
+    batch = {"input_images": views[:, 0].permute(0, 3, 1, 2).contiguous(),
+             "image": views.reshape(cams, height, width, 3)[camera_idx, rows, cols],
+             "image_idx": images["image_idx"], "class_id": images["class_id"], "view_idx": camera_idx % num_views,
+             "disparity": disparity[camera_idx, rows, cols], "disparity_mask": mask[camera_idx, rows, cols],
+             "input_disparity": images["view_disparity"][:, 0].permute(0, 3, 1, 2),
+             "input_disparity_mask": images["view_disparity_mask"][:, 0].permute(0, 3, 1, 2)}
+    return ray_bundle, batch
+
+
+@pytest.mark.parametrize("multiview", [False, True])
+def test_one_ray_builder_gives_the_batches_of_the_two_it_replaced(synth_dir, multiview):
+    """Single-image batches (one view) and multi-view batches (three views) from the one builder
+    equal, tensor for tensor, what the single-image and multi-view builders of commit 20280c8 made
+    from the same images with the same seed."""
+    dm = multiview_datamanager(synth_dir, use_multiview_supervision=multiview)
+    images = next(dm.iter_train_image_dataloader)
+    assert ("view_images" in images) == multiview
+    torch.manual_seed(0)
+    bundle, batch = dm._view_rays(images, dm.train_ray_generator)
+    torch.manual_seed(0)
+    old_bundle, old_batch = _old_multiview_rays(dm, images) if multiview else _old_single_view_rays(dm, images, dm.train_ray_generator)
+    for name in ("origins", "directions", "pixel_area", "camera_indices", "nears", "fars"):
+        a, b = getattr(bundle, name), getattr(old_bundle, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert bundle.metadata.keys() == old_bundle.metadata.keys()
+    assert all(torch.equal(bundle.metadata[k], old_bundle.metadata[k]) for k in bundle.metadata)
+    assert batch.keys() == old_batch.keys()
+    assert all(torch.equal(batch[k], old_batch[k]) for k in batch), [k for k in batch if not torch.equal(batch[k], old_batch[k])]
+
+
 def test_a_dataparser_without_images_is_one_line():
     from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
     from nerfstudio.data.scene_box import SceneBox
@@ -221,11 +295,12 @@ def test_a_dataparser_without_images_is_one_line():
     from vq3d_nerfstudio.data.views import single_image_outputs
     from vq3d_nerfstudio.errors import DatasetError
     from vq3d_nerfstudio.geometry.cameras import canonical_cameras
+    from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 
     empty = DataparserOutputs(image_filenames=[], cameras=canonical_cameras(1, 8, 2.0, 50.0),
                               scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])))
     with pytest.raises(DatasetError, match=r"^some-data: gave no images; .*vq3d-images .*nerfstudio-data, blender-data"):
-        single_image_outputs(empty, "some-data", 64, 2.0, 50.0)
+        single_image_outputs(empty, "some-data", 64, CanonicalCamera())
 
 
 def test_ns_train_nerfstudio_data_on_one_scene(tmp_path, cli_env):
@@ -245,7 +320,7 @@ def test_ns_train_nerfstudio_data_on_one_scene(tmp_path, cli_env):
 def test_ns_train_multiview_supervision_on_synth_scenes(synth_dir, tmp_path, cli_env):
     out = tmp_path / "runs"
     run([cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(out), "--max-num-iterations", "2",
-         *FAST, "--pipeline.datamanager.multiview-supervision", "True"], cli_env)
+         *FAST, "--pipeline.datamanager.use-multiview-supervision", "True"], cli_env)
     assert list(out.glob("**/nerfstudio_models/step-000000001.ckpt"))
 
 

@@ -19,7 +19,7 @@ from helpers import FAST, cli, run, write_image
 from PIL import Image
 
 from vq3d_nerfstudio.data.prepare import prepare_shards
-from vq3d_nerfstudio.data.shards import read_bad_files, read_index
+from vq3d_nerfstudio.data.shard_format import read_bad_files, read_index
 from vq3d_nerfstudio.files import file_sha256
 from vq3d_nerfstudio.stage2.data import load_token_cache, write_token_cache
 
@@ -281,7 +281,7 @@ def test_stage2_encoding_replaces_an_undecodable_shard_sample_as_a_folder_does(b
     import torch
 
     from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
-    from vq3d_nerfstudio.data.shards import ShardError
+    from vq3d_nerfstudio.data.shard_format import ShardError
     from vq3d_nerfstudio.stage2.data import ShardSplit
 
     data, bad = bad_samples
@@ -296,6 +296,7 @@ def test_stage2_encoding_replaces_an_undecodable_shard_sample_as_a_folder_does(b
     assert broken in split.bad_files[i]
     with pytest.raises(ShardError, match=f"member {broken}.png cannot be decoded"):
         ShardSplit(data, "train", fraction, SIZE, strict=True)[i]
+
 
 def test_verify_finds_a_modified_shard_and_the_fix_works(photos, shards, tmp_path, cli_env):
     out = tmp_path / "prepared"

@@ -107,14 +107,15 @@ def _write_torch(path):
 
 
 def _write_point_ply(path):
-    from vq3d_nerfstudio.export.pointcloud import write_point_ply
+    from vq3d_nerfstudio.export.ply import write_point_ply
 
     points = np.random.default_rng(0).random((5000, 3)).astype(np.float32)
     write_point_ply(path, points, points, points)
 
 
 def _write_splat_ply(path):
-    from vq3d_nerfstudio.export.splats import Gaussians, write_splat_ply
+    from vq3d_nerfstudio.export.gaussians import Gaussians
+    from vq3d_nerfstudio.export.ply import write_splat_ply
 
     n = 2000
     write_splat_ply(path, Gaussians(torch.rand(n, 3), torch.rand(n, 3) + 0.1, torch.nn.functional.normalize(torch.rand(n, 4), dim=1),
@@ -134,7 +135,7 @@ def _write_png(path):
 
 
 def _write_shard(path):
-    from vq3d_nerfstudio.data.shards import EncodedSample, write_shard
+    from vq3d_nerfstudio.data.shard_format import EncodedSample, write_shard
 
     write_shard(path, [EncodedSample(f"{i:08d}", 0, bytes(range(256)) * 40, None, f"cats/{i}.png") for i in range(4)])
 

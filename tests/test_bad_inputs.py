@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig, dataset_error_message
+from vq3d_nerfstudio.data.datamanager import Vq3dDataManagerConfig
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import Vq3dImageDataset, image_size_of, load_disparity, load_image
 from vq3d_nerfstudio.data.folders import scan_image_folder
+from vq3d_nerfstudio.data.workers import ErrorCarryingLoader
 from vq3d_nerfstudio.errors import DatasetError
 
 PROPERTY_SETTINGS = settings(
@@ -426,11 +427,11 @@ def test_training_skips_bad_files_and_reports_each_once(mixed_folder, num_worker
 def test_strict_training_stops_at_the_first_bad_file_in_one_line(mixed_folder, num_workers):
     dm = datamanager(mixed_folder, num_workers=num_workers, strict=True)
     dm.setup_train()
-    with pytest.raises(SystemExit) as caught:
+    with pytest.raises(DatasetError) as caught:  # the trainer prints it after "vq3d: error: "
         for step in range(8):
             dm.next_train(step)
     message = str(caught.value)
-    assert message.startswith("vq3d: error: ") and "\n" not in message and "Traceback" not in message
+    assert "\n" not in message and "Traceback" not in message and "DataLoader worker" not in message
     assert any(f"{name}: cannot read image" in message for name in BAD_NAMES) and "--pipeline.datamanager.strict" in message
 
 
@@ -439,17 +440,52 @@ def test_nothing_readable_stops_with_one_line(tmp_path):
         (tmp_path / f"bad{i}.png").write_text("no")
     dm = datamanager(tmp_path, num_workers=0)
     dm.setup_train()
-    with pytest.raises(SystemExit, match=r"vq3d: error: .*bad\d\.png: cannot read image .* - and the 2 images after it"):
+    with pytest.raises(DatasetError, match=r"bad\d\.png: cannot read image .* - and the 2 images after it"):
         dm.next_train(0)
 
 
-def test_worker_error_message_is_unwrapped():
-    wrapped = DatasetError(
-        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\nvq3d_nerfstudio.data.dataparser.DatasetError: a.png: cannot read image (x); fix'
-    )
-    assert dataset_error_message(wrapped) == "a.png: cannot read image (x); fix"
-    assert dataset_error_message(DatasetError("plain")) == "plain"
+class _BadThird(torch.utils.data.Dataset):
+    """Items 0, 1, 3, ...: a number; item 2: a DatasetError (raised in whichever process reads it)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise DatasetError("c.png: cannot read image (truncated); delete or replace the file")
+        return torch.tensor(float(i))
+
+
+class _MemberError(DatasetError):
+    """A DatasetError whose __init__ takes other arguments than its message (as IndexDamagedError's)."""
+
+    def __init__(self, shard: str, member: str):
+        self.member = member
+        super().__init__(f"{shard}: member {member} cannot be decoded")
+
+
+class _BadStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from (torch.tensor(0.0), torch.tensor(1.0))
+        raise _MemberError("shard-000001.tar", "7.png")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_workers_error_reaches_the_main_process_as_itself(num_workers):
+    """torch's own DataLoader re-raises a worker's DatasetError with the worker's whole traceback as
+    its message; ErrorCarryingLoader raises the worker's exception: same class, same message."""
+    loader = ErrorCarryingLoader(_BadThird(), batch_size=2, num_workers=num_workers)
+    batches = iter(loader)
+    assert next(batches).tolist() == [0.0, 1.0]  # the batches before the bad item arrive as usual
+    with pytest.raises(DatasetError) as caught:
+        next(batches)
+    assert type(caught.value) is DatasetError
+    assert str(caught.value) == "c.png: cannot read image (truncated); delete or replace the file"
+    stream = iter(ErrorCarryingLoader(_BadStream(), batch_size=1, num_workers=num_workers))
+    assert [next(stream).tolist(), next(stream).tolist()] == [[0.0], [1.0]]
+    with pytest.raises(_MemberError) as caught:
+        next(stream)
+    assert str(caught.value) == "shard-000001.tar: member 7.png cannot be decoded" and caught.value.member == "7.png"
 
 
 def depth_folder(root: Path, depths) -> Path:
@@ -478,7 +514,7 @@ def test_training_skips_a_depth_without_valid_pixels_like_a_bad_image_and_strict
     assert "(all 256 values are negative); negative z-depth looks like OpenGL camera-space z" in lines[0]
     strict = datamanager(root, num_workers=0, strict=True)
     strict.setup_train()
-    with pytest.raises(SystemExit, match=r"vq3d: error: .*2\.npy: depth has no valid pixel .*--pipeline\.datamanager\.strict"):
+    with pytest.raises(DatasetError, match=r"2\.npy: depth has no valid pixel .*--pipeline\.datamanager\.strict"):
         for step in range(4):
             strict.next_train(step)
 

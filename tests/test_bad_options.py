@@ -24,6 +24,7 @@ from vq3d_nerfstudio.checks import (
     json_file_problem,
     output_path_problem,
 )
+from vq3d_nerfstudio.errors import Vq3dError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,13 +78,13 @@ def test_every_float_option_of_every_command_refuses_nan_and_inf(tmp_path, bad):
     seen = 0
     for cls in every_command():
         config = instance_of(cls, tmp_path)
-        check_options(config, "cmd")  # the defaults pass
+        check_options(config)  # the defaults pass
         for name, set_to in float_options(config):
             broken = set_to(bad)
-            with pytest.raises(SystemExit) as caught:
-                check_options(broken, "cmd")
+            with pytest.raises(Vq3dError) as caught:
+                check_options(broken)
             option = "--" + name.replace("_", "-")
-            assert str(caught.value) == f"cmd: error: {option} is {bad}; give a finite number"
+            assert str(caught.value) == f"{option} is {bad}; give a finite number"
             seen += 1
     assert seen >= 37  # counted by hand: compose 5, reconstruct 3, render-orbit 2, sample 5, fid 4,
     # interpolate 2, export-splats 8, vq3d-train-stage2 8 (eval, prepare, synth have none)
@@ -117,11 +118,11 @@ def test_counts_below_one_are_refused(tmp_path, cli_env):
     from vq3d_nerfstudio.scripts.render_orbit import RenderOrbit, RenderOrbitLoop
     from vq3d_nerfstudio.stage2.train import Stage2TrainConfig
 
-    with pytest.raises(SystemExit, match=r"^cmd: error: --num-frames must be >= 1, got 0$"):
-        check_options(RenderOrbit(orbit=RenderOrbitLoop(num_frames=0)), "cmd")
-    with pytest.raises(SystemExit, match=r"^cmd: error: --keep-checkpoints must be >= 1, got -1$"):
-        check_options(Stage2TrainConfig(output_dir=tmp_path, keep_checkpoints=-1), "cmd")
-    check_options(RenderOrbit(orbit=RenderOrbitLoop(resolution=0)), "cmd")  # 0 = the model's size: allowed
+    with pytest.raises(Vq3dError, match=r"^--num-frames must be >= 1, got 0$"):
+        check_options(RenderOrbit(orbit=RenderOrbitLoop(num_frames=0)))
+    with pytest.raises(Vq3dError, match=r"^--keep-checkpoints must be >= 1, got -1$"):
+        check_options(Stage2TrainConfig(output_dir=tmp_path, keep_checkpoints=-1))
+    check_options(RenderOrbit(orbit=RenderOrbitLoop(resolution=0)))  # 0 = the model's size: allowed
     line = fails_in_one_line([cli("vq3d"), "render-orbit", "--load-config", str(tmp_path / "config.yml"), "--fps", "0"],
                              cli_env, "vq3d render-orbit: error: ")
     assert line == "vq3d render-orbit: error: --fps must be >= 1, got 0"
@@ -129,14 +130,14 @@ def test_counts_below_one_are_refused(tmp_path, cli_env):
 
 def test_nerfstudio_command_lines_are_checked_before_the_work(tmp_path):
     for argv in (["ns-export", "pointcloud", "--num-points", "0"], ["/bin/ns-export", "poisson", "--num_points=0"]):
-        with pytest.raises(SystemExit, match=r"^ns-export: error: --num-points must be >= 1, got 0$"):
+        with pytest.raises(Vq3dError, match=r"^--num-points must be >= 1, got 0$"):
             check_nerfstudio_command_line(argv)
-    with pytest.raises(SystemExit, match=r"^ns-export: error: --num-rays-per-batch must be >= 1, got -5$"):
+    with pytest.raises(Vq3dError, match=r"^--num-rays-per-batch must be >= 1, got -5$"):
         check_nerfstudio_command_line(["ns-export", "pointcloud", "--num-rays-per-batch", "-5"])
     check_nerfstudio_command_line(["ns-export", "pointcloud", "--num-points", "10", "--output-dir", str(tmp_path)])
     a_file = tmp_path / "cloud.ply"
     a_file.write_text("x")
-    with pytest.raises(SystemExit, match=rf"^ns-export: error: --output-dir: {a_file} is a file, not a folder; pass a folder$"):
+    with pytest.raises(Vq3dError, match=rf"^--output-dir: {a_file} is a file, not a folder; pass a folder$"):
         check_nerfstudio_command_line(["ns-export", "pointcloud", "--output-dir", str(a_file)])
     check_nerfstudio_command_line(["vq3d", "reconstruct", "--num-points", "0"])  # 0 skips the cloud there
     check_nerfstudio_command_line([])
@@ -528,10 +529,10 @@ def test_config_types_by_hand():
     for name in PRESETS:
         assert config_type_problem(build_trainer_config(name)) is None
     config = build_trainer_config("vq3d-tiny")
-    config.pipeline.model.relative_disparity_range = (0.0, "0.8")
+    config.pipeline.datamanager.relative_disparity.target_range = (0.0, "0.8")
     assert config_type_problem(config) == (
-        "pipeline.model.relative_disparity_range is (0.0, '0.8') (a tuple), not a list of float")
-    config.pipeline.model.relative_disparity_range = (0.0, 1)  # an int where a float goes: fine
+        "pipeline.datamanager.relative_disparity.target_range is (0.0, '0.8') (a tuple), not a list of float")
+    config.pipeline.datamanager.relative_disparity.target_range = (0.0, 1)  # an int where a float goes: fine
     config.pipeline.model.quantizer.levels = (8, True)
     assert config_type_problem(config) == "pipeline.model.quantizer.levels is (8, True) (a tuple), not a list of int"
     config.pipeline.model.quantizer.levels = (8, 5)

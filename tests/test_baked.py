@@ -109,7 +109,7 @@ def test_at_the_grid_nodes_the_bake_is_the_field():
     torch.testing.assert_close(sample_volume(baked.rgb, coords), rgb, rtol=1e-5, atol=1e-5)
     # the same through world points (interior nodes: W = +-1 is at the camera plane and at infinity)
     interior = (coords.abs() < 0.99).all(-1)
-    points = frustum_points(coords[interior].double(), LAYOUT.camera_distance, LAYOUT.fov_deg, LAYOUT.uv_inner).float()
+    points = frustum_points(coords[interior].double(), LAYOUT.camera.distance, LAYOUT.camera.fov_deg, LAYOUT.uv_inner).float()
     with torch.no_grad():
         density, colour = baked.query(points, planes, zeros[interior])
         expected_density, expected_colour = field.query(points, planes, zeros[interior])

@@ -12,10 +12,12 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from vq3d_nerfstudio.stage1.adversarial import AdversarialConfig
+
 pytestmark = pytest.mark.cuda
 
-GAN_MODEL = dict(adversarial_loss_mult=0.1, adversarial_start_step=0, adversarial_ramp_steps=1, gan_resolution=8,
-                 gan_images_per_batch=2, discriminator_channels=8, r1_interval=1)
+GAN_MODEL = dict(adversarial=AdversarialConfig(loss_mult=0.1, start_step=0, ramp_steps=1, resolution=8, images_per_batch=2,
+                                               discriminator_channels=8, r1_interval=1))
 
 
 def tiny_config(data, out, mixed_precision=True, steps=30, **model):
@@ -56,7 +58,7 @@ def test_mixed_precision_steps_train_every_player_in_float32(cuda_run):
     _, before, after, trainer = cuda_run
     assert trainer.mixed_precision and trainer.grad_scaler.is_enabled()
     assert trainer.skipped_steps == {"generator": 0, "discriminator": 0}
-    for name in ("encoder", "decoder", "field", "discriminator"):
+    for name in ("encoder", "decoder", "field", "adversarial.discriminator"):
         keys = [k for k in after if k.startswith(name + ".") and after[k].is_floating_point()]
         assert keys, name
         assert all(after[k].dtype == torch.float32 and bool(torch.isfinite(after[k]).all()) for k in keys), name
@@ -132,47 +134,49 @@ def test_stage2_on_the_gpu_samples_like_full_recomputation_and_trains_with_bf16(
 
 # ---- gsplat (its CUDA kernels are compiled on first use) ------------------------------------------
 def _splat_scene():
-    from vq3d_nerfstudio.export import splats
+    from vq3d_nerfstudio.export.gaussians import Gaussians
+    from vq3d_nerfstudio.export.rasterize import cameras_to_viewmats
     from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
     gen = torch.Generator().manual_seed(5)
     num = 200
     means = (torch.rand(num, 3, generator=gen) - 0.5) * 0.8
-    truth = splats.Gaussians(
+    truth = Gaussians(
         means=means, scales=0.02 + 0.06 * torch.rand(num, 3, generator=gen), quats=torch.randn(num, 4, generator=gen),
         opacities=0.2 + 0.7 * torch.rand(num, generator=gen), colors=torch.rand(num, 3, generator=gen),
     )
     truth.quats = torch.nn.functional.normalize(truth.quats, dim=-1)
-    viewmats, Ks = splats.cameras_to_viewmats(orbit_cameras([(0.0, 0.0), (15.0, 5.0), (-15.0, -5.0)], 48, 2.0, 50.0))
+    viewmats, Ks = cameras_to_viewmats(orbit_cameras([(0.0, 0.0), (15.0, 5.0), (-15.0, -5.0)], 48, 2.0, 50.0))
     return truth, viewmats, Ks
 
 
 def test_gsplat_cuda_rasterizer_matches_the_pure_torch_twin():
     """gsplat's CUDA rasterization against this project's pure-torch rasterizer on the same splats and
     cameras: above 35 dB (gsplat culls at 3 sigma per 16 px tile, the twin evaluates down to alpha 1/255)."""
-    from vq3d_nerfstudio.export import splats
+    from vq3d_nerfstudio.export.rasterize import gsplat_rasterize, rasterize, render_gaussians
 
     truth, viewmats, Ks = _splat_scene()
-    ref, _ = splats.render_gaussians(truth, viewmats, Ks, 48, 48, splats.rasterize)
+    ref, _ = render_gaussians(truth, viewmats, Ks, 48, 48, rasterize)
     g = truth.to("cuda")
-    fast, _ = splats.render_gaussians(g, viewmats.cuda(), Ks.cuda(), 48, 48, splats.gsplat_rasterize)
+    fast, _ = render_gaussians(g, viewmats.cuda(), Ks.cuda(), 48, 48, gsplat_rasterize)
     mse = (fast.cpu() - ref).square().mean()
     assert -10 * math.log10(float(mse) + 1e-20) > 35
 
 
 def test_gsplat_refinement_brings_splats_closer_to_their_targets():
-    from vq3d_nerfstudio.export import splats
+    from vq3d_nerfstudio.export.rasterize import gsplat_rasterize, render_gaussians
+    from vq3d_nerfstudio.export.refine import refine_gaussians
 
     truth, viewmats, Ks = _splat_scene()
     viewmats, Ks = viewmats.cuda(), Ks.cuda()
-    targets, _ = splats.render_gaussians(truth.to("cuda"), viewmats, Ks, 48, 48, splats.gsplat_rasterize)
+    targets, _ = render_gaussians(truth.to("cuda"), viewmats, Ks, 48, 48, gsplat_rasterize)
     start = truth.to("cuda")
     start.colors = torch.full_like(start.colors, 0.5)
     start.opacities = torch.full_like(start.opacities, 0.3)
     losses = []
-    refined = splats.refine_gaussians(start, targets, viewmats, Ks, steps=60, colors_lr=0.05,
-                                      on_step=lambda step, loss: losses.append(loss))
-    final, _ = splats.render_gaussians(refined, viewmats, Ks, 48, 48, splats.gsplat_rasterize)
+    refined = refine_gaussians(start, targets, viewmats, Ks, steps=60, colors_lr=0.05,
+                               on_step=lambda step, loss: losses.append(loss))
+    final, _ = render_gaussians(refined, viewmats, Ks, 48, 48, gsplat_rasterize)
     assert (final - targets).abs().mean() < 0.5 * (losses[0] + losses[1] + losses[2]) / 3
 
 

@@ -90,13 +90,12 @@ def test_discriminators_take_images_and_disparity(kind):
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
-GAN_MODEL = dict(
-    adversarial_loss_mult=0.1, adversarial_start_step=0, adversarial_ramp_steps=1, gan_resolution=8,
-    gan_images_per_batch=2, discriminator_channels=8, r1_interval=1,
-)
+GAN = dict(loss_mult=0.1, start_step=0, ramp_steps=1, resolution=8, images_per_batch=2, discriminator_channels=8, r1_interval=1)
+"""A small GAN from the first step (``--pipeline.model.adversarial.*``)."""
 
 
-def make_trainer(data, out, load_dir=None, **model):
+def make_trainer(data, out, load_dir=None, adversarial=None, **model):
+    """A vq3d-tiny trainer on ``data`` with :data:`GAN` updated by ``adversarial``, and ``model`` options."""
     from vq3d_nerfstudio.ns.method_configs import build_trainer_config
 
     config = build_trainer_config("vq3d-tiny")
@@ -105,8 +104,10 @@ def make_trainer(data, out, load_dir=None, **model):
     config.pipeline.datamanager.images_per_batch = 2
     config.pipeline.datamanager.rays_per_image = 16
     config.pipeline.datamanager.num_workers = 0
-    for key, value in {**GAN_MODEL, **model}.items():
-        setattr(config.pipeline.model, key, value)
+    for target, options in ((config.pipeline.model.adversarial, {**GAN, **(adversarial or {})}), (config.pipeline.model, model)):
+        for key, value in options.items():
+            assert hasattr(target, key), key  # setattr would add an attribute nothing reads
+            setattr(target, key, value)
     config.vis = "tensorboard"
     config.output_dir = out
     config.experiment_name = "gan"
@@ -126,31 +127,32 @@ def same(a, b):
 
 
 def generator_state(model):
-    return {k: v for k, v in snapshot(model).items() if not k.startswith("discriminator.")}
+    return {k: v for k, v in snapshot(model).items() if not k.startswith("adversarial.discriminator.")}
 
 
 def test_generator_and_discriminator_steps_leave_each_other_bit_identical(synth_dir, tmp_path):
     trainer = make_trainer(synth_dir, tmp_path)
     model = trainer.pipeline.model
     assert "discriminator" in trainer.optimizers.parameters
-    disc_ids = {id(p) for p in model.discriminator.parameters()}
+    disc = model.adversarial.discriminator
+    disc_ids = {id(p) for p in disc.parameters()}
     assert not any(id(p) in disc_ids for g, ps in trainer.optimizers.parameters.items() if g != "discriminator" for p in ps)
     # step 0 runs at the warm-up's learning rate 0 (with FSQ nothing moves at all): test the next step
     trainer.train_iteration(0)
-    before_d, before_g = snapshot(model.discriminator), generator_state(model)
+    before_d, before_g = snapshot(disc), generator_state(model)
     seen = {}
-    original = model.get_discriminator_loss_dict
+    original = model.adversarial.get_discriminator_loss_dict
 
     def spy(step, inputs):  # runs between the generator step and the discriminator step
-        seen["d"], seen["g"] = snapshot(model.discriminator), generator_state(model)
+        seen["d"], seen["g"] = snapshot(disc), generator_state(model)
         return original(step, inputs)
 
-    model.get_discriminator_loss_dict = spy
+    model.adversarial.get_discriminator_loss_dict = spy
     _, loss_dict, metrics = trainer.train_iteration(1)
     assert "adversarial_loss" in loss_dict and "gan/discriminator_loss" in metrics and "gan/r1" in metrics
     assert same(seen["d"], before_d), "the generator step moved a discriminator parameter"
     assert not same(seen["g"], before_g), "the generator step did not train the generator"
-    after_d, after_g = snapshot(model.discriminator), generator_state(model)
+    after_d, after_g = snapshot(disc), generator_state(model)
     assert same(after_g, seen["g"]), "the discriminator step moved a generator parameter"
     assert not same(after_d, seen["d"]), "the discriminator step did not train the discriminator"
 
@@ -193,7 +195,7 @@ def test_checkpoint_mid_gan_resumes_the_same_discriminator(synth_dir, tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-000000001.ckpt"]  # no temporary file left
     resumed = make_trainer(synth_dir, tmp_path / "b", load_dir=ckpt_dir)
     assert resumed._start_step == 2
-    assert same(snapshot(trainer.pipeline.model.discriminator), snapshot(resumed.pipeline.model.discriminator))
+    assert same(snapshot(trainer.pipeline.model.adversarial.discriminator), snapshot(resumed.pipeline.model.adversarial.discriminator))
     old = trainer.optimizers.optimizers["discriminator"].state_dict()
     new = resumed.optimizers.optimizers["discriminator"].state_dict()
     assert old["state"].keys() == new["state"].keys() and len(old["state"]) > 0
@@ -204,7 +206,7 @@ def test_checkpoint_mid_gan_resumes_the_same_discriminator(synth_dir, tmp_path):
 
 
 def test_discriminator_can_see_disparity(synth_dir, tmp_path):
-    trainer = make_trainer(synth_dir, tmp_path, discriminator_sees_disparity=True, discriminator="patch")
+    trainer = make_trainer(synth_dir, tmp_path, adversarial=dict(use_disparity=True, discriminator="patch"))
     _, loss_dict, _ = trainer.train_iteration(0)
     cache = trainer.gan_inputs
     assert cache["fake"].shape == (4, 4, 8, 8) and cache["real"].shape == (2, 4, 8, 8)
@@ -217,16 +219,16 @@ def test_discriminator_can_see_disparity(synth_dir, tmp_path):
 def test_ns_train_with_adversarial_losses(synth_dir, tmp_path, cli_env):
     result = subprocess.run(
         [cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--experiment-name", "g",
-         "--max-num-iterations", "4", *FAST, "--pipeline.model.adversarial-loss-mult", "0.1",
-         "--pipeline.model.adversarial-start-step", "1", "--pipeline.model.gan-resolution", "16",
-         "--pipeline.model.gan-images-per-batch", "2", "--logging.steps-per-log", "1",
+         "--max-num-iterations", "4", *FAST, "--pipeline.model.adversarial.loss-mult", "0.1",
+         "--pipeline.model.adversarial.start-step", "1", "--pipeline.model.adversarial.resolution", "16",
+         "--pipeline.model.adversarial.images-per-batch", "2", "--logging.steps-per-log", "1",
          "--steps-per-eval-image", "2"],  # the GAN image is logged at step 2: D renders nothing before step 1
         env=cli_env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (ckpt,) = tmp_path.glob("g/vq3d-tiny/*/nerfstudio_models/step-000000003.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert any(k.startswith("_model.discriminator.") for k in state["pipeline"])
+    assert any(k.startswith("_model.adversarial.discriminator.") for k in state["pipeline"])
     assert "discriminator" in state["optimizers"] and len(state["optimizers"]["discriminator"]["state"]) > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -244,7 +246,7 @@ def test_ns_train_with_adversarial_losses(synth_dir, tmp_path, cli_env):
 def test_missing_perceptual_weights_is_one_line_or_a_warning(synth_dir, tmp_path, cli_env):
     base = [cli("ns-train"), "vq3d-tiny", "--data", str(synth_dir), "--output-dir", str(tmp_path), "--max-num-iterations", "2",
             *FAST, "--pipeline.model.perceptual-loss-mult", "0.1", "--pipeline.model.perceptual-weights",
-            str(tmp_path / "no_vgg.pth"), "--pipeline.model.gan-resolution", "16"]
+            str(tmp_path / "no_vgg.pth"), "--pipeline.model.adversarial.resolution", "16"]
     failed = subprocess.run(base, env=cli_env, capture_output=True, text=True, timeout=600)
     assert failed.returncode != 0
     assert "no_vgg.pth" in failed.stderr and "Traceback" not in failed.stderr
@@ -261,12 +263,12 @@ def test_perceptual_loss_with_local_vgg_weights(synth_dir, tmp_path):
     weights = tmp_path / "vgg16-random.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.vgg16(weights=None).state_dict(), weights)
-    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0, perceptual_loss_mult=0.1,
-                           perceptual_weights=weights, gan_resolution=16)
+    trainer = make_trainer(synth_dir, tmp_path, adversarial=dict(loss_mult=0.0, resolution=16), perceptual_loss_mult=0.1,
+                           perceptual_weights=weights)
     _, loss_dict, _ = trainer.train_iteration(0)
     assert float(loss_dict["perceptual_loss"]) > 0
     assert not any("lpips" in k or "perceptual" in k for k in trainer.pipeline.model.state_dict())  # not in checkpoints
-    np.testing.assert_equal(trainer.pipeline.model.discriminator, None)
+    np.testing.assert_equal(trainer.pipeline.model.adversarial.discriminator, None)
 
 
 def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(synth_dir, tmp_path, cli_env):
@@ -293,7 +295,7 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(synth_dir, tmp_path, cl
 
 
 def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
-    trainer = make_trainer(synth_dir, tmp_path, adaptive_adversarial_weight=True, gan_loss="hinge")
+    trainer = make_trainer(synth_dir, tmp_path, adversarial=dict(use_adaptive_weight=True, objective="hinge"))
     trainer.train_iteration(0)  # at the warm-up's learning rate 0
     before = generator_state(trainer.pipeline.model)
     _, loss_dict, metrics = trainer.train_iteration(1)
@@ -304,7 +306,7 @@ def test_adaptive_weight_and_hinge_train(synth_dir, tmp_path):
 def test_restarted_codes_start_with_fresh_adam_moments(synth_dir, tmp_path):
     """The trainer zeroes the Adam moments of codes the quantizer restarted, before the step, and
     leaves every other code's moments as they were."""
-    trainer = make_trainer(synth_dir, tmp_path, adversarial_loss_mult=0.0, quantizer=VQConfig())
+    trainer = make_trainer(synth_dir, tmp_path, adversarial=dict(loss_mult=0.0), quantizer=VQConfig())
     model = trainer.pipeline.model
     codebook = model.quantizer.codebook
     trainer.train_iteration(0)  # optimizer state exists now

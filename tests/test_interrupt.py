@@ -5,13 +5,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from helpers import FAST, cli, run
 
 GAN = [
-    "--pipeline.model.adversarial-loss-mult", "0.1", "--pipeline.model.adversarial-start-step", "0",
-    "--pipeline.model.adversarial-ramp-steps", "1", "--pipeline.model.gan-resolution", "8",
-    "--pipeline.model.gan-images-per-batch", "2", "--pipeline.model.discriminator-channels", "8",
+    "--pipeline.model.adversarial.loss-mult", "0.1", "--pipeline.model.adversarial.start-step", "0",
+    "--pipeline.model.adversarial.ramp-steps", "1", "--pipeline.model.adversarial.resolution", "8",
+    "--pipeline.model.adversarial.images-per-batch", "2", "--pipeline.model.adversarial.discriminator-channels", "8",
 ]
 
 
@@ -55,3 +56,22 @@ def test_sigkill_then_resume_continues_training(synth_dir, tmp_path, cli_env):
     key = next(k for k in before["pipeline"] if "discriminator" in k and k.endswith("weight"))
     assert not torch.equal(before["pipeline"][key], after["pipeline"][key])
     assert stray.exists()  # left alone, and it did not disturb loading
+
+
+def test_first_ctrl_c_asks_to_stop_the_second_stops_at_once():
+    """Both trainers' Ctrl-C: the first sets ``requested`` (and calls back, e.g. nerfstudio's
+    ``stop_training``) and says so; the second raises KeyboardInterrupt; on exit the previous
+    handler is back."""
+    import os
+
+    from vq3d_nerfstudio.interrupts import StopRequest
+
+    said, called = [], []
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest("stopping", said.append, on_request=lambda: called.append(True)) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and called == [True] and said == ["stopping"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before and called == [True]

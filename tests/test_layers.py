@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vq3d_nerfstudio"
 
 #: Layer of each top-level module or folder, lowest first; a module may import its own layer and below.
 LAYERS = {
-    "errors": 0, "checks": 0, "files": 0, "geometry": 0, "model_index": 0,
+    "errors": 0, "checks": 0, "files": 0, "geometry": 0, "model_index": 0, "interrupts": 0,
     "stage1": 1,
     "data": 2,
     "evaluation": 3, "export": 3,
@@ -141,6 +141,63 @@ def test_the_checker_sees_imports(path):
 
 
 modules_cache = modules()
+
+#: Functions outside ``scripts/`` that may end the process with ``SystemExit``: the first code of
+#: ours that a nerfstudio command runs, where nothing of ours sits above to catch a ``Vq3dError``.
+#: Everything else raises the ``Vq3dError`` family and lets an entry point print it.
+ERROR_BOUNDARIES = {
+    # ns-train calls it first of all (before making the run folder): bad options, image sizes
+    ("vq3d_nerfstudio.ns.trainer", "Vq3dTrainerConfig.save_config"),
+    # ns-train's set-up: building the pipeline and preparing the model (removes the empty run folder)
+    ("vq3d_nerfstudio.ns.trainer", "Vq3dTrainer.setup"),
+    # ns-train's loop: a strict bad file, a full disk at a checkpoint save
+    ("vq3d_nerfstudio.ns.trainer", "Vq3dTrainer.train"),
+    # ns-render, ns-export, ns-viewer, ns-eval (and eval_setup everywhere) build the pipeline first
+    ("vq3d_nerfstudio.ns.pipeline", "Vq3dPipeline.__init__"),
+    # eval_setup and ns-train --load-dir load a checkpoint through it
+    ("vq3d_nerfstudio.ns.pipeline", "Vq3dPipeline.load_pipeline"),
+}
+
+
+def system_exits(path: Path):
+    """``(qualified function name, line)`` of every ``SystemExit`` named in a module (a raise, a
+    call, an ``except SystemExit``): the scan the test below relies on."""
+    found = []
+
+    def walk(node, scope):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                walk(child, scope + (child.name,))
+                continue
+            if isinstance(child, ast.Name) and child.id == "SystemExit":
+                found.append((".".join(scope), child.lineno))
+            walk(child, scope)
+
+    walk(ast.parse(path.read_text()), ())
+    return found
+
+
+def test_system_exit_scan_finds_raises_and_calls(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("class A:\n    def f(self):\n        raise SystemExit('x')\n\n"
+                      "def g():\n    e = SystemExit(1)\n    return e\n\ndef h():\n    raise ValueError('x')\n")
+    assert system_exits(source) == [("A.f", 3), ("g", 6)]
+
+
+def test_no_system_exit_outside_entry_points():
+    """Library layers raise the ``Vq3dError`` family; only the commands (``scripts/``) and the
+    boundaries listed in :data:`ERROR_BOUNDARIES` turn it into the printed line and the exit."""
+    bad, used = [], set()
+    for name, (path, _, _) in modules_cache.items():
+        if name.startswith("vq3d_nerfstudio.scripts"):
+            continue
+        for function, line in system_exits(path):
+            if (name, function) in ERROR_BOUNDARIES:
+                used.add((name, function))
+            else:
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({function or 'module level'})")
+    assert not bad, "raise a Vq3dError here instead (the entry point prints it):\n" + "\n".join(bad)
+    assert used == ERROR_BOUNDARIES, f"boundaries that no longer exit: {ERROR_BOUNDARIES - used}"
 
 
 def test_the_command_line_parses_before_loading_torch():

@@ -6,6 +6,7 @@ import torch
 from nerfstudio.data.scene_box import SceneBox
 
 from vq3d_nerfstudio.geometry.cameras import orbit_cameras
+from vq3d_nerfstudio.stage1.adversarial import AdversarialConfig
 from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
 from vq3d_nerfstudio.stage1.quantizer import FSQConfig, NoQuantizerConfig
 
@@ -105,7 +106,8 @@ def test_image_size_mismatch_is_refused():
 
     config = build_trainer_config("vq3d-tiny")
     config.pipeline.model.image_size = 32
-    with pytest.raises(ValueError, match="image size"):
+    # the pipeline is the error boundary of nerfstudio's commands: one line, no traceback
+    with pytest.raises(SystemExit, match="^vq3d: error: .*image size"):
         config.pipeline.setup(device="cpu", test_mode="inference")
 
 
@@ -200,7 +202,7 @@ def test_fsq_groups_model_indices_have_a_group_axis_and_round_trip():
 
 def test_extra_renders_only_when_a_loss_uses_them():
     """Before the discriminator starts nothing extra is rendered; then canonical + novel views."""
-    model = tiny_model(adversarial_loss_mult=0.1, adversarial_start_step=100, gan_resolution=8, gan_images_per_batch=2).train()
+    model = tiny_model(adversarial=AdversarialConfig(loss_mult=0.1, start_step=100, resolution=8, images_per_batch=2)).train()
     bundle, batch = train_batch(model)
     model.step = 0
     assert not any(k.startswith("gan_") for k in model(bundle, batch))
@@ -213,32 +215,88 @@ def test_real_images_are_point_sampled_like_the_renders():
     """A 16 px image seen at 4 px: each low-resolution pixel centre lies between high-resolution
     pixels 4k+1 and 4k+2, so bilinear point sampling averages that 2x2 block (area filtering would
     average the whole 4x4 block, which a one-ray-per-pixel render cannot match)."""
-    model = tiny_model(gan_resolution=4).train()
+    model = tiny_model(adversarial=AdversarialConfig(resolution=4)).train()
     bundle, batch = train_batch(model)
-    renders = model._adversarial_renders(model.decoder(model.encode(batch["input_images"])[0]), batch, with_novel=False)
+    renders = model.whole_view_renders(model.decoder(model.encode(batch["input_images"])[0]), batch, with_novel=False)
     image = batch["input_images"]
     expected = image.reshape(2, 3, 4, 4, 4, 4)[:, :, :, 1:3, :, 1:3].mean(dim=(3, 5))
     assert torch.allclose(renders["gan_real_rgb"], expected, atol=1e-6)
     assert "gan_fake" not in renders and renders["gan_canonical_rgb"].shape == (2, 3, 4, 4)
 
 
-def test_relative_depth_target_ignores_the_render():
-    """Relative pseudo-GT: the depth loss's target comes from the pseudo-GT alone (a flat render
-    does not make it flat), and scaling/shifting the pseudo-GT leaves the loss unchanged."""
-    model = tiny_model().train()
-    model.depth_is_metric = False
+def test_the_adversarial_component_gives_the_models_param_group_and_losses():
+    """The model's param groups and loss names are what the trainer and logs rely on ('discriminator',
+    'adversarial_loss', the discriminator's 'discriminator_loss' / 'r1_penalty' and 'd_real' /
+    'd_fake' / 'r1'); the values are gan.py's formulas with the config's weights: loss_mult 0.1 x
+    ramp (step 1 of 4 after the start: 0.5) x the hinge generator loss; the discriminator's hinge
+    loss and, on the lazy R1 steps (every 2nd), gamma / 2 x interval x R1."""
+    from vq3d_nerfstudio.stage1 import gan
+
+    config = AdversarialConfig(loss_mult=0.1, start_step=0, ramp_steps=4, objective="hinge", resolution=8,
+                               images_per_batch=2, discriminator_channels=8, r1_gamma=0.5, r1_interval=2)
+    model = tiny_model(adversarial=config).train()
+    disc = model.adversarial.discriminator
+    groups = model.get_param_groups()
+    assert set(groups) == {"autoencoder", "field", "discriminator"}
+    assert [id(p) for p in groups["discriminator"]] == [id(p) for p in disc.parameters()]
+    assert not {id(p) for p in disc.parameters()} & {id(p) for g in ("autoencoder", "field") for p in groups[g]}
     bundle, batch = train_batch(model)
-    maps = torch.rand(2, 1, SIZE, SIZE)
-    rows, cols = torch.randint(0, SIZE, (20,)), torch.randint(0, SIZE, (20,))
-    group = torch.arange(2).repeat_interleave(10)
-    batch.update(input_disparity=maps, input_disparity_mask=torch.ones_like(maps, dtype=torch.bool),
-                 disparity=maps[group, 0, rows, cols][:, None])
+    model.step = 1
+    torch.manual_seed(3)
     outputs = model(bundle, batch)
-    loss = model.get_loss_dict(outputs, batch)["depth_loss"]
-    moved = dict(batch, input_disparity=3 * maps + 1, disparity=3 * batch["disparity"] + 1)
-    assert torch.allclose(model.get_loss_dict(outputs, moved)["depth_loss"], loss, atol=1e-5)
-    target, _ = model._depth_target(dict(outputs, disparity=torch.zeros_like(outputs["disparity"])), batch)
-    assert float(target.std()) > 0.05
+    losses = model.get_loss_dict(outputs, batch)
+    assert list(losses) == ["rgb_loss", "rgb_loss_coarse", "vq_loss", "depth_loss", "adversarial_loss"]
+    expected = 0.1 * 0.5 * gan.generator_loss(disc(outputs["gan_fake"]), "hinge")
+    assert torch.allclose(losses["adversarial_loss"], expected)
+    inputs = model.adversarial.discriminator_inputs(outputs)
+    real_logits, fake_logits = disc(inputs["real"]), disc(inputs["fake"])
+    d_losses, d_metrics = model.adversarial.get_discriminator_loss_dict(1, inputs)  # not an R1 step
+    assert set(d_losses) == {"discriminator_loss"} and set(d_metrics) == {"d_real", "d_fake"}
+    assert torch.allclose(d_losses["discriminator_loss"], gan.discriminator_loss(real_logits, fake_logits, "hinge"))
+    assert torch.allclose(d_metrics["d_fake"], fake_logits.mean())
+    d_losses, d_metrics = model.adversarial.get_discriminator_loss_dict(2, inputs)
+    assert set(d_losses) == {"discriminator_loss", "r1_penalty"} and set(d_metrics) == {"d_real", "d_fake", "r1"}
+    assert torch.allclose(d_losses["r1_penalty"], 0.5 / 2 * 2 * gan.r1_penalty(disc, inputs["real"]))
+    off = tiny_model(adversarial=AdversarialConfig(loss_mult=0.0, start_step=0)).train()
+    assert off.adversarial.discriminator is None and "discriminator" not in off.get_param_groups()
+    assert "adversarial_loss" not in off.get_loss_dict(off(*train_batch(off)), train_batch(off)[1])
+
+
+def test_a_checkpoint_with_the_discriminator_at_the_model_level_loads():
+    """Checkpoints saved when the discriminator was the model's own submodule (``discriminator.*``)
+    load into the adversarial component, weight for weight."""
+    gan_on = AdversarialConfig(loss_mult=0.1, resolution=8, discriminator_channels=8)
+    saved = tiny_model(adversarial=gan_on)
+    old = {k.replace("adversarial.discriminator.", "discriminator.", 1): v for k, v in saved.state_dict().items()}
+    assert any(k.startswith("discriminator.") for k in old)
+    torch.manual_seed(5)
+    loaded = tiny_model(adversarial=gan_on)
+    for module in loaded.adversarial.discriminator.modules():  # other weights than the saved ones
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight)
+    loaded.load_state_dict(old)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_depth_target_is_the_batchs_whatever_the_render():
+    """The depth loss's target is the batch's per-ray disparity and mask, metric or relative (the
+    dataset maps relative pseudo-GT once per image, tests/test_data.py): a flat render does not move
+    it, and the loss is the weighted pointwise loss of the fine and coarse weights against it."""
+    from vq3d_nerfstudio.stage1.losses import pointwise_depth_loss
+
+    model = tiny_model().train()
+    bundle, batch = train_batch(model)
+    target, mask = torch.rand(len(bundle), 1), torch.rand(len(bundle), 1) > 0.3
+    batch.update(disparity=target, disparity_mask=mask)
+    outputs = model(bundle, batch)
+    got, got_mask = model._depth_target(dict(outputs, disparity=torch.zeros_like(outputs["disparity"])), batch)
+    assert torch.equal(got, target) and torch.equal(got_mask, mask)
+    expected = model.config.depth_loss_mult * (
+        pointwise_depth_loss(outputs["weights_fine"], outputs["disp_fine"], target, mask)
+        + pointwise_depth_loss(outputs["weights_coarse"], outputs["disp_coarse"], target, mask)
+    )
+    assert torch.allclose(model.get_loss_dict(outputs, batch)["depth_loss"], expected)
 
 
 def test_config_saved_before_the_sample_fields_were_renamed_loads_their_values():

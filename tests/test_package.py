@@ -13,7 +13,9 @@ from helpers import FAST, cli, run, tiny_model, write_image
 
 from vq3d_nerfstudio import model_index
 from vq3d_nerfstudio.errors import PackageError
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 from vq3d_nerfstudio.stage1 import package as pkg
+from vq3d_nerfstudio.stage1.adversarial import AdversarialConfig
 from vq3d_nerfstudio.stage1.quantizer import FSQConfig, NoQuantizerConfig, VQConfig
 
 
@@ -23,14 +25,17 @@ from vq3d_nerfstudio.stage1.quantizer import FSQConfig, NoQuantizerConfig, VQCon
 def test_a_model_config_goes_through_json_unchanged(quantizer):
     model = tiny_model(quantizer=quantizer, triplane_margin_source="replicate")
     text = json.dumps(pkg.config_to_json(model.config))
-    back = pkg.config_from_json(json.loads(text), pkg.Path("config.json"))
+    back = pkg.config_from_json(json.loads(text), pkg.Path("config.json"), model.config.canonical_camera)
     for name in pkg.config_to_json(model.config):
         assert getattr(back, name) == getattr(model.config, name), name
     assert type(back.quantizer) is type(quantizer) and back.quantizer.codebook_size == quantizer.codebook_size
 
 
 def write_tiny_package(folder, dtype=torch.float32, **overrides):
-    model = tiny_model(metadata={"camera_distance": 2.5, "fov_deg": 40.0, "depth_kind": "disparity", "class_names": ["a", "b"]}, **overrides)
+    model = tiny_model(
+        metadata={"canonical_camera": CanonicalCamera(2.5, 40.0), "depth_kind": "disparity", "class_names": ["a", "b"]},
+        canonical_camera=CanonicalCamera(2.5, 40.0), **overrides,
+    )
     pkg.write_package_files(folder, model, {"source_run": "test", "step": 1, "revision": "test"}, {"description": "a test model"}, dtype)
     return model
 
@@ -42,7 +47,9 @@ def test_a_package_rebuilds_the_same_model_without_pickle(tmp_path, monkeypatch)
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
     loaded, info = pkg.load_package(tmp_path / "p")
     assert info["data"] == {"camera_distance": 2.5, "fov_deg": 40.0, "depth_kind": "disparity", "class_names": ["a", "b"]}
-    assert loaded.camera_distance == 2.5 and loaded.fov_deg == 40.0 and loaded.discriminator is None
+    # the non-default canonical camera comes back, down to the tri-plane's frustum
+    assert loaded.config.canonical_camera == CanonicalCamera(2.5, 40.0) == loaded.layout.camera
+    assert loaded.camera_distance == 2.5 and loaded.fov_deg == 40.0 and loaded.adversarial.discriminator is None
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     image = torch.rand(1, 3, 16, 16)
@@ -62,13 +69,14 @@ def test_half_weights_load_as_float32_within_half_precision(tmp_path):
 
 
 def test_the_discriminator_is_left_out(tmp_path):
-    model = write_tiny_package(tmp_path / "p", adversarial_loss_mult=0.1)
-    assert any(k.startswith("discriminator.") for k in model.state_dict())
+    model = write_tiny_package(tmp_path / "p", adversarial=AdversarialConfig(loss_mult=0.1, resolution=8))
+    assert any(k.startswith("adversarial.discriminator.") for k in model.state_dict())
     from safetensors.torch import load_file
 
-    assert not any(k.startswith("discriminator.") for k in load_file(str(tmp_path / "p" / "model.safetensors")))
+    assert not any("discriminator" in k for k in load_file(str(tmp_path / "p" / "model.safetensors")))
     loaded, info = pkg.load_package(tmp_path / "p")
-    assert loaded.discriminator is None and info["model"]["adversarial_loss_mult"] == 0.1
+    assert loaded.adversarial.discriminator is None and info["model"]["adversarial"]["loss_mult"] == 0.1
+    assert loaded.config.adversarial == AdversarialConfig(loss_mult=0.0, resolution=8)  # the rest as written
 
 
 class Boom:

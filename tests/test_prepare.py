@@ -14,10 +14,11 @@ from helpers import cli, write_image
 from PIL import Image
 
 from vq3d_nerfstudio import files
-from vq3d_nerfstudio.data import shards
+from vq3d_nerfstudio.data import shard_format
 from vq3d_nerfstudio.data.dataset import load_image
 from vq3d_nerfstudio.data.prepare import DepthEstimator, PrepareError, prepare_shards
-from vq3d_nerfstudio.data.shards import ShardError, ShardReader, consumer_plan
+from vq3d_nerfstudio.data.shard_format import ShardError
+from vq3d_nerfstudio.data.shard_stream import ShardReader, consumer_plan, iter_shard_raw
 
 RES = 16
 GOOD = {  # source -> class id (classes: cats = 0, dogs = 1)
@@ -139,7 +140,7 @@ def test_strict_fails_on_the_first_bad_file_and_names_it(mixed, tmp_path, cli_en
 
 
 def test_killed_run_resumes_to_byte_identical_shards(mixed, prepared, tmp_path, monkeypatch):
-    real_write = shards.write_shard
+    real_write = shard_format.write_shard
     calls = []
 
     def dies_in_third_shard(path, samples):
@@ -150,7 +151,7 @@ def test_killed_run_resumes_to_byte_identical_shards(mixed, prepared, tmp_path, 
         return real_write(path, samples)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(shards, "write_shard", dies_in_third_shard)
+    monkeypatch.setattr(shard_format, "write_shard", dies_in_third_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(mixed, out, resolution=RES, shard_size=4, num_workers=2)
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
@@ -160,7 +161,7 @@ def test_killed_run_resumes_to_byte_identical_shards(mixed, prepared, tmp_path, 
         ShardReader(out)
 
     calls.clear()
-    monkeypatch.setattr(shards, "write_shard", lambda path, samples: calls.append(path.name) or real_write(path, samples))
+    monkeypatch.setattr(shard_format, "write_shard", lambda path, samples: calls.append(path.name) or real_write(path, samples))
     prepare_shards(mixed, out, resolution=RES, shard_size=4)
     assert calls == ["shard-000002.tar", "shard-000003.tar"]  # finished shards were kept
     assert shard_bytes(out) == shard_bytes(prepared)  # and the result equals the uninterrupted run's
@@ -312,7 +313,7 @@ def test_depth_model_through_the_cli(mixed, tiny_dpt, tmp_path, cli_env):
         # The depth belongs to its own image: the model on that image alone gives the same map.
         alone = estimator([(sample["image"].numpy() * 255 + 0.5).astype(np.uint8)], RES)[0]
         assert np.allclose(disp.numpy(), alone, rtol=1e-4, atol=1e-5)
-    assert (shards.shard_name(0) in {s["name"] for s in index["shards"]}) and not list(out.glob(".*.partial"))
+    assert (shard_format.shard_name(0) in {s["name"] for s in index["shards"]}) and not list(out.glob(".*.partial"))
 
 
 def test_depth_anything_fills_images_without_a_depth_file(tiny_depth_anything, tmp_path, monkeypatch):
@@ -324,17 +325,17 @@ def test_depth_anything_fills_images_without_a_depth_file(tiny_depth_anything, t
     index = prepare_shards(data, tmp_path / "out", resolution=RES, depth_model=str(tiny_depth_anything), shard_size=2)
     assert index["depth_source"] == "files+model" and index["depth_model_type"] == "depth_anything"
     # Killed after the first shard and restarted: the model's output is reproduced byte for byte.
-    real_write = shards.write_shard
+    real_write = shard_format.write_shard
 
     def killed_after_first_shard(path, samples):
-        if path.name != shards.shard_name(0):
+        if path.name != shard_format.shard_name(0):
             raise KeyboardInterrupt
         return real_write(path, samples)
 
-    monkeypatch.setattr(shards, "write_shard", killed_after_first_shard)
+    monkeypatch.setattr(shard_format, "write_shard", killed_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(data, tmp_path / "resumed", resolution=RES, depth_model=str(tiny_depth_anything), shard_size=2)
-    monkeypatch.setattr(shards, "write_shard", real_write)
+    monkeypatch.setattr(shard_format, "write_shard", real_write)
     prepare_shards(data, tmp_path / "resumed", resolution=RES, depth_model=str(tiny_depth_anything), shard_size=2)
     assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "out")
     by_source = {s["source"]: s["disparity"] for s in ShardReader(tmp_path / "out")}
@@ -361,7 +362,7 @@ def test_missing_transformers_is_one_line_naming_pip_install(mixed, tmp_path, mo
 def test_tampered_or_truncated_index_is_one_clear_error(prepared, tmp_path):
     import shutil
 
-    from vq3d_nerfstudio.data.shards import read_index
+    from vq3d_nerfstudio.data.shard_format import read_index
 
     out = tmp_path / "copy"
     shutil.copytree(prepared, out)
@@ -382,10 +383,10 @@ def test_writer_is_deterministic_ustar_byte_identical_to_the_former_writer(tmp_p
     import tarfile
 
     samples = [
-        shards.EncodedSample("00000000", 3, b"\x89PNG fake image" * 7, b"\x93NUMPY fake depth" * 11, "cats/ä b.png"),
-        shards.EncodedSample("00000001", -1, bytes(range(256)) * 3, None, "dogs/x.jpg"),
+        shard_format.EncodedSample("00000000", 3, b"\x89PNG fake image" * 7, b"\x93NUMPY fake depth" * 11, "cats/ä b.png"),
+        shard_format.EncodedSample("00000001", -1, bytes(range(256)) * 3, None, "dogs/x.jpg"),
     ]
-    entry = shards.write_shard(tmp_path / "shard-000000.tar", samples)
+    entry = shard_format.write_shard(tmp_path / "shard-000000.tar", samples)
     # sha256 of these samples as the hand-written tarfile (ustar) writer wrote them before webdataset
     former = "9a039c325937db2437125c1ac1564b41b472550c342fefb628f8b5e333874f5a"
     assert entry == {"name": "shard-000000.tar", "num_samples": 2, "num_bytes": 10240, "sha256": former}
@@ -426,7 +427,7 @@ def assert_samples_are_the_written_ones(samples, written, mixed, keys=None):
     for sample in samples:
         source, class_id, png = written[sample["key"]]
         assert sample["source"] == source and sample["class_id"] == class_id == GOOD[source]
-        assert torch.equal(sample["image"], shards.decode_image(png))
+        assert torch.equal(sample["image"], shard_format.decode_image(png))
         assert torch.equal(sample["image"], load_image(mixed / source, RES))
 
 
@@ -463,7 +464,7 @@ def test_shards_stream_over_http_as_written(prepared, mixed, served):
     url = f"{served}/prepared"
     # raw members over http are the bytes in the local files
     for path in sorted(prepared.glob("shard-*.tar")):
-        for _, raw in shards.iter_shard_raw(f"{url}/{path.name}"):
+        for _, raw in iter_shard_raw(f"{url}/{path.name}"):
             source, class_id, png = written[raw["__key__"]]
             assert raw["png"] == png and raw["source.txt"].decode() == source and int(raw["cls"]) == class_id
     # a folder URL: index.json fetched from beside the shards, every shard read

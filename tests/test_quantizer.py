@@ -458,7 +458,7 @@ def test_no_quantizer_passes_tokens_through_and_has_no_codes():
 
 
 def test_quantizer_configs_build_their_modules_and_derive_the_codebook_size():
-    vq_config = VQConfig(size=16, code_dim=4, commitment_beta=0.5, kmeans_init=False, dead_code_fraction=0.1)
+    vq_config = VQConfig(size=16, code_dim=4, commitment_beta=0.5, use_kmeans_init=False, dead_code_fraction=0.1)
     vq = vq_config.setup(8)
     assert isinstance(vq, FactorizedQuantizer) and (vq.codebook_size, vq.code_dim, vq.beta) == (16, 4, 0.5)
     assert (vq_config.codebook_size, vq_config.groups, vq_config.has_codes) == (16, 1, True)
@@ -477,7 +477,7 @@ def test_quantizer_configs_build_their_modules_and_derive_the_codebook_size():
      FSQConfig(levels=(4, 3), groups=2)),
     ({"quantizer": "vq", "codebook_size": 64, "code_dim": 8, "commitment_beta": 0.5, "codebook_kmeans_init": False,
       "dead_code_fraction": 0.06, "fsq_levels": (8, 5, 5, 5), "fsq_groups": 1},
-     VQConfig(size=64, code_dim=8, commitment_beta=0.5, kmeans_init=False, dead_code_fraction=0.06)),
+     VQConfig(size=64, code_dim=8, commitment_beta=0.5, use_kmeans_init=False, dead_code_fraction=0.06)),
     ({"quantizer": "none", "codebook_size": 0, "fsq_groups": 1}, NoQuantizerConfig()),
 ])
 def test_a_model_config_saved_with_flat_quantizer_fields_loads_nested(state, expected):

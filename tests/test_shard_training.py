@@ -19,7 +19,8 @@ from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
 from vq3d_nerfstudio.data.folders import split_fraction
 from vq3d_nerfstudio.data.prepare import prepare_shards
 from vq3d_nerfstudio.data.shard_dataset import HeldOut
-from vq3d_nerfstudio.data.shards import ShardError, ShardReader
+from vq3d_nerfstudio.data.shard_format import ShardError
+from vq3d_nerfstudio.data.shard_stream import ShardReader
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.stage1.quantizer import VQConfig
 
@@ -227,8 +228,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, data: str, out: str) -> N
     dm.data, dm.images_per_batch, dm.rays_per_image, dm.num_workers = Path(data), 2, 32, 0
     model = config.pipeline.model  # the GAN too: its discriminator step all-reduces outside DDP
     model.quantizer = VQConfig()  # a learned codebook, whose k-means init and restarts must agree across ranks
-    model.adversarial_loss_mult, model.adversarial_start_step, model.adversarial_ramp_steps = 0.1, 0, 1
-    model.gan_resolution, model.gan_images_per_batch, model.r1_interval = 8, 2, 1
+    gan = model.adversarial
+    gan.loss_mult, gan.start_step, gan.ramp_steps, gan.resolution, gan.images_per_batch, gan.r1_interval = 0.1, 0, 1, 8, 2, 1
     torch.manual_seed(rank)  # as nerfstudio seeds each rank (seed + rank): DDP must make them agree
     trainer = config.setup(local_rank=rank, world_size=world_size)
     trainer.setup()
@@ -268,6 +269,6 @@ def test_stage1_under_ddp_keeps_ranks_identical_on_disjoint_data(shards_dir, tmp
     assert [k for k in state0 if not torch.equal(state0[k], state1[k])] == []
     moved = [k for k in state0 if not torch.equal(state0[k], ranks[0]["first"][k])]
     assert "quantizer.codebook" in moved and "quantizer.code_usage" in moved
-    assert any(k.startswith("discriminator.") for k in moved) and any(k.startswith("encoder.") for k in moved)
+    assert any(k.startswith("adversarial.discriminator.") for k in moved) and any(k.startswith("encoder.") for k in moved)
     checkpoints = list(tmp_path.glob("ddp/vq3d-tiny/run/nerfstudio_models/*.ckpt"))
     assert [c.name for c in checkpoints] == ["step-000000002.ckpt"]  # written once, by rank 0

@@ -11,8 +11,17 @@ from helpers import cli, run
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from plyfile import PlyData
 
-from vq3d_nerfstudio.export import splats
-from vq3d_nerfstudio.export.splats import export_cameras, export_poses
+from vq3d_nerfstudio.export.gaussians import SH_C0, Gaussians
+from vq3d_nerfstudio.export.ply import read_splat_ply, write_splat_ply
+from vq3d_nerfstudio.export.rasterize import (
+    cameras_to_viewmats,
+    covariances,
+    project_gaussians,
+    rasterize,
+    render_gaussians,
+)
+from vq3d_nerfstudio.export.refine import refine_gaussians
+from vq3d_nerfstudio.export.splats import export_cameras, export_poses, gaussians_from_samples, nerf_samples, view_cells
 from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
 STANDARD_NAMES = (
@@ -27,7 +36,7 @@ def random_gaussians(num, seed=0, depth=(1.5, 3.0)):
     gen = torch.Generator().manual_seed(seed)
     means = torch.rand(num, 3, generator=gen) - 0.5
     means[:, 2] = depth[0] + (depth[1] - depth[0]) * torch.rand(num, generator=gen)
-    return splats.Gaussians(
+    return Gaussians(
         means=means,
         scales=0.02 + 0.08 * torch.rand(num, 3, generator=gen),
         quats=torch.randn(num, 4, generator=gen),
@@ -43,7 +52,7 @@ def pinhole(focal, width, height, cx=None, cy=None):
 
 
 def one(mean, sigma, opacity, color):
-    return splats.Gaussians(
+    return Gaussians(
         means=torch.tensor([mean], dtype=torch.float32),
         scales=torch.full((1, 3), float(sigma)),
         quats=torch.tensor([[1.0, 0, 0, 0]]),
@@ -53,14 +62,14 @@ def one(mean, sigma, opacity, color):
 
 
 def cat(*gs):
-    return splats.Gaussians(*(torch.cat(parts) for parts in zip(*((g.means, g.scales, g.quats, g.opacities, g.colors) for g in gs))))
+    return Gaussians(*(torch.cat(parts) for parts in zip(*((g.means, g.scales, g.quats, g.opacities, g.colors) for g in gs))))
 
 
 # ---- the .ply file -----------------------------------------------------------------------------
 def test_ply_has_the_standard_3dgs_layout_and_round_trips(tmp_path):
     g = random_gaussians(57)
     path = tmp_path / "splats.ply"
-    splats.write_splat_ply(path, g)
+    write_splat_ply(path, g)
     ply = PlyData.read(str(path))
     assert [e.name for e in ply.elements] == ["vertex"]
     vertex = ply["vertex"]
@@ -68,7 +77,7 @@ def test_ply_has_the_standard_3dgs_layout_and_round_trips(tmp_path):
     assert [p.name for p in vertex.properties] == STANDARD_NAMES  # 62: 45 f_rest
     assert all(vertex.data.dtype[name] == np.dtype("<f4") for name in STANDARD_NAMES)
     assert not ply.text and ply.byte_order == "<"
-    back = splats.read_splat_ply(path)
+    back = read_splat_ply(path)
     assert torch.allclose(back.means, g.means, atol=1e-6)
     assert torch.allclose(back.scales, g.scales, rtol=1e-5)
     assert torch.allclose(back.quats, torch.nn.functional.normalize(g.quats, dim=-1), atol=1e-6)
@@ -77,15 +86,15 @@ def test_ply_has_the_standard_3dgs_layout_and_round_trips(tmp_path):
 
 
 def test_ply_encodings_by_hand(tmp_path):
-    g = splats.Gaussians(
+    g = Gaussians(
         means=torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]),
         scales=torch.tensor([[1.0, 1.0, 1.0], [math.e, 1.0, 1.0]]),
         quats=torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]),
         opacities=torch.tensor([0.5, 1 / (1 + math.exp(-2.0))]),
-        colors=torch.tensor([[0.5, 0.5, 0.5], [0.5 + splats.SH_C0, 0.5 - splats.SH_C0, 0.5]]),
+        colors=torch.tensor([[0.5, 0.5, 0.5], [0.5 + SH_C0, 0.5 - SH_C0, 0.5]]),
     )
     path = tmp_path / "hand.ply"
-    splats.write_splat_ply(path, g)
+    write_splat_ply(path, g)
     v = PlyData.read(str(path))["vertex"].data
     row0 = {name: float(v[name][0]) for name in STANDARD_NAMES}
     assert (row0["x"], row0["y"], row0["z"]) == (1.0, 2.0, 3.0)
@@ -106,13 +115,13 @@ def test_projection_matches_gsplats_torch_reference_forward_and_backward():
 
     g = random_gaussians(40, seed=1)
     cameras = orbit_cameras([(0.0, 0.0), (25.0, -10.0)], 24, 2.0, 50.0)
-    viewmats, Ks = splats.cameras_to_viewmats(cameras)
+    viewmats, Ks = cameras_to_viewmats(cameras)
     g.means = (g.means - torch.tensor([0.0, 0.0, 2.0])).requires_grad_(True)  # around the origin: both cameras see them
     g.scales.requires_grad_(True)
     g.quats.requires_grad_(True)
     weights = torch.randn(2, 40, 3)
 
-    means2d, covars2d, depths = splats.project_gaussians(g.means, splats.covariances(g.quats, g.scales), viewmats, Ks, 24, 24)
+    means2d, covars2d, depths = project_gaussians(g.means, covariances(g.quats, g.scales), viewmats, Ks, 24, 24)
     det = covars2d[..., 0, 0] * covars2d[..., 1, 1] - covars2d[..., 0, 1] ** 2
     conics = torch.stack([covars2d[..., 1, 1] / det, -covars2d[..., 0, 1] / det, covars2d[..., 0, 0] / det], -1)
     ours = (means2d.sum(-1) * weights[..., 0] + (conics * weights).sum(-1)).sum()
@@ -133,8 +142,8 @@ def test_cameras_to_viewmats_sends_a_rays_points_to_its_pixel_centre():
     cameras = orbit_cameras([(20.0, 10.0)], 16, 2.0, 50.0)
     rays = cameras.generate_rays(camera_indices=0)  # (H, W) of nerfstudio's OpenGL rays
     points = rays.origins[5, 11] + rays.directions[5, 11] * 1.7  # pixel row 5, column 11
-    viewmats, Ks = splats.cameras_to_viewmats(cameras)
-    means2d, _, depths = splats.project_gaussians(points[None], torch.eye(3)[None] * 1e-4, viewmats, Ks, 16, 16)
+    viewmats, Ks = cameras_to_viewmats(cameras)
+    means2d, _, depths = project_gaussians(points[None], torch.eye(3)[None] * 1e-4, viewmats, Ks, 16, 16)
     assert torch.allclose(means2d[0, 0], torch.tensor([11.5, 5.5]), atol=1e-4)
     assert depths[0, 0] > 0  # OpenCV: in front of the camera is +z
 
@@ -142,7 +151,7 @@ def test_cameras_to_viewmats_sends_a_rays_points_to_its_pixel_centre():
 def test_one_splat_by_hand():
     # focal 10 px, sigma 0.2 at depth 2: projected variance (10 * 0.2 / 2)^2 + 0.3 = 1.3 px^2
     viewmat, K = pinhole(10.0, 9, 9, cx=4.5, cy=4.5)  # pixel (4, 4) is centred on the axis
-    rgb, alpha = splats.render_gaussians(one([0.0, 0.0, 2.0], 0.2, 0.8, [1.0, 0.5, 0.0]), viewmat, K, 9, 9)
+    rgb, alpha = render_gaussians(one([0.0, 0.0, 2.0], 0.2, 0.8, [1.0, 0.5, 0.0]), viewmat, K, 9, 9)
     assert alpha[0, 4, 4, 0] == pytest.approx(0.8, abs=1e-6)  # alpha = opacity at the centre
     assert rgb[0, 4, 4].tolist() == pytest.approx([0.8, 0.4, 0.0], abs=1e-6)
     assert alpha[0, 4, 5, 0] == pytest.approx(0.8 * math.exp(-0.5 / 1.3), abs=1e-6)  # one pixel right
@@ -150,25 +159,25 @@ def test_one_splat_by_hand():
     assert alpha[0, 0, 0, 0] == 0.0  # 0.8 exp(-0.5 * 32 / 1.3) < 1/255: skipped
     # a background fills what the splat leaves
     g = one([0.0, 0.0, 2.0], 0.2, 0.8, [1.0, 0.5, 0.0])
-    rgb_bg, _ = splats.rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, viewmat, K, 9, 9,
-                                 backgrounds=torch.tensor([[0.0, 0.0, 1.0]]))
+    rgb_bg, _ = rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, viewmat, K, 9, 9,
+                          backgrounds=torch.tensor([[0.0, 0.0, 1.0]]))
     assert rgb_bg[0, 4, 4].tolist() == pytest.approx([0.8, 0.4, 0.2], abs=1e-6)
 
 
 def test_two_splats_composite_front_to_back():
     viewmat, K = pinhole(10.0, 9, 9, cx=4.5, cy=4.5)
     red, green = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
-    rgb, alpha = splats.render_gaussians(cat(one([0, 0, 3.0], 0.2, 0.5, green), one([0, 0, 2.0], 0.2, 0.6, red)), viewmat, K, 9, 9)
+    rgb, alpha = render_gaussians(cat(one([0, 0, 3.0], 0.2, 0.5, green), one([0, 0, 2.0], 0.2, 0.6, red)), viewmat, K, 9, 9)
     assert rgb[0, 4, 4].tolist() == pytest.approx([0.6, 0.4 * 0.5, 0.0], abs=1e-6)  # red in front
     assert alpha[0, 4, 4, 0] == pytest.approx(1 - 0.4 * 0.5, abs=1e-6)
-    rgb, _ = splats.render_gaussians(cat(one([0, 0, 1.5], 0.2, 0.5, green), one([0, 0, 2.0], 0.2, 0.6, red)), viewmat, K, 9, 9)
+    rgb, _ = render_gaussians(cat(one([0, 0, 1.5], 0.2, 0.5, green), one([0, 0, 2.0], 0.2, 0.6, red)), viewmat, K, 9, 9)
     assert rgb[0, 4, 4].tolist() == pytest.approx([0.5 * 0.6, 0.5, 0.0], abs=1e-6)  # now green is in front
 
 
 def test_a_pixel_stops_before_its_transmittance_falls_to_1e_4_like_gsplat():
     viewmat, K = pinhole(10.0, 9, 9, cx=4.5, cy=4.5)
     g = cat(*(one([0, 0, z], 0.2, 1.0, c) for z, c in [(2.0, [1.0, 0, 0]), (2.5, [0, 1.0, 0]), (3.0, [0, 0, 1.0])]))
-    rgb, alpha = splats.render_gaussians(g, viewmat, K, 9, 9)
+    rgb, alpha = render_gaussians(g, viewmat, K, 9, 9)
     # alpha is clamped to 0.999: after the first T = 1e-3; the second would leave 1e-6 <= 1e-4, so
     # compositing stops there and the third is skipped too
     assert rgb[0, 4, 4].tolist() == pytest.approx([0.999, 0.0, 0.0], abs=1e-6)
@@ -177,7 +186,7 @@ def test_a_pixel_stops_before_its_transmittance_falls_to_1e_4_like_gsplat():
 
 def reference_render(g, viewmat, K, width, height):
     """gsplat's per-pixel compositing loop written out literally (no culling but the 1/255 rule)."""
-    means2d, covars2d, depths = splats.project_gaussians(g.means, splats.covariances(g.quats, g.scales), viewmat, K, width, height)
+    means2d, covars2d, depths = project_gaussians(g.means, covariances(g.quats, g.scales), viewmat, K, width, height)
     order = torch.argsort(depths[0])
     image = torch.zeros(height, width, 3, dtype=torch.float64)
     for i in range(height):
@@ -210,7 +219,7 @@ def test_renderer_matches_a_literal_per_pixel_loop_forward_and_backward():
     ref = reference_render(g, viewmat, K, 12, 10)
     ref_grads = torch.autograd.grad((ref * weights).sum(), [g.means, g.scales, g.colors, g.opacities])
     for max_pairs in (1 << 22, 1):  # one chunk; and a chunk per splat (transmittance carried across)
-        rgb, _ = splats.rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, viewmat, K, 12, 10, max_pairs=max_pairs)
+        rgb, _ = rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, viewmat, K, 12, 10, max_pairs=max_pairs)
         assert torch.allclose(rgb[0].double(), ref, atol=1e-5)
         grads = torch.autograd.grad((rgb[0] * weights).sum(), [g.means, g.scales, g.colors, g.opacities])
         for a, b in zip(grads, ref_grads):
@@ -219,15 +228,15 @@ def test_renderer_matches_a_literal_per_pixel_loop_forward_and_backward():
 
 def test_refinement_brings_splats_closer_to_their_targets():
     truth = random_gaussians(30, seed=5, depth=(-0.5, 0.5))  # around the pivot
-    viewmats, Ks = splats.cameras_to_viewmats(orbit_cameras([(0.0, 0.0), (15.0, 0.0)], 16, 2.0, 50.0))
-    targets, _ = splats.render_gaussians(truth, viewmats, Ks, 16, 16)
+    viewmats, Ks = cameras_to_viewmats(orbit_cameras([(0.0, 0.0), (15.0, 0.0)], 16, 2.0, 50.0))
+    targets, _ = render_gaussians(truth, viewmats, Ks, 16, 16)
     start = random_gaussians(30, seed=5, depth=(-0.5, 0.5))
     start.colors = torch.full_like(start.colors, 0.5)
     start.opacities = torch.full_like(start.opacities, 0.3)
     losses = []
-    refined = splats.refine_gaussians(start, targets, viewmats, Ks, steps=40, rasterize_fn=splats.rasterize,
-                                      colors_lr=0.05, on_step=lambda step, loss: losses.append(loss))
-    final, _ = splats.render_gaussians(refined, viewmats, Ks, 16, 16)
+    refined = refine_gaussians(start, targets, viewmats, Ks, steps=40, rasterize_fn=rasterize,
+                               colors_lr=0.05, on_step=lambda step, loss: losses.append(loss))
+    final, _ = render_gaussians(refined, viewmats, Ks, 16, 16)
     assert len(losses) == 40
     assert (final - targets).abs().mean() < 0.5 * (losses[0] + losses[1]) / 2
     assert refined.means.grad is None and not refined.means.requires_grad  # plain tensors come back
@@ -254,7 +263,7 @@ class SphereField(torch.nn.Module):
 
 
 def tiny_model(size=24):
-    model = helpers.tiny_model(size, triplane_resolution=12, samples_per_ray=24, num_train_data=1, output_normals=False).eval()
+    model = helpers.tiny_model(size, triplane_resolution=12, samples_per_ray=24, num_train_data=1, use_normals_output=False).eval()
     model.set_scene_images(torch.rand(size, size, 3))
     return model
 
@@ -263,7 +272,7 @@ def test_samples_are_the_ones_render_rays_composites():
     model = tiny_model()
     planes = model.current_planes()
     rays = orbit_cameras([(10.0, 5.0)], 24, 2.0, 50.0).generate_rays(camera_indices=0, keep_shape=False)[:200]
-    samples = splats.nerf_samples(model, rays, planes)
+    samples = nerf_samples(model, rays, planes)
     batch_idx = torch.zeros(200, dtype=torch.long)
     with torch.no_grad():
         out = model.render_rays(rays, planes, batch_idx, keep_samples=True)
@@ -282,8 +291,8 @@ def test_splats_lie_where_the_nerf_has_density_and_render_like_it():
     planes = model.current_planes()
     cameras = export_cameras(export_poses(4, 20.0, 8.0), 24, 2.0, 50.0, margin_deg=10.0)
     assert int(cameras.width[0]) == 36  # 24 px over 50 degrees -> 36 px over 70 degrees
-    samples = [splats.nerf_samples(model, cameras.generate_rays(camera_indices=i, keep_shape=False), planes) for i in range(4)]
-    g = splats.gaussians_from_samples(samples, num_gaussians=1500, camera_distance=2.0, background_radius=20.0)
+    samples = [nerf_samples(model, cameras.generate_rays(camera_indices=i, keep_shape=False), planes) for i in range(4)]
+    g = gaussians_from_samples(samples, num_gaussians=1500, camera_distance=2.0, background_radius=20.0)
     assert 0 < len(g) <= 1500
     radius = g.means.norm(dim=-1)
     ball = radius < 10
@@ -306,7 +315,7 @@ def test_splats_lie_where_the_nerf_has_density_and_render_like_it():
     for yaw in (0.0, 10.0):
         view = orbit_cameras([(yaw, 0.0)], 24, 2.0, 50.0)
         nerf = model.get_outputs_for_camera(view)["rgb"]
-        rgb, alpha = splats.render_gaussians(g, *splats.cameras_to_viewmats(view), 24, 24)
+        rgb, alpha = render_gaussians(g, *cameras_to_viewmats(view), 24, 24)
         assert alpha.min() > 0.9
 
         def ball_mask(image):
@@ -320,11 +329,11 @@ def test_view_cells_widen_with_depth_like_pixels_and_deepen_with_its_square():
     angle = 0.01
     # the canonical camera sits at z = 2: these points are 2, 2, 2 and 4 deep
     points = torch.tensor([[0.001, 0.001, 0.0], [0.019, 0.001, 0.0], [0.021, 0.001, 0.0], [0.001, 0.001, -2.0]])
-    keys, widths = splats.view_cells(points, 2.0, angle, depth_ratio=6.0)
+    keys, widths = view_cells(points, 2.0, angle, depth_ratio=6.0)
     assert widths.tolist() == pytest.approx([0.02, 0.02, 0.02, 0.04])  # depth * angle
     assert keys[0] == keys[1] != keys[2]  # x / z: 0.0005 and 0.0095 share a bin, 0.0105 is the next
     # disparity bins 6 * 0.01 / 2 = 0.03 wide: bin 16 holds depths 1.961..2.083 (0.12 = 6 widths)
-    near, far = splats.view_cells(torch.tensor([[0.001, 0.001, 0.03], [0.001, 0.001, -0.1]]), 2.0, angle, 6.0)[0]
+    near, far = view_cells(torch.tensor([[0.001, 0.001, 0.03], [0.001, 0.001, -0.1]]), 2.0, angle, 6.0)[0]
     assert keys[0] == near != far
 
 

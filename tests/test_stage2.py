@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import cli, run
+from helpers import cli, random_inception_state, run
 
 from vq3d_nerfstudio.stage1.quantizer import FSQConfig, NoQuantizerConfig
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
@@ -376,11 +376,8 @@ def test_stage1_to_samples_end_to_end(trained_run, synth_dir, tmp_path):
 
     # FID of sampled scenes at the canonical and a novel view (random Inception weights: the plumbing,
     # not the score; the score's maths is tested in test_fid.py)
-    from vq3d_nerfstudio.evaluation.fid import FIDInceptionV3
-
-    torch.manual_seed(1)
     weights = tmp_path / "inception.pth"
-    torch.save(FIDInceptionV3().state_dict(), weights)
+    torch.save(random_inception_state(1), weights)
     real = synth_dir.glob("*/images/frame_00000.png")
     (tmp_path / "real").mkdir()
     for i, image in enumerate(sorted(real)[:8]):

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from vq3d_nerfstudio.data.synth import (
+    CAMERA,
     VIEW_OFFSETS_DEG,
     Box,
     Cylinder,
@@ -31,7 +32,7 @@ from vq3d_nerfstudio.data.synth import (
     scene_rng,
     write_scenes,
 )
-from vq3d_nerfstudio.geometry.poses import CANONICAL_DISTANCE, CANONICAL_FOV_DEG, focal_length, orbit_matrix
+from vq3d_nerfstudio.geometry.poses import focal_length, orbit_matrix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TAN25 = math.tan(math.radians(25.0))
@@ -76,10 +77,9 @@ def test_constants():
         (0.0, 10.0),
         (0.0, -10.0),
     )
-    assert CANONICAL_DISTANCE == 2.0
-    assert CANONICAL_FOV_DEG == 50.0
+    assert (CAMERA.distance, CAMERA.fov_deg) == (2.0, 50.0)  # DESIGN.md's convention
     # 32 / tan(25 deg) = 32 / 0.46630765815 = 68.6242...
-    assert focal_length(64) == pytest.approx(68.62422, abs=1e-4)
+    assert CAMERA.focal_length(64) == pytest.approx(68.62422, abs=1e-4)
     assert focal_length(64, 90.0) == pytest.approx(32.0)
 
 

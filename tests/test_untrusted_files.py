@@ -152,11 +152,10 @@ def test_a_token_cache_naming_a_hostile_config_is_refused_in_one_line(tmp_path, 
     assert not marker.exists() and not list(out.glob("checkpoints/step-*"))
 
 
-
 def test_a_damaged_caches_rebuild_hint_names_only_a_config_that_passes_the_check(tmp_path):
     """The one line for a damaged cache given alone suggests rerunning with the stage-1 run its
     meta.json names: the user would vouch for that file by typing it, so a hostile one is not named."""
-    from vq3d_nerfstudio.stage2.train import rebuild_hint
+    from vq3d_nerfstudio.stage2.token_cache import rebuild_hint
 
     marker = tmp_path / "marker"
     runs = {"hostile": hostile_config(tmp_path / "hostile", marker), "plain": tmp_path / "plain" / "config.yml"}
@@ -171,6 +170,7 @@ def test_a_damaged_caches_rebuild_hint_names_only_a_config_that_passes_the_check
     assert f"--stage1-config {runs['plain']} --data /data/photos" in hints["plain"]
     assert str(runs["hostile"]) not in hints["hostile"] and "--stage1-config <stage-1 run>/config.yml" in hints["hostile"]
     assert not marker.exists()
+
 
 # ---- class names that become file names -------------------------------------------------------------
 @pytest.mark.parametrize("name, safe", [

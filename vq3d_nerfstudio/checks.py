@@ -1,7 +1,7 @@
 """Checks of command-line options that every command shares, run on the parsed config before any work.
 
-- :func:`check_options` walks a parsed config (a dataclass, nested ones included) and stops with one
-  line at the first float option that is NaN or infinite (every float of every command: positions,
+- :func:`check_options` walks a parsed config (a dataclass, nested ones included) and raises a
+  one-line :class:`~vq3d_nerfstudio.errors.Vq3dError` at the first float option that is NaN or infinite (every float of every command: positions,
   scales, angles, guidance, learning rates, ...), the first number outside the :class:`Range` its
   field is marked with (:data:`PositiveInt`, :data:`Probability`, :func:`ranged`, ...), and the first
   output path marked :data:`OutputDir` / :data:`OutputFile` that cannot be written (a file where a
@@ -12,9 +12,14 @@
   build this plugin's pipeline before they do their work; the pipeline runs this on their command
   line so that a truncated ``--camera-path-filename``, ``--num-points 0`` or an unwritable
   ``--output-dir`` is refused in one line before the model loads, not after.
+- :func:`renamed`: an option's old flag keeps setting it for one release;
+  :func:`renamed_option_notes` gives the deprecation line for each old flag a command line uses.
+
+The entry points print the error after ``"<command>: error: "``.
 
 This module is imported by ``vq3d_nerfstudio.ns.trainer`` (every ``ns-*`` command imports it): standard
-library only, and tyro's option metadata (every command has imported tyro to parse its command line).
+library only, ``errors``, and tyro's option metadata (every command has imported tyro to parse its
+command line).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import re
 import typing
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import tyro
 from typing_extensions import Annotated, get_args, get_origin
+
+from vq3d_nerfstudio.errors import Vq3dError
 
 
 class _Marker:
@@ -112,6 +119,50 @@ def option_name(path: Sequence[str]) -> str:
     return "--" + ".".join(part.replace("_", "-") for part in path)
 
 
+class Renamed(_Marker):
+    """``Annotated`` metadata: the option's flag before it was renamed (``old``, spelled in full as
+    ``ns-train`` takes it), which still sets it (:func:`renamed`)."""
+
+    def __init__(self, old: str):
+        self.old = old
+        super().__init__(f"renamed from {old}")
+
+    @property
+    def old_field(self) -> str:
+        """The field name the old flag spelled (its last part): what a ``config.yml`` of that time holds."""
+        return self.old.rsplit(".", 1)[-1].lstrip("-").replace("-", "_")
+
+
+def renamed(hint: Any, old: str) -> Any:
+    """``hint`` of an option whose flag was ``old`` (``"--pipeline.model.output-normals"``): ``old``
+    still sets it, as a tyro alias (tyro uses aliases verbatim, so ``old`` is the whole flag), and
+    :func:`renamed_option_notes` says it is deprecated. Removal of the old flags: at version 0.2.0."""
+    return Annotated[hint, Renamed(old), tyro.conf.arg(aliases=(old,))]
+
+
+def renamed_fields(cls: type) -> Dict[str, str]:
+    """``{old field name: field name}`` of the :func:`renamed` options of dataclass ``cls`` (for loading
+    configs saved under the old names)."""
+    hints = _type_hints(cls)
+    return {
+        marker.old_field: f.name
+        for f in dataclasses.fields(cls) for marker in _markers(hints.get(f.name)) if isinstance(marker, Renamed)
+    }
+
+
+def renamed_option_notes(config: Any, argv: Sequence[str]) -> List[str]:
+    """One line for each old flag of a :func:`renamed` option of ``config`` that ``argv`` uses, naming
+    the new flag: ``"vq3d: --pipeline.model.adversarial-loss-mult is deprecated, use
+    --pipeline.model.adversarial.loss-mult (the old names go at version 0.2.0)"``."""
+    used = {token.partition("=")[0].replace("_", "-") for token in argv if token.startswith("--")}
+    notes: Dict[str, str] = {}
+    for path, _, markers in _leaves(config, (), []):
+        for marker in markers:
+            if isinstance(marker, Renamed) and marker.old.replace("_", "-") in used:
+                notes[marker.old] = f"vq3d: {marker.old} is deprecated, use {option_name(path)} (the old names go at version 0.2.0)"
+    return list(notes.values())
+
+
 def _markers(hint: Any) -> List[_Marker]:
     """The markers on a field's type hint, through ``Optional[...]``."""
     if get_origin(hint) is Annotated:
@@ -170,22 +221,21 @@ def output_path_problem(path: Path, is_folder: bool) -> Optional[str]:
     return None
 
 
-def check_options(config: Any, command: str) -> None:
-    """Stop with ``"<command>: error: --<option> ..."`` (``SystemExit``, one line) at the first
-    option of ``config`` that is a non-finite float, a number outside its :class:`Range`
-    (:data:`PositiveInt` below 1, ...), or an :data:`OutputDir` / :data:`OutputFile` that cannot be
-    written."""
+def check_options(config: Any) -> None:
+    """Raise ``Vq3dError("--<option> ...")`` (one line) at the first option of ``config`` that is a
+    non-finite float, a number outside its :class:`Range` (:data:`PositiveInt` below 1, ...), or an
+    :data:`OutputDir` / :data:`OutputFile` that cannot be written."""
     for path, value, markers in _leaves(config, (), []):
         name = option_name(path)
         if isinstance(value, float) and not math.isfinite(value):
-            raise SystemExit(f"{command}: error: {name} is {value}; give a finite number")
+            raise Vq3dError(f"{name} is {value}; give a finite number")
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         for bounds in (m for m in markers if isinstance(m, Range) and is_number and value not in m):
-            raise SystemExit(f"{command}: error: {name} must be {bounds.text}, got {value}")
+            raise Vq3dError(f"{name} must be {bounds.text}, got {value}")
         if isinstance(value, Path) and (OUTPUT_DIR in markers or OUTPUT_FILE in markers):
             problem = output_path_problem(value, is_folder=OUTPUT_DIR in markers)
             if problem is not None:
-                raise SystemExit(f"{command}: error: {name}: {problem}")
+                raise Vq3dError(f"{name}: {problem}")
 
 
 def _type_name(hint: Any) -> str:
@@ -355,7 +405,8 @@ NERFSTUDIO_COUNTS = {"ns-export": ("num-points", "num-rays-per-batch"), "ns-rend
 def check_nerfstudio_command_line(argv: Sequence[str]) -> None:
     """Check the options of an ``ns-render`` / ``ns-export`` command line that this plugin can check
     before nerfstudio does the work: the camera path is readable JSON, counts are at least 1, the
-    output folder is writable. Other programs' command lines are left alone."""
+    output folder is writable: a one-line ``Vq3dError`` (``"--num-points must be >= 1, got 0"``) at
+    the first problem. Other programs' command lines are left alone."""
     if not argv:
         return
     command = Path(argv[0]).name
@@ -376,4 +427,4 @@ def check_nerfstudio_command_line(argv: Sequence[str]) -> None:
         problem = output_path_problem(Path(output_dir), is_folder=True)
         problem = None if problem is None else f"--output-dir: {problem}"
     if problem is not None:
-        raise SystemExit(f"{command}: error: {problem}")
+        raise Vq3dError(problem)

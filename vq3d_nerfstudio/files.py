@@ -1,6 +1,6 @@
 """Files written so that a killed run never leaves a half-written one under its final name, their
-checksums, and the file names made from labels that others wrote (class names): the bottom layer
-(imports nothing of ours)."""
+checksums, the file names made from labels that others wrote (class names), and the one loader of
+downloaded network weights (:func:`load_weights`): the bottom layer (imports only ``errors``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Type
+
+from vq3d_nerfstudio.errors import Vq3dError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def temporary_path(path: Path, folder: Optional[Path] = None) -> Path:
@@ -44,7 +49,7 @@ _QUOTA_TEXTS = ("Disk quota exceeded", "os error 122")
 _DISK_FULL_TEXTS = ("No space left on device", "os error 28", "unexpected pos", "PytorchStreamWriter failed writing file")
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, Vq3dError):
     """A write that failed because the disk is full (or the quota used up). Its message is one line
     naming the file (``filename``; None when unknown) and where to free space; whatever was half
     written has been removed by the writer that raised it."""
@@ -156,6 +161,72 @@ def try_download(url: str, path: Path, hash_prefix: Optional[str] = None) -> Non
         torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=False)
     except Exception as err:  # offline, proxy, disk, bad hash: all mean "not available"
         CONSOLE.print(f"[yellow]download failed ({type(err).__name__}: {err})")
+
+
+class WeightsUnavailable(Vq3dError, RuntimeError):
+    """Pretrained network weights (the FID Inception-v3, LPIPS' ImageNet backbone) that are not on
+    this machine, or a file that does not hold them; the message is one line naming the file and the fix."""
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The line of ``torch.load(weights_only=True)``'s long message that says what it refused
+    (``Trying to load unsupported GLOBAL posix.system ...``, ``Unsupported operand 110``)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(boilerplate)]
+    return lines[-1][:200] if lines else type(err).__name__
+
+
+def load_weights(
+    path: Path,
+    needed: str,
+    url: Optional[str] = None,
+    download: bool = False,
+    hash_prefix: Optional[str] = None,
+    error: Type[WeightsUnavailable] = WeightsUnavailable,
+) -> Dict[str, "torch.Tensor"]:
+    """The state dict in ``path``: the one way the project reads pretrained weights it does not train.
+
+    Read once, without running anything in the file: ``*.safetensors`` with safetensors (a JSON header
+    and raw bytes), anything else with ``torch.load(weights_only=True)``, which refuses pickled objects
+    other than tensors and plain containers. Callers hand the dict to their network's
+    ``load_state_dict``; no library re-reads the file.
+
+    Args:
+        path: the weights file (a user's path, or where torch hub caches ``url``).
+        needed: what the weights are for, the start of the missing-file message
+            (``"FID needs the Inception weights pt_inception-2015-12-05"``).
+        url: where the file is published; named in the messages, and downloaded to ``path`` first
+            when ``download`` and ``path`` is missing (:func:`try_download`, sha256 ``hash_prefix`` checked).
+        error: the :class:`WeightsUnavailable` subclass to raise (e.g. LPIPS' own, which callers catch).
+
+    Raises:
+        error: ``"<needed> at <path>; download <url> there (or pass the file's path)"`` when the file
+            is missing; ``"<path>: not a readable state dict (<reason>); nothing in it was run; ..."``
+            when it is unreadable or holds pickled objects beyond tensors (refused, not run);
+            ``"<path>: not a state dict ..."`` when it holds something other than a dict of tensors.
+    """
+    import torch  # here, not at the top: see try_download
+
+    path = Path(path)
+    if not path.is_file() and download and url is not None:
+        try_download(url, path, hash_prefix=hash_prefix)
+    if not path.is_file():
+        fix = f"download {url} there (or pass the file's path)" if url else "pass the file's path"
+        raise error(f"{needed} at {path}; {fix}")
+    fix = f"replace it with {url}" if url else "pass another file"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, truncated, or a pickle of more than tensors: all one line
+        raise error(f"{path}: not a readable state dict ({_refusal_reason(err)}); nothing in it was run; {fix}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise error(f"{path}: not a state dict (a dict of tensors, as torch.save(module.state_dict()) writes); {fix}")
+    return state
 
 
 # ---- file names made from names others wrote ----------------------------------------------------

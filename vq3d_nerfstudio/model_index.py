@@ -4,8 +4,9 @@ writes the model itself; this module stays light so ``vq3d models`` and name err
 
 A package is a folder::
 
-    config.json         format and version, the model config's fields, what the model took from
-                        the dataparser (camera distance, field of view, depth kind, class names),
+    config.json         format and version, the model config's fields, under ``data`` its canonical
+                        camera (camera distance, field of view) and what it took from the
+                        dataparser (depth kind, class names),
                         provenance (source run, step, revision), the weights' dtype, a description
                         and held-out figures
     model.safetensors   stage-1 weights only (no discriminator, no optimizer)
@@ -44,7 +45,8 @@ CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, STAGE2_DIR = "config.json", "model.safeten
 SHIPPED_DIR = Path(__file__).resolve().parent / "models"
 """Models that come with the install (package data of ``vq3d_nerfstudio``)."""
 DATA_KEYS = ("camera_distance", "fov_deg", "depth_kind", "class_names")
-"""What the model takes from the dataparser's metadata, kept in ``config.json``'s ``data``."""
+"""``config.json``'s ``data``: the model's canonical camera (its config's ``canonical_camera``, kept
+here as packages always have) and what the model takes from the dataparser's metadata."""
 
 
 def user_models_dir() -> Path:

@@ -19,18 +19,20 @@ item's ``skipped`` entry, which rides through the DataLoader (a worker process c
 trainer's log, and its counters would die with it). The datamanager, in the training process, prints
 one warning line per bad file with the running count, logs the count as ``data/skipped_files`` and
 prints a summary when the process ends. ``--pipeline.datamanager.strict True`` stops at the first
-bad file with one line naming it instead. Prepared shards follow the same policy: a sample that cannot
-be decoded (a damaged image, a missing depth member) is skipped and reported as ``<shard>:<key>``.
+bad file with one line naming it instead (a ``DatasetError`` that the trainer prints; from a worker it
+arrives as itself: :class:`~vq3d_nerfstudio.data.workers.ErrorCarryingLoader`). Prepared shards follow
+the same policy: a sample that cannot be decoded (a damaged image, a missing depth member) is skipped and reported as ``<shard>:<key>``.
 
 Under DDP the rank is ``torch.distributed``'s global rank (nerfstudio passes the *local* rank, which
 repeats across machines).
 
 Any nerfstudio dataparser can feed it (``ns-train vq3d-tiny nerfstudio-data --data <capture>``,
 ``blender-data``, ``colmap``, ...): its images become single training images
-(:func:`~vq3d_nerfstudio.data.views.single_image_outputs`). With ``multiview_supervision`` and posed
+(:func:`~vq3d_nerfstudio.data.views.single_image_outputs`). With ``use_multiview_supervision`` and posed
 data (those dataparsers, or ``vq3d synth`` scene folders) every input image brings other views of
 its scene, and their rays are rendered from their own cameras relative to the input view
-(:class:`~vq3d_nerfstudio.data.views.MultiviewDataset`, :meth:`Vq3dDataManager._multiview_rays`).
+(:class:`~vq3d_nerfstudio.data.views.MultiviewDataset`); one ray builder serves both,
+:meth:`Vq3dDataManager._view_rays` (a single image is one view).
 
 Outside training (``eval_setup`` puts the pipeline in eval mode), ``next_train`` is what
 ``ns-export pointcloud`` / ``poisson`` draw rays from: it returns rays of random cameras orbiting the
@@ -47,22 +49,38 @@ from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
-from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.data.datamanagers.base_datamanager import DataManager, VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.dataparsers.base_dataparser import DataParserConfig
 from nerfstudio.data.pixel_samplers import PixelSamplerConfig
 from nerfstudio.data.utils.dataloaders import FixedIndicesEvalDataloader, RandIndicesEvalDataloader
 from nerfstudio.model_components.ray_generators import RayGenerator
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from vq3d_nerfstudio.checks import ElevationRange, NonNegativeInt, PositiveInt, YawRange, ranged
+from vq3d_nerfstudio.checks import (
+    ElevationRange,
+    NonNegativeInt,
+    PositiveInt,
+    YawRange,
+    ranged,
+    renamed,
+    renamed_fields,
+)
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
-from vq3d_nerfstudio.data.dataset import DepthCoverage, SKIPPED_KEY, Vq3dImageDataset
-from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset, TrainingStream, num_training_samples
-from vq3d_nerfstudio.data.shards import ShardReader
-from vq3d_nerfstudio.data.views import MultiviewDataset, check_perspective, posed_views_from_scene_files, single_image_outputs
+from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, DepthCoverage, RelativeDisparityConfig, Vq3dImageDataset
+from vq3d_nerfstudio.data.shard_dataset import ShardImageDataset, TrainingStream, num_training_samples, relative_target
+from vq3d_nerfstudio.data.shard_stream import ShardReader
+from vq3d_nerfstudio.data.views import (
+    MultiviewDataset,
+    check_perspective,
+    posed_views_from_scene_files,
+    single_image_outputs,
+)
+from vq3d_nerfstudio.data.workers import ErrorCarryingLoader
 from vq3d_nerfstudio.errors import DatasetError
-from vq3d_nerfstudio.geometry.cameras import orbit_rays, ray_generator, sample_novel_poses, square_pinhole_cameras
+from vq3d_nerfstudio.geometry.cameras import orbit_rays, ray_generator
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 
 
 @dataclass
@@ -78,13 +96,16 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     image_size: ranged(Optional[int], 1) = None
     """Side images from a nerfstudio dataparser are cropped and resized to; None: the model's image
     size (the pipeline fills it in). vq3d-images has its own --image-size."""
-    multiview_supervision: bool = False
+    use_multiview_supervision: renamed(bool, "--pipeline.datamanager.multiview-supervision") = False
     """Beyond the paper: with posed data (`vq3d synth` scene folders, nerfstudio dataparsers) encode one
     view and supervise renders from other views of its scene as well, their cameras relative to the
     input view (the canonical alignment and scale of `vq3d eval`). The rays per image are shared
     between the input view and the supervising views."""
     multiview_views: PositiveInt = 2
     """Multi-view supervision: other views of the scene drawn per input image each step."""
+    relative_disparity: RelativeDisparityConfig = field(default_factory=RelativeDisparityConfig)
+    """Relative pseudo-GT disparity (depth kind 'disparity'): how the datasets map each image's range
+    onto the canonical scene's disparity, the depth loss's target, once per image as they read it."""
     train_num_rays_per_batch: int = -1
     """nerfstudio's knob, honoured when set (> 0): rays per step, shared between the images of the
     step (at least one each); -1: images_per_batch x rays_per_image."""
@@ -113,6 +134,25 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
     export_max_elevation_deg: ElevationRange = 15.0
     """... and elevation within +-this: the range the NeRF is trained to hold up in."""
 
+    def __setstate__(self, state: Dict) -> None:
+        """A ``config.yml`` saved before the boolean was named ``use_multiview_supervision`` loads its
+        value; one saved before ``relative_disparity`` was the datamanager's gets its defaults here and
+        the model's old values from the pipeline
+        (:meth:`~vq3d_nerfstudio.ns.pipeline.Vq3dPipelineConfig.__setstate__`). Removal:
+        with the old flags, at version 0.2.0."""
+        renames = renamed_fields(Vq3dDataManagerConfig)
+        self.__dict__.update({renames.get(key, key): value for key, value in state.items()})
+        self.__dict__.setdefault("relative_disparity", RelativeDisparityConfig())
+
+
+def data_canonical_camera(dataparser: DataParserConfig) -> CanonicalCamera:
+    """The camera the data's images are seen by: vq3d-images' own (``--canonical-camera.*``); a
+    nerfstudio dataparser's images get the default :class:`CanonicalCamera` (they have no option
+    for it). The model's must equal it (:func:`vq3d_nerfstudio.ns.pipeline.check_canonical_cameras`)."""
+    if isinstance(dataparser, Vq3dImagesDataParserConfig):
+        return dataparser.canonical_camera
+    return CanonicalCamera()
+
 
 def _ignore_sigint(worker_id: int) -> None:
     """Loader workers leave Ctrl-C to the trainer, which finishes the step and saves a checkpoint
@@ -127,16 +167,6 @@ def global_rank(fallback: int) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return fallback
-
-
-def dataset_error_message(err: Exception) -> str:
-    """The message of a ``DatasetError``, also when a DataLoader worker raised it (torch re-raises it
-    in the main process with the worker's whole traceback as the message)."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = text.rstrip().splitlines()[-1]
-        text = last.split(f"{type(err).__name__}: ", 1)[-1]  # DatasetError, ShardError, ...
-    return text
 
 
 def _print_skip_summary(skipped: Dict[str, str]) -> None:
@@ -199,8 +229,12 @@ class Vq3dDataManager(VanillaDataManager):
         dataset_class = Vq3dImageDataset
         if self.shard_root is not None:
             dataset_class = ShardImageDataset
-        self.train_dataset = self._multiview_dataset() if config.multiview_supervision else dataset_class(self.train_dataparser_outputs)
-        self.eval_dataset = dataset_class(eval_outputs)
+        relative = config.relative_disparity
+        if config.use_multiview_supervision:
+            self.train_dataset = self._multiview_dataset()
+        else:
+            self.train_dataset = dataset_class(self.train_dataparser_outputs, relative_disparity=relative)
+        self.eval_dataset = dataset_class(eval_outputs, relative_disparity=relative)
         for dataset in (self.train_dataset, self.eval_dataset):
             if isinstance(dataset, (Vq3dImageDataset, ShardImageDataset)):
                 dataset.strict = config.strict
@@ -227,14 +261,12 @@ class Vq3dDataManager(VanillaDataManager):
         total = self.config.train_num_rays_per_batch
         return max(1, total // self.images_per_step) if total > 0 else self.config.rays_per_image
 
-    def canonical(self) -> Tuple[int, float, float]:
-        """``(image_size, camera_distance, fov_deg)`` of the canonical camera: vq3d-images' own, else
-        the model's image size and the convention's defaults (DESIGN.md)."""
+    def canonical(self) -> Tuple[int, CanonicalCamera]:
+        """``(image_size, canonical camera)`` of the data: vq3d-images' own, else the model's image
+        size and :func:`data_canonical_camera`."""
         parser = self.config.dataparser
-        if isinstance(parser, Vq3dImagesDataParserConfig):
-            return parser.image_size, parser.camera_distance, parser.fov_deg
-        size = self.config.image_size or Vq3dImagesDataParserConfig.image_size
-        return size, Vq3dImagesDataParserConfig.camera_distance, Vq3dImagesDataParserConfig.fov_deg
+        size = parser.image_size if isinstance(parser, Vq3dImagesDataParserConfig) else None
+        return size or self.config.image_size or Vq3dImagesDataParserConfig.image_size, data_canonical_camera(parser)
 
     def _dataparser_name(self) -> str:
         from nerfstudio.configs.dataparser_configs import all_dataparsers
@@ -245,51 +277,46 @@ class Vq3dDataManager(VanillaDataManager):
     def _single_images(self, split: str, fallback=None):
         """A nerfstudio dataparser's ``split`` as single images (an empty eval split: ``fallback``,
         the training images, as vq3d-images evaluates a one-image folder on its image). Its failures
-        and a dataparser without images end the run in one line."""
+        and a dataparser without images are one-line ``DatasetError``s."""
         name = self._dataparser_name()
         try:
             outputs = self.dataparser.get_dataparser_outputs(split=split)
         except (AssertionError, OSError, KeyError, ValueError, IndexError, RuntimeError) as err:
-            raise SystemExit(
-                f"vq3d: error: {name} could not read {self.config.dataparser.data} ({type(err).__name__}: "
+            raise DatasetError(
+                f"{name} could not read {self.config.dataparser.data} ({type(err).__name__}: "
                 f"{' '.join(str(err).split()) or 'no message'}); check --data, or pick the dataparser that fits the data"
             ) from None
         if fallback is not None and not outputs.image_filenames:
             return fallback
         if split == "train":
             self._posed_train_outputs = outputs  # the dataparser's own, for multi-view's camera check
-        try:
-            return single_image_outputs(outputs, name, *self.canonical())
-        except DatasetError as err:
-            raise SystemExit(f"vq3d: error: {err}") from None
+        return single_image_outputs(outputs, name, *self.canonical())
 
     def _multiview_dataset(self) -> Vq3dImageDataset:
         """The training images with the supervising views of their scenes; one line when the data
-        has no poses (a folder of single images, prepared shards) or no pinhole cameras."""
+        has no poses (a folder of single images, prepared shards) or no pinhole cameras: a one-line
+        ``DatasetError``."""
         outputs, config = self.train_dataparser_outputs, self.config
         metadata = outputs.metadata
-        try:
-            if isinstance(config.dataparser, Vq3dImagesDataParserConfig):
-                scene_files = metadata.get("scene_files")
-                if not scene_files:
-                    raise DatasetError(
-                        f"{config.dataparser.data}: --pipeline.datamanager.multiview-supervision needs posed views: "
-                        "`vq3d synth` scene folders (`--num-views` > 1) or a nerfstudio dataparser "
-                        "(nerfstudio-data, blender-data, colmap, ...); this data holds single images"
-                    )
-                views = posed_views_from_scene_files(scene_files)
-                firsts = [i for i in range(len(views.images)) if i == 0 or views.scene_ids[i] != views.scene_ids[i - 1]]
-                metadata["posed_views"], metadata["input_views"] = views, firsts  # frame 0: the input, as in vq3d eval
-                if metadata.get("depth_kind") == "z-depth":
-                    distance = self.canonical()[1]
-                    metadata["depth_scales"] = [views.depth_scale * views.alignment(v, distance)[1] for v in firsts]
-            else:
-                check_perspective(self._posed_train_outputs, self._dataparser_name())
-            if config.multiview_views < 1:
-                raise DatasetError("--pipeline.datamanager.multiview-views must be >= 1")
-            return MultiviewDataset(outputs, config.multiview_views)
-        except DatasetError as err:
-            raise SystemExit(f"vq3d: error: {err}") from None
+        if isinstance(config.dataparser, Vq3dImagesDataParserConfig):
+            scene_files = metadata.get("scene_files")
+            if not scene_files:
+                raise DatasetError(
+                    f"{config.dataparser.data}: --pipeline.datamanager.use-multiview-supervision needs posed views: "
+                    "`vq3d synth` scene folders (`--num-views` > 1) or a nerfstudio dataparser "
+                    "(nerfstudio-data, blender-data, colmap, ...); this data holds single images"
+                )
+            views = posed_views_from_scene_files(scene_files)
+            firsts = [i for i in range(len(views.images)) if i == 0 or views.scene_ids[i] != views.scene_ids[i - 1]]
+            metadata["posed_views"], metadata["input_views"] = views, firsts  # frame 0: the input, as in vq3d eval
+            if metadata.get("depth_kind") == "z-depth":
+                distance = self.canonical()[1].distance
+                metadata["depth_scales"] = [views.depth_scale * views.alignment(v, distance)[1] for v in firsts]
+        else:
+            check_perspective(self._posed_train_outputs, self._dataparser_name())
+        if config.multiview_views < 1:
+            raise DatasetError("--pipeline.datamanager.multiview-views must be >= 1")
+        return MultiviewDataset(outputs, config.multiview_views, relative_disparity=config.relative_disparity)
 
     def _loader(self, dataset: Vq3dImageDataset, num_workers: int) -> Iterator[Dict]:
         batch_size = self.images_per_step
@@ -300,7 +327,7 @@ class Vq3dDataManager(VanillaDataManager):
             )
         else:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.config.seed))
-        loader = DataLoader(
+        loader = ErrorCarryingLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -321,10 +348,11 @@ class Vq3dDataManager(VanillaDataManager):
             rank=rank, world_size=self.world_size, exclude=metadata["shard_held_out"],
         )
         stream = TrainingStream(
-            reader, use_depth=metadata["depth_kind"] != "none", start_epoch=start_epoch, strict=self.config.strict
+            reader, use_depth=metadata["depth_kind"] != "none", start_epoch=start_epoch, strict=self.config.strict,
+            relative=relative_target(metadata["depth_kind"], self.config.relative_disparity),
         )
         num_workers = self.config.num_workers
-        loader = DataLoader(
+        loader = ErrorCarryingLoader(
             stream,
             batch_size=self.images_per_step,
             num_workers=num_workers,
@@ -353,13 +381,15 @@ class Vq3dDataManager(VanillaDataManager):
 
     def _next(self, iterator: Iterator, step: int):
         """The next item of a loader (a batch dict, or ``(camera, batch)``); the bad files skipped to
-        make it are reported, and a ``DatasetError`` (strict, or nothing readable left) ends the run
-        in one line."""
+        make it are reported. A ``DatasetError`` (strict, or nothing readable left) passes on, a
+        strict one saying why the file was not skipped."""
         try:
             item = next(iterator)
         except DatasetError as err:
-            hint = " (--pipeline.datamanager.strict True; without it bad files are skipped and reported)"
-            raise SystemExit(f"vq3d: error: {dataset_error_message(err)}{hint if self.config.strict else ''}") from None
+            if not self.config.strict:
+                raise
+            hint = "(--pipeline.datamanager.strict True; without it bad files are skipped and reported)"
+            raise DatasetError(f"{err} {hint}") from None
         self.report_skipped(item[1] if isinstance(item, tuple) else item, step)
         self.depth_coverage.add(item[1] if isinstance(item, tuple) else item)  # warns once if almost none is valid
         return item
@@ -389,75 +419,69 @@ class Vq3dDataManager(VanillaDataManager):
 
             writer.put_scalar("data/skipped_files", len(self.skipped_files), step)
 
-    def _rays_for_images(self, images: Dict, generator: RayGenerator) -> Tuple[RayBundle, Dict]:
-        image = images["image"].to(self.device)  # (B, S, S, 3)
-        num_images, height, width = image.shape[:3]
-        per_image = self.rays_per_image
-        if per_image <= 0 or per_image >= height * width:
-            pixels = torch.arange(height * width, device=self.device).expand(num_images, -1)
-        else:
-            pixels = torch.randint(0, height * width, (num_images, per_image), device=self.device)
-        per_image = pixels.shape[1]
-        batch_idx = torch.arange(num_images, device=self.device).repeat_interleave(per_image)
-        rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
-        camera_idx = images.get("camera_idx", images["image_idx"]).to(self.device)[batch_idx]
-        ray_bundle = generator(torch.stack([camera_idx, rows, cols], dim=-1))
-        ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
-        batch = {
-            "input_images": image.permute(0, 3, 1, 2).contiguous(),
-            "image": image[batch_idx, rows, cols],
-            "image_idx": images["image_idx"],
-            "class_id": images["class_id"],
-        }
-        if "disparity" in images:
-            batch["disparity"] = images["disparity"].to(self.device)[batch_idx, rows, cols]
-            batch["disparity_mask"] = images["disparity_mask"].to(self.device)[batch_idx, rows, cols]
-            batch["input_disparity"] = images["disparity"].to(self.device).permute(0, 3, 1, 2)  # (B, 1, S, S)
-            batch["input_disparity_mask"] = images["disparity_mask"].to(self.device).permute(0, 3, 1, 2)
-        return ray_bundle, batch
-
-    def _multiview_rays(self, images: Dict) -> Tuple[RayBundle, Dict]:
-        """Rays of every view of every input image (view 0 the input, then its supervising views; see
-        :class:`~vq3d_nerfstudio.data.views.MultiviewDataset`), each from its own camera in the input's
-        canonical frame, at random pixels of its own image; all carry the input's ``batch_idx``.
-        ``rays_per_image`` is shared by the ``V`` views (at least one ray each)."""
-        views = images["view_images"].to(self.device)  # (B, V, S, S, 3)
-        num_images, num_views, height, width = views.shape[:4]
-        cams = num_images * num_views
+    def _view_cameras(self, images: Dict, height: int, width: int) -> Cameras:
+        """The ``B * V`` pinhole cameras of a multi-view batch (``view_poses`` in each input's canonical
+        frame, ``view_intrinsics``), camera ``b * V + v`` view ``v`` of image ``b``."""
+        cams = images["view_poses"].shape[0] * images["view_poses"].shape[1]
         intrinsics = images["view_intrinsics"].to(self.device).reshape(cams, 4)
-        cameras = Cameras(
+        return Cameras(
             camera_to_worlds=images["view_poses"].to(self.device).reshape(cams, 3, 4),
             fx=intrinsics[:, 0:1], fy=intrinsics[:, 1:2], cx=intrinsics[:, 2:3], cy=intrinsics[:, 3:4],
             width=torch.full((cams, 1), width, dtype=torch.long), height=torch.full((cams, 1), height, dtype=torch.long),
             camera_type=CameraType.PERSPECTIVE,
         ).to(self.device)
+
+    def _view_rays(self, images: Dict, generator: RayGenerator) -> Tuple[RayBundle, Dict]:
+        """Rays of ``B`` images with ``V`` views each, view 0 the input, at random pixels of each view's
+        own image, every ray with its input's ``batch_idx``; ``rays_per_image`` is shared by the ``V``
+        views (at least one ray each).
+
+        A single-image batch is ``V = 1``: image ``b`` is seen by ``generator``'s camera
+        ``camera_idx[b]`` (else ``image_idx[b]``). A multi-view batch (``view_images``, see
+        :class:`~vq3d_nerfstudio.data.views.MultiviewDataset`) renders each view from its own camera
+        (:meth:`_view_cameras`); ``generator`` is unused.
+
+        Returns:
+            ``(RayBundle [R], batch)``: ``input_images`` ``[B, 3, S, S]``, per-ray ``image`` ``[R, 3]``,
+            ``image_idx`` / ``class_id`` ``[B]``; with ``V > 1`` ``view_idx`` ``[R]`` (the ray's view);
+            with depth per-ray ``disparity`` / ``disparity_mask`` ``[R, 1]`` (the items' targets) and
+            the inputs' maps ``input_disparity`` / ``input_disparity_mask`` ``[B, 1, S, S]``.
+        """
+        device = self.device
+        if "view_images" in images:
+            views = images["view_images"].to(device)  # (B, V, S, S, 3)
+            disparity, mask = images.get("view_disparity"), images.get("view_disparity_mask")  # (B, V, S, S, 1)
+            generator = ray_generator(self._view_cameras(images, *views.shape[2:4]))
+            camera_of_view = torch.arange(views.shape[0] * views.shape[1], device=device)
+        else:
+            views = images["image"].to(device)[:, None]  # (B, 1, S, S, 3)
+            disparity, mask = (images[key][:, None] if key in images else None for key in ("disparity", "disparity_mask"))
+            camera_of_view = images.get("camera_idx", images["image_idx"]).to(device)
+        num_images, num_views, height, width = views.shape[:4]
+        cams = num_images * num_views
         per_image = self.rays_per_image
         if per_image <= 0 or per_image >= num_views * height * width:
-            pixels = torch.arange(height * width, device=self.device).expand(cams, -1)
+            pixels = torch.arange(height * width, device=device).expand(cams, -1)
         else:
-            pixels = torch.randint(0, height * width, (cams, max(1, per_image // num_views)), device=self.device)
-        per_view = pixels.shape[1]
-        camera_idx = torch.arange(cams, device=self.device).repeat_interleave(per_view)  # b * V + v
+            pixels = torch.randint(0, height * width, (cams, max(1, per_image // num_views)), device=device)
+        view = torch.arange(cams, device=device).repeat_interleave(pixels.shape[1])  # b * V + v
         rows, cols = (pixels // width).reshape(-1), (pixels % width).reshape(-1)
-        ray_bundle = ray_generator(cameras)(torch.stack([camera_idx, rows, cols], dim=-1))
-        batch_idx = camera_idx // num_views
-        ray_bundle.metadata["batch_idx"] = batch_idx[:, None]
-        flat = views.reshape(cams, height, width, 3)
-        input_image = views[:, 0]
+        ray_bundle = generator(torch.stack([camera_of_view[view], rows, cols], dim=-1))
+        ray_bundle.metadata["batch_idx"] = (view // num_views)[:, None]
         batch = {
-            "input_images": input_image.permute(0, 3, 1, 2).contiguous(),
-            "image": flat[camera_idx, rows, cols],
+            "input_images": views[:, 0].permute(0, 3, 1, 2).contiguous(),
+            "image": views.reshape(cams, height, width, 3)[view, rows, cols],
             "image_idx": images["image_idx"],
             "class_id": images["class_id"],
-            "view_idx": camera_idx % num_views,
         }
-        if "view_disparity" in images:
-            disparity = images["view_disparity"].to(self.device).reshape(cams, height, width, 1)
-            mask = images["view_disparity_mask"].to(self.device).reshape(cams, height, width, 1)
-            batch["disparity"] = disparity[camera_idx, rows, cols]
-            batch["disparity_mask"] = mask[camera_idx, rows, cols]
-            batch["input_disparity"] = images["view_disparity"][:, 0].to(self.device).permute(0, 3, 1, 2)  # (B, 1, S, S)
-            batch["input_disparity_mask"] = images["view_disparity_mask"][:, 0].to(self.device).permute(0, 3, 1, 2)
+        if num_views > 1:
+            batch["view_idx"] = view % num_views
+        if disparity is not None:
+            disparity, mask = disparity.to(device), mask.to(device)
+            batch["disparity"] = disparity.reshape(cams, height, width, 1)[view, rows, cols]
+            batch["disparity_mask"] = mask.reshape(cams, height, width, 1)[view, rows, cols]
+            batch["input_disparity"] = disparity[:, 0].permute(0, 3, 1, 2)  # (B, 1, S, S)
+            batch["input_disparity_mask"] = mask[:, 0].permute(0, 3, 1, 2)
         return ray_bundle, batch
 
     def next_train(self, step: int) -> Tuple[RayBundle, Dict]:
@@ -466,10 +490,7 @@ class Vq3dDataManager(VanillaDataManager):
             return self.orbit_rays(self.train_pixel_sampler.num_rays_per_batch), {}
         if self.iter_train_image_dataloader is None and self.shard_root is not None:
             self.iter_train_image_dataloader = self._shard_loader(self._epoch_at(step))
-        images = self._next(self.iter_train_image_dataloader, step)
-        if "view_images" in images:
-            return self._multiview_rays(images)
-        return self._rays_for_images(images, self.train_ray_generator)
+        return self._view_rays(self._next(self.iter_train_image_dataloader, step), self.train_ray_generator)
 
     def _epoch_at(self, step: int) -> int:
         """The shard epoch a run (resumed) at ``step`` has reached, estimated from the index, so a
@@ -481,15 +502,15 @@ class Vq3dDataManager(VanillaDataManager):
     def orbit_rays(self, num_rays: int, num_cameras: int = 64) -> RayBundle:
         """``num_rays`` rays at random pixels of ``num_cameras`` random cameras orbiting the pivot
         (at the canonical distance, within the export yaw/elevation range), no ``batch_idx``."""
-        size, distance, fov_deg = self.canonical()
+        size, camera = self.canonical()
         return orbit_rays(
-            num_rays, size, distance, fov_deg, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg,
+            num_rays, size, camera.distance, camera.fov_deg, self.config.export_max_yaw_deg, self.config.export_max_elevation_deg,
             self.device, num_cameras,
         )
 
     def next_eval(self, step: int) -> Tuple[RayBundle, Dict]:
         self.eval_count += 1
-        return self._rays_for_images(self._next(self.iter_eval_image_dataloader, step), self.eval_ray_generator)
+        return self._view_rays(self._next(self.iter_eval_image_dataloader, step), self.eval_ray_generator)
 
     def next_eval_image(self, step: int) -> Tuple[Cameras, Dict]:
         if len(self.eval_dataset) == 0:

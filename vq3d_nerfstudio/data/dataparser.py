@@ -1,7 +1,8 @@
 """`vq3d-images` dataparser: collections of single, unposed images (+ optional depth).
 
-Every image gets the same canonical camera (nerfstudio/OpenGL convention: at ``(0, 0, d)`` looking
-at the origin, pinhole, square, ``fov_deg`` horizontal field of view). Four layouts are read:
+Every image gets the same canonical camera (:class:`~vq3d_nerfstudio.geometry.poses.CanonicalCamera`,
+``metadata["canonical_camera"]``; nerfstudio/OpenGL convention: at ``(0, 0, d)`` looking at the
+origin, pinhole, square, ``fov_deg`` horizontal field of view). Four layouts are read:
 
 - a folder of ``vq3d synth`` scenes (``*/transforms.json``): frame 0 of each scene, with its depth;
 - an ImageNet-style folder of class subfolders: class name = folder name, class id = its index in the
@@ -40,9 +41,10 @@ from vq3d_nerfstudio.checks import NonNegativeInt, PositiveFloat, PositiveInt, r
 from vq3d_nerfstudio.data import shard_dataset as sd
 from vq3d_nerfstudio.data.folders import DepthKind, ImageRecord, scan_image_folder, sibling_depth_kind, split_fraction
 from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
-from vq3d_nerfstudio.data.shards import read_index
+from vq3d_nerfstudio.data.shard_format import read_index
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.geometry.cameras import canonical_cameras
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 
 
 @dataclass
@@ -59,10 +61,9 @@ class Vq3dImagesDataParserConfig(DataParserConfig):
     'none' (ignore depth), or 'auto' (read vq3d_meta.json / transforms.json; no depth files -> none)."""
     eval_fraction: ranged(float, 0, 1, high_open=True) = 0.05
     """Fraction of images held out for evaluation, chosen by a hash of each file's path."""
-    camera_distance: PositiveFloat = 2.0
-    """Distance of the canonical camera from the pivot (world units). Change only together with the data."""
-    fov_deg: ranged(float, 0, 180, low_open=True, high_open=True) = 50.0
-    """Horizontal field of view of the canonical camera, degrees."""
+    canonical_camera: CanonicalCamera = field(default_factory=CanonicalCamera)
+    """The camera every image is seen by; must equal the model's (--pipeline.model.canonical-camera.*).
+    Change only together with the data."""
     scene_extent: PositiveFloat = 3.0
     """Half-width of the scene box reported to nerfstudio (world units); the field itself is unbounded."""
     shard_eval_images: NonNegativeInt = 256
@@ -72,6 +73,18 @@ class Vq3dImagesDataParserConfig(DataParserConfig):
     """Prepared shards only: training images that the viewer's 'train' split, its camera frustums and
     `ns-render --camera-idx` can show (the last ones in shard order). Training itself streams every
     training image from the shards."""
+
+    def __setstate__(self, state: dict) -> None:
+        """A run's ``config.yml`` written when the camera was two fields (``camera_distance``,
+        ``fov_deg``) loads them as its :class:`CanonicalCamera`. Removal: at version 0.2.0, when runs
+        saved before the canonical camera was one object (issue 28) no longer need to load."""
+        state = dict(state)
+        if "canonical_camera" not in state:
+            default = CanonicalCamera()
+            state["canonical_camera"] = CanonicalCamera(
+                state.pop("camera_distance", default.distance), state.pop("fov_deg", default.fov_deg)
+            )
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -93,9 +106,8 @@ class Vq3dImagesDataParser(DataParser):
             raise DatasetError(f"{self.config.data}: every image fell in the eval split; lower --eval-fraction")
         want_eval = split != "train"
         chosen = [r for r, e in zip(records, is_eval) if e == want_eval] or records
-        cameras = canonical_cameras(
-            len(chosen), self.config.image_size, self.config.camera_distance, self.config.fov_deg
-        )
+        camera = self.config.canonical_camera
+        cameras = canonical_cameras(len(chosen), self.config.image_size, camera.distance, camera.fov_deg)
         extent = self.config.scene_extent
         metadata: Dict = {
             "depth_filenames": [r.depth for r in chosen] if depth_kind != "none" else None,
@@ -103,8 +115,7 @@ class Vq3dImagesDataParser(DataParser):
             "class_ids": [r.class_id for r in chosen],
             "class_names": class_names,
             "image_keys": [r.key for r in chosen],
-            "camera_distance": self.config.camera_distance,
-            "fov_deg": self.config.fov_deg,
+            "canonical_camera": camera,
             "scene_files": [r.scene for r in chosen] if all(r.scene is not None for r in chosen) else None,
         }
         return DataparserOutputs(
@@ -139,8 +150,7 @@ class Vq3dImagesDataParser(DataParser):
             "class_ids": [loc.class_id for loc in chosen],
             "class_names": list(index["class_names"]),
             "image_keys": [loc.source for loc in chosen],
-            "camera_distance": cfg.camera_distance,
-            "fov_deg": cfg.fov_deg,
+            "canonical_camera": cfg.canonical_camera,
             "shard_root": root,
             "shard_index": {k: v for k, v in index.items() if k not in ("shards", "ignored")},
             "shard_held_out": rule,
@@ -148,7 +158,9 @@ class Vq3dImagesDataParser(DataParser):
         }
         return DataparserOutputs(
             image_filenames=[root / loc.shard / f"{loc.key}.png" for loc in chosen],
-            cameras=canonical_cameras(len(chosen), cfg.image_size, cfg.camera_distance, cfg.fov_deg),
+            cameras=canonical_cameras(
+                len(chosen), cfg.image_size, cfg.canonical_camera.distance, cfg.canonical_camera.fov_deg
+            ),
             scene_box=SceneBox(aabb=torch.tensor([[-extent] * 3, [extent] * 3], dtype=torch.float32)),
             metadata=metadata,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,7 +30,9 @@ from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from PIL import Image
 
+from vq3d_nerfstudio.checks import ranged, renamed
 from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.stage1.losses import canonical_disparity, disparity_anchors
 
 ImageSource = Union[Path, str, IO[bytes]]
 
@@ -310,8 +313,9 @@ def disparity_from_depth(depth: np.ndarray, kind: str) -> Tuple[np.ndarray, np.n
       and not so small that ``1/z`` overflows. ``+inf`` is valid (nothing was hit: disparity 0).
       Zero, negative, NaN and -inf are invalid.
     - ``'disparity'`` (relative, larger = nearer): valid where finite. Negative values are valid:
-      relative disparity (from a monocular model) is only defined up to scale and shift, and the depth
-      loss aligns it to the rendering with a fitted ``a * d + b``, so a negative offset is legitimate.
+      relative disparity (from a monocular model) is only defined up to scale and shift, and each
+      image's own percentiles map it onto the canonical scene (:class:`RelativeDisparityConfig`), so a
+      negative offset is legitimate.
 
     Invalid pixels get disparity 0 and never count in the depth loss.
     """
@@ -390,6 +394,44 @@ def load_disparity(
     return disp[0].permute(1, 2, 0).float(), mask[0].permute(1, 2, 0)
 
 
+MOVED_FROM = "--pipeline.model.relative-disparity-"
+"""The flags' prefix when these options were the model's (tyro takes aliases verbatim, so each
+alias is the whole flag). Removal: with the other old flags, at version 0.2.0."""
+
+
+@dataclass
+class RelativeDisparityConfig:
+    """The depth loss's target for relative pseudo-GT disparity (depth kind 'disparity'): each image's
+    robust range mapped onto the canonical scene's disparity. The target depends on the data alone, so
+    the dataset computes it once per image as it reads the depth (:meth:`target`); the model takes
+    the item's disparity as its target as is, metric or relative."""
+
+    percentiles: renamed(ranged(Tuple[float, float], 0, 100), MOVED_FROM + "percentiles") = (5.0, 95.0)
+    """Relative pseudo-GT disparity (depth kind 'disparity': what a monocular network gives a photo,
+    unknown scale and shift per image): these percentiles of each image's valid pixels ..."""
+    target_range: renamed(ranged(Tuple[float, float], 0), MOVED_FROM + "range") = (0.0, 0.83)
+    """... are mapped onto this (far, near) disparity of the canonical scene. 0 puts the farthest 5%
+    at infinity (sky, distant background); 0.83 puts the nearest 5% 1.2 units from the camera (0.8
+    units in front of the pivot): in the median synthetic scene the 95th percentile of the true
+    disparity is 0.83 (ground 0.5 below the camera, seen at the bottom edge). The target depends on
+    the pseudo-GT only: a flat or inverted NeRF cannot match it (fitting the
+    pseudo-GT to the render instead scores flat geometry zero), and it is invariant to a * d + b (a > 0)
+    of the pseudo-GT."""
+
+    def target(self, disparity: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One image's relative disparity ``[S, S, 1]`` and its valid mask ``[S, S, 1]`` bool ->
+        ``(target, mask)``: the canonical scene's disparity ``[S, S, 1]``
+        (:func:`~vq3d_nerfstudio.stage1.losses.canonical_disparity` with the anchors
+        :func:`~vq3d_nerfstudio.stage1.losses.disparity_anchors` of the valid pixels), and the mask, all
+        False when the anchors coincide (a flat pseudo-GT says nothing about depth). Every pixel is
+        mapped, invalid ones (0) too, so the map is one affine function of the pseudo-GT (the
+        discriminator's disparity, normalised per image, sees the same shape)."""
+        low, high = disparity_anchors(disparity[None], mask[None], self.percentiles)
+        pixels = disparity.reshape(-1, 1)
+        target, ok = canonical_disparity(pixels, low.expand(len(pixels)), high.expand(len(pixels)), self.target_range)
+        return target.reshape(disparity.shape), mask & ok.reshape(mask.shape)
+
+
 MIN_VALID_DEPTH_FRACTION = 0.01
 """Below this fraction of valid depth pixels in the batches seen so far, training warns (once): the
 depth loss then hardly sees any depth although the dataset declares it."""
@@ -431,7 +473,9 @@ class DepthCoverage:
 class Vq3dImageDataset(InputDataset):
     """Items: ``image`` ``[S, S, 3]`` float in [0, 1], ``image_idx``, ``class_id`` (-1 when unknown),
     ``skipped`` (see ``SKIPPED_KEY``), and with depth ``disparity`` ``[S, S, 1]`` plus
-    ``disparity_mask`` ``[S, S, 1]`` bool.
+    ``disparity_mask`` ``[S, S, 1]`` bool: the depth loss's target, metric disparity as read, or
+    relative pseudo-GT already mapped onto the canonical scene by ``relative_disparity`` (its
+    :meth:`RelativeDisparityConfig.target`; default: its defaults).
 
     Nothing is cached: a 1.28M-image collection never sits in memory.
 
@@ -444,7 +488,10 @@ class Vq3dImageDataset(InputDataset):
 
     exclude_batch_keys_from_device = []
 
-    def __init__(self, dataparser_outputs: DataparserOutputs, scale_factor: float = 1.0, strict: bool = False):
+    def __init__(
+        self, dataparser_outputs: DataparserOutputs, scale_factor: float = 1.0, strict: bool = False,
+        relative_disparity: Optional[RelativeDisparityConfig] = None,
+    ):
         if "shard_root" in dataparser_outputs.metadata:
             raise DatasetError(
                 f"{dataparser_outputs.metadata['shard_root']}: prepared shards are streamed by the datamanager "
@@ -454,6 +501,7 @@ class Vq3dImageDataset(InputDataset):
         self.image_size = int(self.cameras.width[0, 0])
         self.depth_kind: str = self.metadata.get("depth_kind", "none")
         self.depth_filenames: Optional[list] = self.metadata.get("depth_filenames")
+        self.relative_disparity = relative_disparity or RelativeDisparityConfig()
         self.class_ids: list = self.metadata.get("class_ids", [-1] * len(self))
         self.strict = strict
         self.bad_files: Dict[int, str] = {}  # index -> "<path>\t<reason>", found by this copy
@@ -470,6 +518,8 @@ class Vq3dImageDataset(InputDataset):
             scales = self.metadata.get("depth_scales")  # set for posed data: into each image's canonical frame
             scale = 1.0 if scales is None else float(scales[image_idx])
             disp, mask = load_disparity(depth_path, self.depth_kind, image_size_of(path), self.image_size, scale)
+            if self.depth_kind == "disparity":
+                disp, mask = self.relative_disparity.target(disp, mask)
             data["disparity"] = disp
             data["disparity_mask"] = mask
         return data

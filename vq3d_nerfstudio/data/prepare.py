@@ -4,7 +4,7 @@ Shard membership is fixed by the input list alone: inputs are ordered by a hash 
 path (classes mixed across shards, so a shard-level shuffle plus a small buffer gives mixed
 batches) and shard ``k`` holds inputs ``[k * shard_size, (k + 1) * shard_size)`` minus the bad
 ones. A restart therefore rebuilds exactly the shards that are missing, byte for byte (see
-:mod:`vq3d_nerfstudio.data.shards` for the format).
+:mod:`vq3d_nerfstudio.data.shard_format` for the format).
 
 Which sibling depth files are used, and as what kind, is decided by the rule the ``vq3d-images``
 dataparser uses (:func:`~vq3d_nerfstudio.data.folders.sibling_depth_kind`), so that preparing a
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from vq3d_nerfstudio.data import shards as fmt
+from vq3d_nerfstudio.data import shard_format as fmt
 from vq3d_nerfstudio.data.dataset import image_size_of, load_disparity, load_image
 from vq3d_nerfstudio.data.folders import IMAGE_EXTENSIONS, DepthKind, scan_image_folder, sibling_depth_kind
-from vq3d_nerfstudio.data.shards import (
+from vq3d_nerfstudio.data.shard_format import (
     INDEX_NAME,
     IndexDamagedError,
     ShardError,
@@ -36,11 +36,11 @@ from vq3d_nerfstudio.data.shards import (
     encode_image,
     read_index,
 )
-from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.errors import DatasetError, Vq3dError
 from vq3d_nerfstudio.files import write_atomic
 
 
-class PrepareError(ValueError):
+class PrepareError(Vq3dError, ValueError):
     """A problem with the inputs or options of ``vq3d prepare``; the message names the file and the fix."""
 
 
@@ -418,7 +418,7 @@ def prepare_shards(
 def verify_prepared(output: Path) -> Tuple[int, List[str]]:
     """``vq3d prepare --verify``: ``(number of shards, one line per shard that is missing or whose size
     or sha256 differs from index.json)``. Reads every byte; writes nothing. An unreadable or
-    unfinished index is a :class:`~vq3d_nerfstudio.data.shards.ShardError`."""
+    unfinished index is a :class:`~vq3d_nerfstudio.data.shard_format.ShardError`."""
     index = read_index(Path(output), require_complete=False)  # the full check below, not the sizes alone
     if not index.get("complete"):
         raise ShardError(f"{Path(output) / INDEX_NAME}: `vq3d prepare` did not finish; rerun it with the same options to complete the shards")

@@ -18,7 +18,7 @@ shards backwards). Each item is read by its byte offset when asked for; nothing 
 
 **Where from.** The dataparser's sets need local files (byte offsets, ``tarfile``); the training
 stream is webdataset's and also reads shards from URLs, ``pipe:`` commands and brace patterns
-(:class:`ShardReader` takes any of them; see :mod:`vq3d_nerfstudio.data.shards`).
+(:class:`ShardReader` takes any of them; see :mod:`vq3d_nerfstudio.data.shard_sources`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterator, List, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Union
 
 import torch
 from nerfstudio.data.datasets.base_dataset import InputDataset
@@ -34,21 +34,15 @@ from nerfstudio.data.datasets.base_dataset import InputDataset
 from vq3d_nerfstudio.data.dataset import (
     MAX_REPLACEMENT_TRIES,
     SKIPPED_KEY,
+    RelativeDisparityConfig,
     item_or_next_readable,
     nothing_readable,
     skip_entry,
 )
 from vq3d_nerfstudio.data.folders import split_fraction
-from vq3d_nerfstudio.data.shards import (
-    FORMAT_NAME,
-    INDEX_NAME,
-    SampleLocation,
-    ShardError,
-    ShardReader,
-    decode_sample,
-    read_sample,
-    scan_shard,
-)
+from vq3d_nerfstudio.data.shard_access import SampleLocation, read_sample, scan_shard
+from vq3d_nerfstudio.data.shard_format import FORMAT_NAME, INDEX_NAME, ShardError, decode_sample
+from vq3d_nerfstudio.data.shard_stream import ShardReader
 
 
 def is_prepared_folder(root: Path) -> bool:
@@ -112,33 +106,47 @@ def preview_locations(root: Path, index: Dict[str, Any], rule: HeldOut, max_imag
     return found[len(found) - max_images :] if len(found) > max_images else found
 
 
-def to_item(sample: Dict[str, Any], use_depth: bool) -> Dict[str, Any]:
+def to_item(sample: Dict[str, Any], use_depth: bool, relative: Optional[RelativeDisparityConfig] = None) -> Dict[str, Any]:
     """A decoded shard sample -> the item format of :class:`~vq3d_nerfstudio.data.dataset.Vq3dImageDataset`
     (without ``image_idx``): ``image`` ``[S, S, 3]``, ``class_id`` long, and with depth ``disparity``
-    ``[S, S, 1]`` (0 where unknown) plus ``disparity_mask`` ``[S, S, 1]`` bool (finite in the shard)."""
+    ``[S, S, 1]`` (0 where unknown) plus ``disparity_mask`` ``[S, S, 1]`` bool (finite in the shard);
+    ``relative`` given (relative pseudo-GT), the disparity is its target
+    (:meth:`~vq3d_nerfstudio.data.dataset.RelativeDisparityConfig.target`)."""
     item: Dict[str, Any] = {"image": sample["image"], "class_id": torch.tensor(sample["class_id"], dtype=torch.long)}
     if use_depth:
         disparity = sample["disparity"]
         valid = torch.isfinite(disparity)
-        item["disparity"] = torch.where(valid, disparity, torch.zeros_like(disparity))[..., None]
-        item["disparity_mask"] = valid[..., None]
+        disparity, valid = torch.where(valid, disparity, torch.zeros_like(disparity))[..., None], valid[..., None]
+        if relative is not None:
+            disparity, valid = relative.target(disparity, valid)
+        item["disparity"], item["disparity_mask"] = disparity, valid
     return item
+
+
+def relative_target(depth_kind: str, config: Optional[RelativeDisparityConfig]) -> Optional[RelativeDisparityConfig]:
+    """What maps prepared data's depth onto its target: ``config`` (default: its defaults) for relative
+    pseudo-GT (``depth_kind`` 'disparity'), None for metric depth or none."""
+    return (config or RelativeDisparityConfig()) if depth_kind == "disparity" else None
 
 
 class ShardImageDataset(InputDataset):
     """The eval set or the training preview of a prepared folder (the samples the dataparser listed
     in ``metadata["shard_samples"]``), read by byte offset on each access. Items as
     :class:`~vq3d_nerfstudio.data.dataset.Vq3dImageDataset`'s: ``image`` ``[S, S, 3]``, ``image_idx``,
-    ``class_id``, and with depth ``disparity`` / ``disparity_mask`` ``[S, S, 1]``."""
+    ``class_id``, and with depth ``disparity`` / ``disparity_mask`` ``[S, S, 1]`` (relative
+    pseudo-GT mapped by ``relative_disparity``, see :func:`relative_target`)."""
 
     exclude_batch_keys_from_device: List[str] = []
 
-    def __init__(self, dataparser_outputs, scale_factor: float = 1.0):
+    def __init__(
+        self, dataparser_outputs, scale_factor: float = 1.0, relative_disparity: Optional[RelativeDisparityConfig] = None
+    ):
         super().__init__(dataparser_outputs, scale_factor)
         self.image_size = int(self.cameras.width[0, 0])
         self.root = Path(self.metadata["shard_root"])
         self.locations: List[SampleLocation] = self.metadata["shard_samples"]
         self.use_depth = self.metadata.get("depth_kind", "none") != "none"
+        self.relative = relative_target(self.metadata.get("depth_kind", "none"), relative_disparity)
         self.strict = False
         """Raise at a sample that cannot be decoded, instead of returning the next readable one (the
         policy of :func:`~vq3d_nerfstudio.data.dataset.item_or_next_readable`)."""
@@ -148,7 +156,7 @@ class ShardImageDataset(InputDataset):
         location = self.locations[image_idx]
         raw = read_sample(self.root, location)
         sample = decode_sample(raw, self.root / location.shard, self.image_size, self.use_depth)
-        return {"image_idx": image_idx, **to_item(sample, self.use_depth)}
+        return {"image_idx": image_idx, **to_item(sample, self.use_depth, self.relative)}
 
     def __getitem__(self, image_idx: int) -> Dict:
         return item_or_next_readable(self, image_idx, lambda i: sample_name(self.root / self.locations[i].shard, self.locations[i].key))
@@ -164,7 +172,8 @@ class TrainingStream(torch.utils.data.IterableDataset):
     dry, and a batch may span an epoch boundary. Each epoch calls ``reader.set_epoch`` (new shard
     order and shuffle, the same split between ranks) inside the DataLoader worker that iterates it.
 
-    Items as :func:`to_item`, plus ``image_idx`` (the sample's key: its position in the prepared
+    Items as :func:`to_item` (with ``relative``: relative pseudo-GT mapped onto its target, see
+    :func:`relative_target`), plus ``image_idx`` (the sample's key: its position in the prepared
     input list, unique and stable) and ``camera_idx`` 0 (every image has the canonical camera).
     A worker whose epoch holds no sample (more workers than a tiny rank's images) stops; when all
     stop, the DataLoader ends and the datamanager reports it.
@@ -175,10 +184,14 @@ class TrainingStream(torch.utils.data.IterableDataset):
     datamanager warns about and counts, until :data:`MAX_REPLACEMENT_TRIES` in a row were bad.
     """
 
-    def __init__(self, reader: ShardReader, use_depth: bool, start_epoch: int = 0, strict: bool = False):
+    def __init__(
+        self, reader: ShardReader, use_depth: bool, start_epoch: int = 0, strict: bool = False,
+        relative: Optional[RelativeDisparityConfig] = None,
+    ):
         super().__init__()
         self.reader = reader
         self.use_depth = use_depth
+        self.relative = relative
         self.start_epoch = start_epoch
         self.strict = strict
         if not use_depth:
@@ -201,7 +214,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
                         raise nothing_readable(skipped) from err
                     continue
                 count += 1
-                item = {"image_idx": int(sample["key"]), "camera_idx": 0, **to_item(sample, self.use_depth)}
+                item = {"image_idx": int(sample["key"]), "camera_idx": 0, **to_item(sample, self.use_depth, self.relative)}
                 yield {**item, SKIPPED_KEY: "\n".join(skipped)}
                 skipped = []
             if count == 0:

@@ -8,8 +8,9 @@ Conventions
 * World: y is up. The ground is the plane ``y = GROUND_Y = -0.5``.
 * Cameras follow the nerfstudio / OpenGL convention: camera x right, y up, looking
   down -z. ``transform_matrix`` / ``c2w`` is the 4x4 camera-to-world matrix.
-* Canonical camera: at ``(0, 0, CANONICAL_DISTANCE)`` looking at the origin (the
-  pivot), pinhole, ``CANONICAL_FOV_DEG`` horizontal field of view, square R x R
+* Canonical camera: the default :class:`~vq3d_nerfstudio.geometry.poses.CanonicalCamera`
+  (:data:`CAMERA`), at ``(0, 0, distance)`` looking at the origin (the
+  pivot), pinhole, ``fov_deg`` horizontal field of view, square R x R
   images with ``fl_x = fl_y = (R / 2) / tan(fov / 2)`` and ``cx = cy = R / 2``.
   Pixel (row i, column j) has its centre ray along, in camera coordinates,
   ``((j + 0.5 - cx) / fl_x, -(i + 0.5 - cy) / fl_y, -1)``.
@@ -44,7 +45,7 @@ from typing import ClassVar, List, Optional, Tuple, Union
 import numpy as np
 
 from vq3d_nerfstudio.files import disk_full_as_error, write_atomic
-from vq3d_nerfstudio.geometry.poses import CANONICAL_DISTANCE, focal_length, intrinsics, orbit_matrix
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera, orbit_matrix
 
 __all__ = [
     "AMBIENT",
@@ -78,6 +79,10 @@ GROUND_Y = -0.5
 AMBIENT = 0.35
 DIFFUSE = 0.65
 
+CAMERA = CanonicalCamera()
+"""The canonical camera the scenes are rendered from (view 0) and orbit around: the default one,
+which the dataparser and the model hold by default."""
+
 VIEW_OFFSETS_DEG: Tuple[Tuple[float, float], ...] = (
     (0.0, 0.0),
     (-20.0, 0.0),
@@ -102,7 +107,7 @@ Color = Tuple[float, float, float]
 
 @lru_cache(maxsize=16)
 def _camera_directions_cached(resolution: int) -> np.ndarray:
-    f = focal_length(resolution)
+    f = CAMERA.focal_length(resolution)
     c = resolution / 2.0
     coords = np.arange(resolution, dtype=np.float64) + 0.5 - c
     jj, ii = np.meshgrid(coords, coords, indexing="xy")  # jj varies along columns
@@ -454,8 +459,8 @@ SCENE_CLASSES = ("box", "cylinder", "sphere")
 
 def scene_class(scene: SynthScene) -> str:
     """``'sphere'``, ``'box'`` or ``'cylinder'``: the kind of the object whose centre is nearest the
-    canonical camera at ``(0, 0, CANONICAL_DISTANCE)`` (the most visible one)."""
-    camera = np.array([0.0, 0.0, CANONICAL_DISTANCE])
+    canonical camera (the most visible one)."""
+    camera = np.array(CAMERA.position)
     nearest = min(scene.objects, key=lambda obj: float(np.linalg.norm(np.asarray(obj.center) - camera)))
     return {Sphere: "sphere", Box: "box", Cylinder: "cylinder"}[type(nearest)]
 
@@ -475,7 +480,7 @@ def write_scene(scene_dir: Union[str, Path], index: int, seed: int, resolution: 
     scene = sample_scene(scene_rng(seed, index))
     frames = []
     for k, (yaw, el) in enumerate(VIEW_OFFSETS_DEG[:num_views]):
-        c2w = orbit_matrix(yaw, el)
+        c2w = orbit_matrix(yaw, el, CAMERA.distance)
         rgb, depth, foreground = render_view_with_foreground(scene, c2w, resolution)
         image_rel = f"images/frame_{k:05d}.png"
         depth_rel = f"depths/frame_{k:05d}.npy"
@@ -494,7 +499,7 @@ def write_scene(scene_dir: Union[str, Path], index: int, seed: int, resolution: 
             }
         )
     transforms = {
-        **intrinsics(resolution),
+        **CAMERA.intrinsics(resolution),
         "camera_model": "OPENCV",
         "k1": 0.0,
         "k2": 0.0,

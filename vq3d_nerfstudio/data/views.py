@@ -31,11 +31,18 @@ from nerfstudio.cameras.cameras import CameraType
 from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 from nerfstudio.data.scene_box import SceneBox
 
-from vq3d_nerfstudio.data.dataset import Vq3dImageDataset, center_crop_box, image_size_of, load_disparity, load_image
+from vq3d_nerfstudio.data.dataset import (
+    RelativeDisparityConfig,
+    Vq3dImageDataset,
+    center_crop_box,
+    image_size_of,
+    load_disparity,
+    load_image,
+)
 from vq3d_nerfstudio.data.scenes import load_scene
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.geometry.cameras import canonical_cameras
-from vq3d_nerfstudio.geometry.poses import align_pose, canonical_alignment
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera, align_pose, canonical_alignment
 
 
 @dataclass
@@ -153,9 +160,9 @@ def posed_views_from_scene_files(transforms_files: Sequence[Path]) -> PosedViews
 
 
 def single_image_outputs(
-    outputs: DataparserOutputs, name: str, image_size: int, distance: float, fov_deg: float
+    outputs: DataparserOutputs, name: str, image_size: int, camera: CanonicalCamera
 ) -> DataparserOutputs:
-    """A nerfstudio dataparser's outputs as VQ3D's single images: one canonical camera per image,
+    """A nerfstudio dataparser's outputs as VQ3D's single images: ``camera`` for every image,
     depth (when the dataparser lists depth files) as z-depth rescaled into each image's canonical
     frame (``metadata["depth_scales"]``: canonical units per file unit), no class labels, and the
     posed views for multi-view supervision (``metadata["posed_views"]``, ``["input_views"]``).
@@ -171,7 +178,7 @@ def single_image_outputs(
     views = posed_views_from_outputs(outputs)
     num = len(views.images)
     depth_files = views.depths
-    scales = [views.depth_scale * views.alignment(i, distance)[1] for i in range(num)] if depth_files else None
+    scales = [views.depth_scale * views.alignment(i, camera.distance)[1] for i in range(num)] if depth_files else None
     extent = 3.0
     metadata: Dict = {
         "depth_filenames": depth_files,
@@ -180,14 +187,13 @@ def single_image_outputs(
         "class_ids": [-1] * num,
         "class_names": [],
         "image_keys": [p.as_posix() for p in views.images],
-        "camera_distance": distance,
-        "fov_deg": fov_deg,
+        "canonical_camera": camera,
         "posed_views": views,
         "input_views": list(range(num)),
     }
     return DataparserOutputs(
         image_filenames=list(views.images),
-        cameras=canonical_cameras(num, image_size, distance, fov_deg),
+        cameras=canonical_cameras(num, image_size, camera.distance, camera.fov_deg),
         scene_box=SceneBox(aabb=torch.tensor([[-extent] * 3, [extent] * 3], dtype=torch.float32)),
         metadata=metadata,
     )
@@ -199,7 +205,7 @@ def check_perspective(outputs: DataparserOutputs, name: str) -> None:
     if any(t != CameraType.PERSPECTIVE.value for t in types):
         raise DatasetError(
             f"{name}: multi-view supervision needs pinhole (perspective) cameras, this data has camera types "
-            f"{[CameraType(t).name for t in types]}; train without --pipeline.datamanager.multiview-supervision"
+            f"{[CameraType(t).name for t in types]}; train without --pipeline.datamanager.use-multiview-supervision"
         )
 
 
@@ -210,19 +216,23 @@ class MultiviewDataset(Vq3dImageDataset):
     - ``view_poses`` ``[V, 3, 4]`` camera-to-world in the input's canonical frame (view 0 is the
       canonical camera) and ``view_intrinsics`` ``[V, 4]`` (``fx, fy, cx, cy`` of the resized image);
     - with metric depth, ``view_disparity`` ``[V, S, S, 1]`` (``1 / z`` in canonical units) and
-      ``view_disparity_mask``; with relative depth the supervising views' masks are all False (their
-      pseudo-depth has its own unknown scale and shift, not the input's).
+      ``view_disparity_mask``; with relative depth view 0 holds the input's target (see
+      :class:`~vq3d_nerfstudio.data.dataset.Vq3dImageDataset`) and the supervising views are 0 with
+      masks all False (their pseudo-depth has its own unknown scale and shift, not the input's).
 
     Supervising views are drawn at random among the scene's other training views (with
     replacement when it has fewer than ``num_views``; the input itself when it has none).
     """
 
-    def __init__(self, dataparser_outputs: DataparserOutputs, num_views: int, strict: bool = False):
-        super().__init__(dataparser_outputs, strict=strict)
+    def __init__(
+        self, dataparser_outputs: DataparserOutputs, num_views: int, strict: bool = False,
+        relative_disparity: Optional[RelativeDisparityConfig] = None,
+    ):
+        super().__init__(dataparser_outputs, strict=strict, relative_disparity=relative_disparity)
         self.views: PosedViews = self.metadata["posed_views"]
         self.input_views: List[int] = self.metadata["input_views"]
         self.num_views = num_views
-        self.distance = float(self.metadata.get("camera_distance", 2.0))
+        self.distance = self.metadata["canonical_camera"].distance  # the dataparser's, never a default
         self.scene_views: Dict[int, List[int]] = {}
         for v, scene in enumerate(self.views.scene_ids):
             self.scene_views.setdefault(scene, []).append(v)

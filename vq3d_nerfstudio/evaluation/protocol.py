@@ -69,6 +69,7 @@ def evaluate_scene(
     world_to_cam0, scale = canonical_alignment(scene.camera_to_worlds[0], distance, scene.pivot, median)
     poses = [align_pose(c2w, world_to_cam0, scale, distance) for c2w in scene.camera_to_worlds]
     outputs = render(load_input(scene.images[0]), poses, scene.intrinsics)
+
     def ground_truth(image: Path) -> torch.Tensor:
         gt = load_rgb(image)
         if tuple(gt.shape[:2]) != hw:

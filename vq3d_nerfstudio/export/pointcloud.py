@@ -1,30 +1,9 @@
-"""Point clouds of a NeRF: the expected-depth points of orbiting rays, and their PLY file."""
+"""Point clouds of a NeRF: the expected-depth points of orbiting rays (their PLY file is
+:func:`vq3d_nerfstudio.export.ply.write_point_ply`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
-from plyfile import PlyData, PlyElement
-
-from vq3d_nerfstudio.files import atomic_path
-
-
-def write_point_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray) -> None:
-    """Binary little-endian PLY with float xyz, float normals and uchar RGB (what ns-export and
-    MeshLab / CloudCompare / Blender read), through ``plyfile``, written atomically. ``colors`` in [0, 1]."""
-    count = len(points)
-    rgb = (np.clip(colors, 0, 1) * 255 + 0.5).astype(np.uint8)
-    vertex = np.empty(count, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("nx", "<f4"), ("ny", "<f4"),
-                                     ("nz", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-    for i, key in enumerate("xyz"):
-        vertex[key] = points[:, i]
-        vertex["n" + key] = normals[:, i]
-    for i, key in enumerate(("red", "green", "blue")):
-        vertex[key] = rgb[:, i]
-    with atomic_path(path) as tmp:
-        PlyData([PlyElement.describe(vertex, "vertex")], text=False, byte_order="<").write(str(tmp))
 
 
 @torch.no_grad()

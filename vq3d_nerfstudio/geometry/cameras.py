@@ -10,7 +10,7 @@ import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.model_components.ray_generators import RayGenerator
 
-from vq3d_nerfstudio.geometry.poses import dolly_path, focal_length, orbit_matrix, orbit_path
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera, dolly_path, focal_length, orbit_matrix, orbit_path
 
 
 def ray_generator(cameras: Cameras) -> RayGenerator:
@@ -108,6 +108,8 @@ def sample_novel_poses(
         for a, b, c in u.tolist()
     ]
     return torch.from_numpy(np.stack(poses)[:, :3]).float()
+
+
 def orbit_rays(
     num_rays: int,
     image_size: int,
@@ -141,8 +143,9 @@ if __name__ == "__main__":
 
     out = Path(__file__).resolve().parents[2] / "configs" / "camera_paths"
     out.mkdir(parents=True, exist_ok=True)
-    path = camera_path_dict(orbit_path(48, 20.0, 8.0), 64, 2.0, 50.0, seconds=2.0)
+    camera = CanonicalCamera()
+    path = camera_path_dict(orbit_path(48, 20.0, 8.0), 64, camera.distance, camera.fov_deg, seconds=2.0)
     (out / "orbit.json").write_text(json.dumps(path, indent=1) + "\n")
-    dolly = camera_path_dict(dolly_path(48, 2.0, 1.4), 64, 2.0, 50.0, seconds=2.0)
+    dolly = camera_path_dict(dolly_path(48, camera.distance, 1.4), 64, camera.distance, camera.fov_deg, seconds=2.0)
     (out / "dolly_in.json").write_text(json.dumps(dolly, indent=1) + "\n")
     print(f"wrote {out / 'orbit.json'} and {out / 'dolly_in.json'}")

@@ -1,34 +1,69 @@
-"""Camera poses in plain numpy (no torch, no nerfstudio): see the package docstring for the convention."""
+"""Camera poses in plain numpy (no torch, no nerfstudio): the canonical camera, and poses around it;
+see the package docstring for the convention."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import tyro
+from typing_extensions import Annotated
 
-CANONICAL_DISTANCE = 2.0
+from vq3d_nerfstudio.checks import PositiveFloat, ranged
 
 
-CANONICAL_FOV_DEG = 50.0
-
-
-def focal_length(resolution: int, fov_deg: float = CANONICAL_FOV_DEG) -> float:
+def focal_length(resolution: int, fov_deg: float) -> float:
     """Focal length in pixels of a ``resolution``-wide pinhole with horizontal FOV ``fov_deg``."""
     return (resolution / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
 
 
-def intrinsics(resolution: int, fov_deg: float = CANONICAL_FOV_DEG) -> dict:
-    """nerfstudio-style intrinsics dict for a square ``resolution`` x ``resolution`` image."""
-    f = focal_length(resolution, fov_deg)
-    return {
-        "fl_x": f,
-        "fl_y": f,
-        "cx": resolution / 2.0,
-        "cy": resolution / 2.0,
-        "w": int(resolution),
-        "h": int(resolution),
-    }
+@dataclass(frozen=True)
+class CanonicalCamera:
+    """The camera every input image is seen by: at ``(0, 0, distance)`` with identity rotation
+    (OpenGL: looking down -z at the pivot, the origin), a square pinhole with ``fov_deg`` horizontal
+    (= vertical) field of view; novel views orbit the pivot at ``distance``.
+
+    One object: the dataparser config and the model config each hold one (they must be equal; the
+    pipeline checks), a model package keeps it in ``config.json``, and everything derived from it
+    (focal length, intrinsics, pose) is computed here. ``vq3d synth`` renders the default one.
+    The old flags ``--camera-distance`` / ``--fov-deg`` still set it."""
+
+    distance: Annotated[PositiveFloat, tyro.conf.arg(aliases=("--camera-distance",))] = 2.0
+    """Distance of the canonical camera from the pivot (world units). Change only together with the data."""
+    fov_deg: Annotated[ranged(float, 0, 180, low_open=True, high_open=True), tyro.conf.arg(aliases=("--fov-deg",))] = 50.0
+    """Horizontal (= vertical: square images) field of view of the canonical camera, degrees."""
+
+    @property
+    def tan_half_fov(self) -> float:
+        """``tan(fov / 2)``: half the image's width at depth 1 (world units)."""
+        return math.tan(math.radians(self.fov_deg) / 2.0)
+
+    @property
+    def position(self) -> Tuple[float, float, float]:
+        """Where the camera sits, world units; it looks at the pivot, the origin."""
+        return (0.0, 0.0, float(self.distance))
+
+    def focal_length(self, size: int) -> float:
+        """Focal length in pixels of a ``size`` x ``size`` image: ``(size / 2) / tan(fov / 2)``."""
+        return focal_length(size, self.fov_deg)
+
+    def intrinsics(self, size: int) -> dict:
+        """nerfstudio-style intrinsics (``fl_x``, ``fl_y``, ``cx``, ``cy``, ``w``, ``h``; pixels) of a
+        ``size`` x ``size`` image, principal point at the centre."""
+        f = self.focal_length(size)
+        return {"fl_x": f, "fl_y": f, "cx": size / 2.0, "cy": size / 2.0, "w": int(size), "h": int(size)}
+
+    def camera_to_world(self) -> np.ndarray:
+        """``[4, 4]`` float64 OpenGL camera-to-world: identity rotation, translation :attr:`position`."""
+        c2w = np.eye(4, dtype=np.float64)
+        c2w[:3, 3] = self.position
+        return c2w
+
+    def describe(self) -> str:
+        """``distance 2, field of view 50 degrees``: for messages and model cards."""
+        return f"distance {self.distance:g}, field of view {self.fov_deg:g} degrees"
 
 
 def look_at(
@@ -58,7 +93,7 @@ def look_at(
 
 
 def orbit_matrix(
-    yaw_deg: float, elevation_deg: float, distance: float = CANONICAL_DISTANCE
+    yaw_deg: float, elevation_deg: float, distance: float = CanonicalCamera.distance
 ) -> np.ndarray:
     """OpenGL camera-to-world 4x4 (float64) of an orbit camera looking at the origin.
 
@@ -71,12 +106,9 @@ def orbit_matrix(
     pos = distance * np.array(
         [math.cos(el) * math.sin(yaw), math.sin(el), math.cos(el) * math.cos(yaw)]
     )
-    c2w = look_at(pos)
     if yaw_deg == 0.0 and elevation_deg == 0.0:
-        # Exact canonical camera (no rounding noise in the rotation).
-        c2w[:3, :3] = np.eye(3)
-        c2w[:3, 3] = (0.0, 0.0, distance)
-    return c2w
+        return CanonicalCamera(distance).camera_to_world()  # exact: no rounding noise in the rotation
+    return look_at(pos)
 
 
 def orbit_path(num_frames: int, max_yaw_deg: float, max_elevation_deg: float) -> List[Tuple[float, float]]:

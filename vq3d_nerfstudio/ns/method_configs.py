@@ -18,6 +18,7 @@ from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.ns.pipeline import Vq3dPipelineConfig
 from vq3d_nerfstudio.ns.schedulers import WarmupCosineSchedulerConfig
 from vq3d_nerfstudio.ns.trainer import AdamConfig, AdamWithBetasConfig, Vq3dTrainerConfig
+from vq3d_nerfstudio.stage1.adversarial import DISCRIMINATOR, AdversarialConfig
 from vq3d_nerfstudio.stage1.model import Vq3dModelConfig
 from vq3d_nerfstudio.stage1.quantizer import FSQConfig
 
@@ -37,8 +38,8 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             # 3D-aware GAN: D sees 64 px renders of canonical and novel views (full 256 px renders
             # of 8 images x 2 views would be 1M rays a step); adversarial loss after the
             # reconstruction has formed (VQGAN starts its discriminator late too); LPIPS-VGG.
-            adversarial_loss_mult=0.1, adversarial_start_step=20_000, adversarial_ramp_steps=5_000,
-            gan_resolution=64, gan_images_per_batch=8, perceptual_loss_mult=0.1,
+            adversarial=AdversarialConfig(loss_mult=0.1, start_step=20_000, ramp_steps=5_000, resolution=64, images_per_batch=8),
+            perceptual_loss_mult=0.1,
         ),
         data=dict(images_per_batch=8, rays_per_image=1024, num_workers=8),
         train=dict(lr=1e-4, d_lr=2e-4, max_steps=500_000, warmup=5_000, device_type="cuda", steps_per_save=2_000, steps_per_eval=1_000),
@@ -56,10 +57,10 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
             quantizer=FSQConfig(levels=(8, 8, 8, 6, 5)),
             triplane_resolution=64, triplane_margin=3, triplane_channels=16, field_hidden_dim=64,
             coarse_samples_per_ray=24, fine_samples_per_ray=24,
-            # GAN off by default (turn on with --pipeline.model.adversarial-loss-mult 0.1): on 2
+            # GAN off by default (turn on with --pipeline.model.adversarial.loss-mult 0.1): on 2
             # cores it costs steps (BENCHMARKS.md). When on: 32 px views of 4 images, from step 500.
-            adversarial_loss_mult=0.0, adversarial_start_step=500, adversarial_ramp_steps=500,
-            gan_resolution=32, gan_images_per_batch=4, perceptual_loss_mult=0.0,
+            adversarial=AdversarialConfig(loss_mult=0.0, start_step=500, ramp_steps=500, resolution=32, images_per_batch=4),
+            perceptual_loss_mult=0.0,
         ),
         data=dict(images_per_batch=8, rays_per_image=256, num_workers=1),
         train=dict(lr=1e-3, d_lr=1e-3, max_steps=1_650, warmup=200, device_type="cpu", steps_per_save=250, steps_per_eval=250),
@@ -96,8 +97,8 @@ def build_trainer_config(name: str) -> Vq3dTrainerConfig:
             "autoencoder": schedule(),
             "field": schedule(),
             # StyleGAN2's Adam for the discriminator (beta1 = 0), constant rate; used when
-            # --pipeline.model.adversarial-loss-mult > 0.
-            "discriminator": {"optimizer": AdamWithBetasConfig(lr=p["d_lr"], eps=1e-8, betas=(0.0, 0.99)), "scheduler": None},
+            # --pipeline.model.adversarial.loss-mult > 0.
+            DISCRIMINATOR: {"optimizer": AdamWithBetasConfig(lr=p["d_lr"], eps=1e-8, betas=(0.0, 0.99)), "scheduler": None},
         },
         viewer=ViewerConfig(num_rays_per_chunk=4096, quit_on_train_completion=True),
         vis="viewer",

@@ -19,9 +19,10 @@ from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.cuda.amp.grad_scaler import GradScaler
 
-from vq3d_nerfstudio.checks import check_nerfstudio_command_line, config_type_problem
-from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig
-from vq3d_nerfstudio.data.dataset import load_image
+from vq3d_nerfstudio.checks import check_nerfstudio_command_line, config_type_problem, renamed_fields
+from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig, data_canonical_camera
+from vq3d_nerfstudio.data.dataset import RelativeDisparityConfig, load_image
+from vq3d_nerfstudio.errors import Vq3dError
 from vq3d_nerfstudio.ns.viewer_controls import EditControls, SampleControls, SceneControls, SplatControls, ViewerSetup
 from vq3d_nerfstudio.stage1.model import Vq3dModel, Vq3dModelConfig
 
@@ -40,14 +41,44 @@ class Vq3dPipelineConfig(VanillaPipelineConfig):
     class box and a "Sample a scene" button. The environment variable VQ3D_STAGE2 sets it for
     ns-viewer on an existing run."""
 
+    def __setstate__(self, state: dict) -> None:
+        """A run's ``config.yml`` written when the model read its canonical camera from the data (its
+        model config has none): the model's is the data's, as it was then. Removal: at version 0.2.0,
+        when runs saved before the canonical camera was one object (issue 28) no longer need to load.
+        So does one written when the relative-depth target's options were the model's
+        (``relative_disparity_percentiles`` / ``_range``): their values move to the datamanager's
+        ``relative_disparity``. Removal: with their old flags, at version 0.2.0."""
+        self.__dict__.update(state)
+        model, datamanager = state.get("model"), state.get("datamanager")
+        if model is not None and "canonical_camera" not in vars(model) and datamanager is not None:
+            model.canonical_camera = data_canonical_camera(datamanager.dataparser)
+        if model is not None and isinstance(datamanager, Vq3dDataManagerConfig):
+            moved = {new: vars(model).pop(old) for old, new in renamed_fields(RelativeDisparityConfig).items() if old in vars(model)}
+            if moved:
+                datamanager.relative_disparity = RelativeDisparityConfig(**{**vars(datamanager.relative_disparity), **moved})
+
+
+def check_canonical_cameras(config: Vq3dPipelineConfig) -> None:
+    """``Vq3dError`` when the data's canonical camera (:func:`data_canonical_camera`: vq3d-images'
+    own, the default one for other dataparsers) is not the model's: the data's cameras and the
+    model's tri-plane frustum and novel views must be the same camera."""
+    data_camera = data_canonical_camera(config.datamanager.dataparser)
+    model_camera = config.model.canonical_camera
+    if data_camera != model_camera:
+        raise Vq3dError(
+            f"the dataparser's canonical camera ({data_camera.describe()}) is not the model's "
+            f"({model_camera.describe()}); set both the same (vq3d-images --canonical-camera.distance / "
+            "--canonical-camera.fov-deg and --pipeline.model.canonical-camera.distance / .fov-deg)"
+        )
+
 
 def check_image_sizes(config: Vq3dPipelineConfig) -> None:
-    """``ValueError`` when the data and the model disagree on the image size. The data's size is
+    """``Vq3dError`` when the data and the model disagree on the image size. The data's size is
     vq3d-images' own --image-size, else the datamanager's image_size (any other nerfstudio
     dataparser), else none is set (the model's is used)."""
     data_size = getattr(config.datamanager.dataparser, "image_size", None) or config.datamanager.image_size
     if data_size is not None and data_size != config.model.image_size:
-        raise ValueError(
+        raise Vq3dError(
             f"dataparser image size {data_size} != model image size {config.model.image_size}; "
             "set both (vq3d-images --image-size / --pipeline.model.image-size)"
         )
@@ -57,7 +88,7 @@ def parse_scene_choice(
     choice: str, split_sizes: Optional[Dict[str, int]] = None
 ) -> Optional[Tuple[str, Union[int, Path]]]:
     """``VQ3D_SCENE`` (which scene ns-render / ns-export / the viewer show first) as ``None`` (unset),
-    ``("train" | "eval", N)`` or ``("file", path)``. Stops with one line if it is none of ``eval:N``,
+    ``("train" | "eval", N)`` or ``("file", path)``. A one-line ``Vq3dError`` if it is none of ``eval:N``,
     ``train:N`` (``N`` below that split's size, when ``split_sizes`` gives it) or an existing image file."""
     choice = choice.strip()
     split, _, index = choice.partition(":")
@@ -65,8 +96,8 @@ def parse_scene_choice(
         size = (split_sizes or {}).get(split)
         if size is not None and int(index) >= size:
             valid = {0: "none", 1: f"only {split}:0"}.get(size, f"{split}:0 to {split}:{size - 1}")
-            raise SystemExit(
-                f"vq3d: error: VQ3D_SCENE={choice}: the {split} split has {size} image{'s' if size != 1 else ''} "
+            raise Vq3dError(
+                f"VQ3D_SCENE={choice}: the {split} split has {size} image{'s' if size != 1 else ''} "
                 f"({valid}); give an index in range, or a photo's path"
             )
         return split, int(index)
@@ -74,11 +105,11 @@ def parse_scene_choice(
         return None
     if Path(choice).is_file():
         return "file", Path(choice)
-    raise SystemExit(f"vq3d: error: VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
+    raise Vq3dError(f"VQ3D_SCENE={choice}: no such image file; give eval:N, train:N or a photo's path")
 
 
 def check_checkpoint_fits(model: torch.nn.Module, loaded_state: Dict) -> None:
-    """Stop with one line when a checkpoint's model tensors are missing, extra or shaped
+    """A one-line ``Vq3dError`` when a checkpoint's model tensors are missing, extra or shaped
     differently from ``model``'s (a config.yml that is not the one the checkpoint was trained with)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {}
@@ -97,8 +128,8 @@ def check_checkpoint_fits(model: torch.nn.Module, loaded_state: Dict) -> None:
         example = f"{key} is {list(found[key])} in the checkpoint but {list(expected[key])} in this config"
     else:
         example = f"{(missing or extra)[0]} is {'missing from' if missing else 'extra in'} the checkpoint"
-    raise SystemExit(
-        f"vq3d: error: the checkpoint does not fit this config.yml ({len(resized)} tensors differ in shape, "
+    raise Vq3dError(
+        f"the checkpoint does not fit this config.yml ({len(resized)} tensors differ in shape, "
         f"{len(missing)} missing, {len(extra)} extra; e.g. {example}); load it with the config.yml saved beside it"
     )
 
@@ -118,13 +149,27 @@ class Vq3dPipeline(VanillaPipeline):
         local_rank: int = 0,
         grad_scaler: Optional[GradScaler] = None,
     ):
+        """The error boundary of nerfstudio's commands, which build the pipeline first (ns-render,
+        ns-export, ns-viewer, ns-eval; ns-train and the vq3d subcommands too): a bad ns-render /
+        ns-export option stops with ``"<that command>: error: ..."``, any other ``Vq3dError`` (a
+        hand-edited config.yml, no images, a bad VQ3D_SCENE, ...) with ``"vq3d: error: ..."``."""
+        try:
+            check_nerfstudio_command_line(sys.argv)  # ns-render / ns-export options, before the model loads
+        except Vq3dError as err:
+            raise SystemExit(f"{Path(sys.argv[0]).name}: error: {err}") from None
+        try:
+            self._setup(config, device, test_mode, world_size, local_rank, grad_scaler)
+        except Vq3dError as err:
+            raise SystemExit(f"vq3d: error: {err}") from None
+
+    def _setup(self, config, device, test_mode, world_size, local_rank, grad_scaler) -> None:
         problem = config_type_problem(config, ("pipeline",))  # a hand-edited config.yml (ns-render, ns-viewer, ...)
         if problem is not None:
-            raise SystemExit(f"vq3d: error: the run's config.yml: {problem}; fix it in the file")
+            raise Vq3dError(f"the run's config.yml: {problem}; fix it in the file")
         check_image_sizes(config)
+        check_canonical_cameras(config)
         if not hasattr(config.datamanager.dataparser, "image_size") and config.datamanager.image_size is None:
             config.datamanager.image_size = config.model.image_size  # a nerfstudio dataparser: the model's size
-        check_nerfstudio_command_line(sys.argv)  # ns-render / ns-export options, before the model loads
         parse_scene_choice(os.environ.get("VQ3D_SCENE", ""))
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         sizes = {"train": len(self.datamanager.train_dataset), "eval": len(self.datamanager.eval_dataset)}
@@ -154,7 +199,7 @@ class Vq3dPipeline(VanillaPipeline):
         stage2 = os.environ.get("VQ3D_STAGE2", "").strip() or config.stage2_checkpoint
         if stage2:
             if not Path(stage2).exists():
-                raise SystemExit(f"vq3d: error: stage-2 checkpoint {stage2} does not exist; pass a vq3d-train-stage2 run folder")
+                raise Vq3dError(f"stage-2 checkpoint {stage2} does not exist; pass a vq3d-train-stage2 run folder")
             self._sample_controls = SampleControls(self, Path(stage2), self._scene_controls.shown)
             self.scene_6_sample_class = self._sample_controls.class_label
             self.scene_7_sample_guidance = self._sample_controls.guidance
@@ -167,8 +212,13 @@ class Vq3dPipeline(VanillaPipeline):
 
     def load_pipeline(self, loaded_state: Dict, step: int) -> None:
         """Load a checkpoint, refusing one that does not fit this config. (nerfstudio's own loader
-        falls back to loading whatever matches, which would render noise from a mismatched config.)"""
-        check_checkpoint_fits(self.model, loaded_state)
+        falls back to loading whatever matches, which would render noise from a mismatched config.)
+        An error boundary (nerfstudio's eval_setup and ns-train --load-dir call it): a checkpoint that
+        does not fit stops with ``"vq3d: error: ..."``."""
+        try:
+            check_checkpoint_fits(self.model, loaded_state)
+        except Vq3dError as err:
+            raise SystemExit(f"vq3d: error: {err}") from None
         super().load_pipeline(loaded_state, step)
 
     def load_image(self, split: str, index: int) -> torch.Tensor:

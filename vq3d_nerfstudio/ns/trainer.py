@@ -10,13 +10,15 @@ group: right for a NeRF, wrong for a GAN. Here each iteration is
    generator step cached *detached* (so not one generator parameter moves), plus R1 on real images,
    then a step of the ``discriminator`` group only (gradients averaged across ranks under DDP).
 
-The discriminator is a submodule of the model and has its own param group, so its weights and its
+The discriminator is a submodule of the model (its adversarial component,
+:mod:`~vq3d_nerfstudio.stage1.adversarial`) and has its own param group, so its weights and its
 optimizer state are saved in, and restored from, the usual nerfstudio checkpoint: a resumed run
 continues the same GAN. A step whose loss or gradients are not finite is skipped (no weight or
 optimizer state changes), counted, and logged (``skipped_steps/*``).
 
 Interruption loses nothing: the first Ctrl-C (SIGINT) finishes the current step, saves a checkpoint
-and ends training normally (resume with ``--load-dir``); a second one stops at once. Checkpoints are
+and ends training normally (resume with ``--load-dir``); a second one stops at once
+(:class:`~vq3d_nerfstudio.interrupts.StopRequest`, which stage 2's trainer uses too). Checkpoints are
 written to a temporary file and renamed, so an interrupted save never leaves a truncated ``.ckpt``;
 a save on a full disk stops training in one line naming the file and the last good checkpoint, kept.
 """
@@ -24,7 +26,7 @@ a save on a full disk stops training in one line naming the file and the last go
 from __future__ import annotations
 
 import functools
-import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Type
@@ -37,16 +39,21 @@ from nerfstudio.utils import colormaps, writer
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveFloat, check_options, output_path_problem, ranged
-from vq3d_nerfstudio.data.datamanager import dataset_error_message
-from vq3d_nerfstudio.errors import DatasetError
+from vq3d_nerfstudio.checks import (
+    NonNegativeFloat,
+    PositiveFloat,
+    check_options,
+    output_path_problem,
+    ranged,
+    renamed_option_notes,
+)
+from vq3d_nerfstudio.errors import Vq3dError
 from vq3d_nerfstudio.files import DiskFullError, atomic_path
-from vq3d_nerfstudio.ns.pipeline import check_image_sizes
+from vq3d_nerfstudio.interrupts import StopRequest
+from vq3d_nerfstudio.ns.pipeline import check_canonical_cameras, check_image_sizes
 from vq3d_nerfstudio.ns.schedulers import schedules_for_run
-from vq3d_nerfstudio.stage1.perceptual import LPIPSUnavailable
+from vq3d_nerfstudio.stage1.adversarial import DISCRIMINATOR
 from vq3d_nerfstudio.stage1.quantizer import reset_optimizer_rows
-
-DISCRIMINATOR = "discriminator"
 
 
 @dataclass
@@ -81,16 +88,22 @@ class Vq3dTrainerConfig(TrainerConfig):
 
     def save_config(self) -> None:
         """Check the options before ns-train makes the run folder (finite floats, a writable
-        --output-dir, the data and model image sizes agreeing): a mistake stops in one line and
-        leaves nothing behind. Then nerfstudio's save of config.yml."""
-        check_options(self, "vq3d")
-        problem = output_path_problem(Path(self.output_dir), is_folder=True)
-        if problem is not None:
-            raise SystemExit(f"vq3d: error: --output-dir: {problem}")
+        --output-dir, the data and model image sizes and canonical cameras agreeing): a mistake stops in one line and
+        leaves nothing behind. Then one deprecation line (stderr) for each renamed option's old flag
+        on the command line (:func:`~vq3d_nerfstudio.checks.renamed_option_notes`), and nerfstudio's save
+        of config.yml. The first error boundary of ``ns-train vq3d*`` (the first method of ours it
+        calls): a mistake stops with ``"vq3d: error: ..."``."""
         try:
+            check_options(self)
+            problem = output_path_problem(Path(self.output_dir), is_folder=True)
+            if problem is not None:
+                raise Vq3dError(f"--output-dir: {problem}")
             check_image_sizes(self.pipeline)
-        except ValueError as err:
+            check_canonical_cameras(self.pipeline)
+        except Vq3dError as err:
             raise SystemExit(f"vq3d: error: {err}") from None
+        for note in renamed_option_notes(self, sys.argv[1:]):  # an old flag that still works, once each
+            print(note, file=sys.stderr)
         super().save_config()
 
 
@@ -104,14 +117,16 @@ class Vq3dTrainer(Trainer):
     config: Vq3dTrainerConfig
 
     def setup(self, test_mode="val") -> None:
-        """nerfstudio's setup; a data error found while building the pipeline (no images, an empty
-        folder, a file as --data, ...) stops in one line, and the run folder, which then holds only
-        config.yml, is removed."""
+        """nerfstudio's setup, then the model's preparation for training. The error boundary of
+        building the run: a ``Vq3dError`` (no images, an empty folder, a file as --data, LPIPS weights
+        not on this machine, ...) stops with ``"vq3d: error: ..."``; one from building the pipeline
+        also removes the run folder, which then holds only config.yml (also when the pipeline's own
+        boundary already stopped)."""
         try:
             super().setup(test_mode)
-        except DatasetError as err:
+        except Vq3dError as err:
             self._remove_unused_run_folder()
-            raise SystemExit(f"vq3d: error: {dataset_error_message(err)}") from None
+            raise SystemExit(f"vq3d: error: {err}") from None
         except SystemExit:
             self._remove_unused_run_folder()
             raise
@@ -122,7 +137,7 @@ class Vq3dTrainer(Trainer):
         if hasattr(model, "prepare_training") and test_mode == "val":
             try:
                 model.prepare_training()
-            except LPIPSUnavailable as err:
+            except Vq3dError as err:  # LPIPS weights not on this machine
                 raise SystemExit(f"vq3d: error: {err}") from None
 
     def setup_optimizers(self) -> Optimizers:
@@ -132,21 +147,20 @@ class Vq3dTrainer(Trainer):
         return Optimizers(optimizers, self.pipeline.get_param_groups())
 
     def train(self) -> None:
+        """nerfstudio's training loop under one :class:`~vq3d_nerfstudio.interrupts.StopRequest`
+        (Ctrl-C sets ``stop_training``). The error boundary of training: a ``Vq3dError`` (a strict
+        bad file, a full disk at a checkpoint save, ...) stops it with ``"vq3d: error: <message>"``."""
         self._completed_step = None
-        previous = None
+        notice = "[yellow]Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)"
         try:
-            previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        except ValueError:  # not the main thread (e.g. under a test runner's worker thread)
-            pass
-        try:
-            super().train()
+            with StopRequest(notice, CONSOLE.print, on_request=lambda: setattr(self, "stop_training", True)):
+                super().train()
         except DiskFullError as err:  # a checkpoint save: atomic_path removed its partial file
             kept = sorted(self.checkpoint_dir.glob("step-*.ckpt"))
             last = f"; the last good checkpoint {kept[-1]} is kept" if kept else ""
             raise SystemExit(f"vq3d: error: {err}{last}") from None
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+        except Vq3dError as err:
+            raise SystemExit(f"vq3d: error: {err}") from None
 
     def _remove_unused_run_folder(self) -> None:
         """Delete this run's folder if it holds nothing but config.yml, and the experiment / method
@@ -161,12 +175,6 @@ class Vq3dTrainer(Trainer):
                 folder = folder.parent
         except OSError:  # another rank removed it first, or it was never made
             pass
-
-    def _on_interrupt(self, signum, frame) -> None:
-        if self.stop_training:
-            raise KeyboardInterrupt
-        self.stop_training = True
-        CONSOLE.print("[yellow]Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
 
     def _after_train(self) -> None:
         if getattr(self, "_completed_step", None) is not None:
@@ -206,7 +214,7 @@ class Vq3dTrainer(Trainer):
         try:
             with torch.autocast(device_type=device_type, enabled=self.mixed_precision):
                 outputs, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
-                self.gan_inputs = model.discriminator_inputs(outputs)
+                self.gan_inputs = model.adversarial.discriminator_inputs(outputs)
                 loss = functools.reduce(torch.add, loss_dict.values())
             finite = bool(torch.isfinite(loss))
             if finite:
@@ -224,9 +232,9 @@ class Vq3dTrainer(Trainer):
             self.optimizers.zero_grad_some(generator_groups)
 
         # ---- discriminator step (on the detached renders of this step)
-        if disc_params and finite and model.discriminator_active(step):
+        if disc_params and finite and model.adversarial.active(step):
             self.optimizers.zero_grad_some([DISCRIMINATOR])
-            d_losses, d_metrics = model.get_discriminator_loss_dict(step, self.gan_inputs)
+            d_losses, d_metrics = model.adversarial.get_discriminator_loss_dict(step, self.gan_inputs)
             if d_losses:
                 d_loss = functools.reduce(torch.add, d_losses.values())
                 d_finite = bool(torch.isfinite(d_loss))

@@ -30,7 +30,8 @@ from nerfstudio.viewer.viewer_elements import (
 
 from vq3d_nerfstudio.data.dataset import load_image
 from vq3d_nerfstudio.errors import DatasetError
-from vq3d_nerfstudio.export.splats import SplatSettings, covariances, gaussians_from_nerf
+from vq3d_nerfstudio.export.rasterize import covariances
+from vq3d_nerfstudio.export.splats import SplatSettings, gaussians_from_nerf
 from vq3d_nerfstudio.stage1.edits import EncodedImage, Placement, encode_image, interpolate
 from vq3d_nerfstudio.stage2.checkpoint import CheckpointError
 from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, SceneSampler, class_label_name
@@ -109,7 +110,6 @@ def decode_upload(name: str, content: bytes, size: int):
     ``MAX_UPLOAD_BYTES``, anything Pillow cannot identify, more than ``MAX_UPLOAD_PIXELS`` pixels."""
     from PIL import Image
 
-
     if not content:
         raise ValueError(f"{name}: the upload is empty (0 bytes); pick the photo again")
     if len(content) > MAX_UPLOAD_BYTES:
@@ -155,7 +155,7 @@ class ViewerSetup(ViewerControl):
         self._scene = None
         model = pipeline.model
         self.reset = ViewerButton("Reset to input view", cb_hook=lambda _: self.to_input_view_all())
-        cfg = model.config
+        cfg = model.config.adversarial  # the novel views the model is trained for
         self.limits = ViewerText(
             "Supported views",
             f"within {cfg.novel_view_max_yaw_deg:g} deg yaw, {cfg.novel_view_max_elevation_deg:g} deg elevation "
@@ -358,7 +358,6 @@ class SampleControls:
     def _on_sample(self, _element=None) -> None:
         import torch
 
-
         try:
             sampler = self.sampler()
             class_id = sampler.resolve(self.class_label.value)
@@ -432,7 +431,10 @@ class EditControls:
         if scale <= 0:
             self._shown.value = "object scale must be positive"
             return
-        placement = Placement(self.ends["B"].planes, tuple(float(v) for v in self.position.value), scale)
+        placement = Placement(
+            self.ends["B"].planes, tuple(float(v) for v in self.position.value), scale,
+            camera=self._pipeline.model.canonical_camera,
+        )
         self._pipeline.model.set_scene_planes(self.ends["A"].planes, key=("composite", 0), composition=placement)
         self._shown.value = f"B placed into A at {tuple(round(float(v), 2) for v in self.position.value)}, scale {scale:g}"
 

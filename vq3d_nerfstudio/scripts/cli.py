@@ -32,8 +32,6 @@ Commands = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls 
 NAMES = {cls.__name__: name for name, cls in SUBCOMMANDS.items()}
 
 
-
-
 def entrypoint() -> None:
     """Parse ``vq3d <subcommand> ...`` and run it."""
     command = tyro.cli(Commands, description="VQ3D for nerfstudio: data generation, reconstruction of photos, rendering and evaluation tools.")

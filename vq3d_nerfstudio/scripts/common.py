@@ -282,12 +282,15 @@ def load_run(load_config: Path, command: str, load_step: Optional[int] = None) -
 def run(command, name: str) -> None:
     """Check a parsed subcommand's options (:func:`~vq3d_nerfstudio.checks.check_options`: finite
     floats, positive counts, writable outputs), then run it. ``name``: the subcommand, for messages.
-    A full disk stops it in one line naming the file (:class:`~vq3d_nerfstudio.files.DiskFullError`)."""
-    from vq3d_nerfstudio.files import DiskFullError, disk_full_as_error
+    The error boundary of the ``vq3d`` subcommands: a :class:`~vq3d_nerfstudio.errors.Vq3dError`
+    (a bad option, a full disk: :class:`~vq3d_nerfstudio.files.DiskFullError`, ...) stops it with
+    ``"vq3d <name>: error: <its message>"`` and exit status 1."""
+    from vq3d_nerfstudio.errors import Vq3dError
+    from vq3d_nerfstudio.files import disk_full_as_error
 
-    check_options(command, f"vq3d {name}")
     try:
+        check_options(command)
         with disk_full_as_error():
             command.main()
-    except DiskFullError as err:
+    except Vq3dError as err:
         raise SystemExit(f"vq3d {name}: error: {err}") from None

@@ -81,8 +81,7 @@ class Compose:
                 raise SystemExit(f"vq3d compose: error: {self.object_mask}: cannot read the mask ({err})") from None
             if not mask.any():
                 raise SystemExit(f"vq3d compose: error: {self.object_mask}: the mask is empty (white marks the object)")
-        placement = Placement(obj.planes, tuple(self.position), self.scale, box, mask,
-                              model.camera_distance, model.fov_deg)
+        placement = Placement(obj.planes, tuple(self.position), self.scale, box, mask, model.canonical_camera)
         yaw = self.orbit.max_yaw_deg
         views = [(0.0, 0.0), (-yaw, 0.0), (yaw, 0.0)]
         orbit = self.orbit.loop()

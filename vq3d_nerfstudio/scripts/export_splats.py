@@ -84,7 +84,10 @@ class ExportSplats:
         import torch
 
         from vq3d_nerfstudio.evaluation.metrics import psnr
-        from vq3d_nerfstudio.export import splats
+        from vq3d_nerfstudio.export.ply import write_splat_ply
+        from vq3d_nerfstudio.export.rasterize import cameras_to_viewmats, gsplat_rasterize, rasterize, render_gaussians
+        from vq3d_nerfstudio.export.refine import refine_gaussians
+        from vq3d_nerfstudio.export.splats import SplatSettings, export_poses, gaussians_from_nerf
         from vq3d_nerfstudio.export.video import to_uint8, write_image
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 
@@ -100,14 +103,14 @@ class ExportSplats:
         size = model.config.image_size
 
         # 1. splats from the rendering weights along the rays of orbit cameras
-        settings = splats.SplatSettings(
+        settings = SplatSettings(
             num_gaussians=self.num_gaussians, num_cameras=self.num_cameras, max_yaw_deg=self.max_yaw_deg,
             max_elevation_deg=self.max_elevation_deg, ray_resolution=self.ray_resolution, margin_deg=self.margin_deg,
             min_weight=self.min_weight, background_radius=self.background_radius, scale_mult=self.scale_mult,
             cell_depth_ratio=self.cell_depth_ratio,
         )
-        poses = splats.export_poses(self.num_cameras, self.max_yaw_deg, self.max_elevation_deg)
-        gaussians, cameras = splats.gaussians_from_nerf(model, planes, settings)
+        poses = export_poses(self.num_cameras, self.max_yaw_deg, self.max_elevation_deg)
+        gaussians, cameras = gaussians_from_nerf(model, planes, settings)
         side = int(cameras.width[0])
         print(f"Initialised {len(gaussians)} splats from the rendering weights along the rays of {len(poses)} "
               f"cameras ({side}x{side} px)")
@@ -121,21 +124,21 @@ class ExportSplats:
             targets = torch.stack(
                 [model.get_outputs_for_camera(fit_cameras[i : i + 1])["rgb"].clamp(0, 1) for i in range(len(poses))]
             )
-            viewmats, Ks = splats.cameras_to_viewmats(fit_cameras)
-            gaussians = splats.refine_gaussians(
+            viewmats, Ks = cameras_to_viewmats(fit_cameras)
+            gaussians = refine_gaussians(
                 gaussians.to("cuda"), targets.cuda(), viewmats.cuda(), Ks.cuda(), self.refine_steps
             )
             print(f"Refined the splats for {self.refine_steps} steps with gsplat against {len(poses)} NeRF renders")
 
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        splats.write_splat_ply(self.output, gaussians)
+        write_splat_ply(self.output, gaussians)
 
         # 3. report: splat render vs NeRF render, and time per frame
         res = self.report_resolution or size
         report = orbit_cameras([(yaw, 0.0) for yaw in self.report_views], res, model.camera_distance, model.fov_deg)
         report = report.to(model.device)
-        viewmats, Ks = splats.cameras_to_viewmats(report)
-        rasterize_fn, device = (splats.gsplat_rasterize, "cuda") if cuda else (splats.rasterize, "cpu")
+        viewmats, Ks = cameras_to_viewmats(report)
+        rasterize_fn, device = (gsplat_rasterize, "cuda") if cuda else (rasterize, "cpu")
         gaussians = gaussians.to(device)
         viewmats, Ks = viewmats.to(device), Ks.to(device)
 
@@ -155,7 +158,7 @@ class ExportSplats:
             for i, yaw in enumerate(self.report_views):
                 nerf, nerf_s = timed(lambda: model.get_outputs_for_camera(report[i : i + 1])["rgb"].clamp(0, 1))
                 splat, splat_s = timed(
-                    lambda: splats.render_gaussians(gaussians, viewmats[i : i + 1], Ks[i : i + 1], res, res, rasterize_fn)[0][0]
+                    lambda: render_gaussians(gaussians, viewmats[i : i + 1], Ks[i : i + 1], res, res, rasterize_fn)[0][0]
                 )
                 nerf, splat = nerf.float().cpu(), splat.clamp(0, 1).float().cpu()
                 name = "input view" if yaw == 0 else f"yaw {yaw:g} deg"

@@ -15,10 +15,12 @@ from vq3d_nerfstudio.scripts.common import GuidanceScale, Temperature, TopK, Top
 
 @dataclass
 class Fid:
-    """FID (pytorch-fid's Inception-v3, 2048-d pool features, images resized to 299) of a folder of
-    generated images against a folder of real ones, and the Inception Score of the generated images.
-    Both folders are read recursively (png, jpg, jpeg, webp). Numbers are comparable with papers only
-    at equal image counts (FID from few images is biased upwards; papers use 10k-50k).
+    """FID (the FID Inception-v3 as torch-fidelity runs it, 2048-d pool features, images resized to 299
+    like TensorFlow 1.x; scores by torchmetrics) of a folder of generated images against a folder of
+    real ones, and the Inception Score of the generated images. Both folders are read recursively
+    (png, jpg, jpeg, webp). Numbers are comparable with papers only at equal image counts (FID from few
+    images is biased upwards; papers use 10k-50k), and are close to, not equal to, pytorch-fid's (it
+    resizes and scales pixels slightly differently).
 
     With --stage2-checkpoint instead of --fake, scenes are sampled from a stage-2 model, rendered from
     the canonical camera and from a novel camera, and each view set is scored against --real (VQ3D
@@ -58,8 +60,10 @@ class Fid:
     samples_dir: Optional[OutputDir] = None
     """Keep the rendered samples here (<dir>/canonical, <dir>/novel); default: a temporary folder."""
     inception_weights: Optional[Path] = None
-    """The FID Inception weights, pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache,
-    ~/.cache/torch/hub/checkpoints/, where pytorch-fid and torch-fidelity keep them)."""
+    """The FID Inception weights, pt_inception-2015-12-05-6726825d.pth or torch-fidelity's copy (default:
+    the torch hub cache, ~/.cache/torch/hub/checkpoints/, where pytorch-fid and torch-fidelity keep
+    them), or a .safetensors file of the same tensors. Read as tensors only: a file holding other
+    pickled objects is refused, never run."""
     download: bool = False
     """Download the weights (~91 MB) from pytorch-fid's release into the torch hub cache if missing."""
     feature_dim: Literal[64, 192, 768, 2048] = 2048
@@ -68,7 +72,8 @@ class Fid:
     batch_size: PositiveInt = 50
     """Images per forward pass."""
     num_splits: PositiveInt = 10
-    """Chunks the Inception Score is averaged over (its std is across them)."""
+    """Chunks the Inception Score is averaged over (its std is across them, the unbiased one). The
+    images are shuffled in a fixed order before they are split, so a folder always gets one score."""
     device: str = "auto"
     """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     output: OutputFile = Path("fid_results.json")
@@ -151,7 +156,6 @@ class Fid:
         if min(num_real, *[r["num_fake"] for r in results.values()]) < 2048:
             console.print("[yellow]note: under 2048 images in a set: FID is biased upwards; compare at equal counts")
         print(f"Wrote {self.output}")
-
 
     def _render_samples(self, tmp: Path, fail) -> dict:
         """Sample scenes and render them at the canonical and a novel view: ``{view: folder}``."""

@@ -79,7 +79,8 @@ class Reconstruct:
 
         from vq3d_nerfstudio.data.dataset import load_image
         from vq3d_nerfstudio.errors import DatasetError
-        from vq3d_nerfstudio.export.pointcloud import point_cloud, write_point_ply
+        from vq3d_nerfstudio.export.ply import write_point_ply
+        from vq3d_nerfstudio.export.pointcloud import point_cloud
         from vq3d_nerfstudio.export.video import colorize_disparity, render_frames, to_uint8, write_image, write_video
         from vq3d_nerfstudio.geometry.cameras import orbit_cameras
 

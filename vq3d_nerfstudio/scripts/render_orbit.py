@@ -50,6 +50,7 @@ class RenderOrbit:
         write_video(f"{stem}_disparity.mp4", colorize_disparity(disparity[1:]), self.orbit.fps)
         print(f"Wrote {stem}_orbit.mp4, {stem}_disparity.mp4, {stem}_canonical.png and {stem}_input.png")
 
+
 if __name__ == "__main__":
     from vq3d_nerfstudio.scripts.common import run
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import tyro
 
-from vq3d_nerfstudio.files import DiskFullError, disk_full_as_error
+from vq3d_nerfstudio.errors import Vq3dError
+from vq3d_nerfstudio.files import disk_full_as_error
 from vq3d_nerfstudio.stage2.train import Stage2TrainConfig, train
 
 
 def entrypoint() -> None:
     """Parse the options and train; ``torchrun --nproc-per-node N $(which vq3d-train-stage2) ...``
-    trains data-parallel. A full disk stops it in one line naming the file; the checkpoints saved
-    before stay."""
+    trains data-parallel. The error boundary of stage 2: a :class:`~vq3d_nerfstudio.errors.Vq3dError`
+    (a bad option, a damaged cache or checkpoint, a full disk, ...) stops it with
+    ``"vq3d-train-stage2: error: <its message>"`` and exit status 1; the checkpoints saved before stay."""
     config = tyro.cli(Stage2TrainConfig)
     try:
         with disk_full_as_error():
             path = train(config)
-    except DiskFullError as err:
+    except Vq3dError as err:
         raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"Stage 2 checkpoint: {path}\nSample with: vq3d sample --stage2-checkpoint {config.output_dir} --class-label 0")

@@ -61,7 +61,7 @@ def package_pipeline(loaded, images: Optional[Path], workdir: Path):
     from vq3d_nerfstudio.model_index import STAGE2_DIR
     from vq3d_nerfstudio.ns.method_configs import vq3d, vq3d_tiny
 
-    model, info = loaded.model, loaded.package
+    model = loaded.model
     source = images if images is not None else loaded.folder / "examples"
     photos = sorted(p for p in source.iterdir() if is_image_file(p)) if source.is_dir() else []
     if not photos:
@@ -74,10 +74,12 @@ def package_pipeline(loaded, images: Optional[Path], workdir: Path):
         shutil.copyfile(photo, data / f"{i:04d}_{photo.name}")
     preset = vq3d_tiny if model.config.image_size <= 64 else vq3d
     config = copy.deepcopy(preset.config)
-    config.pipeline.model = dataclasses.replace(model.config, adversarial_loss_mult=0.0)
+    config.pipeline.model = dataclasses.replace(
+        model.config, adversarial=dataclasses.replace(model.config.adversarial, loss_mult=0.0)
+    )
     config.pipeline.datamanager.dataparser = Vq3dImagesDataParserConfig(
-        data=data, image_size=model.config.image_size, camera_distance=info["data"]["camera_distance"],
-        fov_deg=info["data"]["fov_deg"], depth_kind="none", eval_fraction=0.0,
+        data=data, image_size=model.config.image_size, canonical_camera=model.canonical_camera,
+        depth_kind="none", eval_fraction=0.0,
     )
     config.pipeline.datamanager.num_workers = 0
     if (loaded.folder / STAGE2_DIR).is_dir():

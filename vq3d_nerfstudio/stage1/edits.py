@@ -25,6 +25,7 @@ from typing import Literal, Optional, Tuple
 
 import torch
 
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 from vq3d_nerfstudio.stage1.field import PointField
 from vq3d_nerfstudio.stage1.quantizer import FactorizedQuantizer
 
@@ -105,9 +106,8 @@ class Placement:
     the origin, world units): e.g. raise y0 above the object's ground to leave the ground behind."""
     mask: Optional[torch.Tensor] = None
     """Foreground mask ``[H, W]`` bool of the object's photo: keep only what projects inside it."""
-    camera_distance: float = 2.0
-    """The object photo's canonical camera (for the mask)."""
-    fov_deg: float = 50.0
+    camera: CanonicalCamera = CanonicalCamera()
+    """The object photo's canonical camera (the model's; for the mask)."""
 
 
 def object_region(local: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -117,8 +117,8 @@ def object_region(local: torch.Tensor, placement: Placement) -> torch.Tensor:
     if placement.mask is not None:
         mask = placement.mask.to(local.device)
         height, width = mask.shape
-        focal = 0.5 * width / torch.tan(torch.deg2rad(torch.tensor(placement.fov_deg / 2.0)))
-        depth = placement.camera_distance - local[:, 2]  # the canonical camera looks down -z
+        focal = placement.camera.focal_length(width)
+        depth = placement.camera.distance - local[:, 2]  # the canonical camera looks down -z
         safe = depth.clamp_min(1e-6)
         u = (focal * local[:, 0] / safe + width / 2.0).floor().long()
         v = (-focal * local[:, 1] / safe + height / 2.0).floor().long()

@@ -4,8 +4,9 @@ Novel-view cameras come from :func:`vq3d_nerfstudio.geometry.cameras.sample_nove
 
 VQ3D's discriminator sees real input images against renders of the reconstructed NeRF from the
 canonical camera AND from novel viewpoints orbiting the pivot, where no ground truth exists: that is
-what keeps novel views plausible. Everything here is plain torch; the model renders the images and
-the trainer (``ns/trainer.py``) runs the discriminator's own optimisation step.
+what keeps novel views plausible. Everything here is plain torch; the model's adversarial component
+(:mod:`vq3d_nerfstudio.stage1.adversarial`) builds the discriminator and applies the losses, the
+model renders the images and the trainer (``ns/trainer.py``) runs the discriminator's own optimisation step.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 GanLoss = Literal["non-saturating", "hinge"]
-
-
 
 
 # ---- discriminators -------------------------------------------------------------------------------

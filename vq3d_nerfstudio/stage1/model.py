@@ -28,21 +28,17 @@ from nerfstudio.utils import colormaps
 from torch.nn import Parameter
 
 from vq3d_nerfstudio.checks import (
-    ElevationRange,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    YawRange,
     ranged,
+    renamed,
+    renamed_fields,
 )
-from vq3d_nerfstudio.geometry.cameras import (
-    canonical_camera_to_world,
-    ray_generator,
-    sample_novel_poses,
-    square_pinhole_cameras,
-)
-from vq3d_nerfstudio.stage1 import gan, losses
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
+from vq3d_nerfstudio.stage1 import losses
+from vq3d_nerfstudio.stage1.adversarial import AdversarialConfig, legacy_adversarial_config
 from vq3d_nerfstudio.stage1.baked import COLOUR_MIN_WEIGHT, BakedField, bake_resolution
 from vq3d_nerfstudio.stage1.decoder import TriplaneDecoder
 from vq3d_nerfstudio.stage1.edits import ComposedField
@@ -54,7 +50,7 @@ from vq3d_nerfstudio.stage1.renderer import NerfRenderer
 from vq3d_nerfstudio.stage1.scene import ShownScene
 from vq3d_nerfstudio.stage1.triplane import PlaneLayout
 
-#: Fields renamed since runs were first saved: old name -> new name (read by ``Vq3dModelConfig.__setstate__``).
+#: Fields renamed since runs were first saved: old name -> new name (read by :func:`upgrade_model_fields`).
 #: Removal: at version 0.2.0, when runs saved before commit 13128e1 (2026-12-02) no longer need to load.
 RENAMED_FIELDS = {"num_coarse_samples": "coarse_samples_per_ray", "num_fine_samples": "fine_samples_per_ray"}
 
@@ -70,6 +66,9 @@ class Vq3dModelConfig(ModelConfig):
     """Unused: the model makes its own near/far collider from near_plane/far_plane."""
     image_size: PositiveInt = 64
     """Input image size (square, pixels); must equal the dataparser's image size."""
+    canonical_camera: CanonicalCamera = CanonicalCamera()
+    """The camera every input image is seen by (the tri-plane fills its frustum; novel views orbit at its
+    distance); must equal the data's (vq3d-images --canonical-camera.*). A package keeps it."""
     patch_size: PositiveInt = 8
     """ViT patch size (pixels); the token grid is image_size / patch_size on a side."""
     hidden_dim: PositiveInt = 128
@@ -147,21 +146,10 @@ class Vq3dModelConfig(ModelConfig):
     depth_loss_type: Literal["pointwise", "accumulated"] = "pointwise"
     """'pointwise': VQ3D's loss on per-sample rendering weights; 'accumulated': the ablation,
     a loss on the rendered (expected) disparity only."""
-    relative_disparity_percentiles: ranged(Tuple[float, float], 0, 100) = (5.0, 95.0)
-    """Relative pseudo-GT disparity (depth kind 'disparity': what a monocular network gives a photo,
-    unknown scale and shift per image): these percentiles of each image's valid pixels ..."""
-    relative_disparity_range: ranged(Tuple[float, float], 0) = (0.0, 0.83)
-    """... are mapped onto this (far, near) disparity of the canonical scene. 0 puts the farthest 5%
-    at infinity (sky, distant background); 0.83 puts the nearest 5% 1.2 units from the camera (0.8
-    units in front of the pivot): in the median synthetic scene the 95th percentile of the true
-    disparity is 0.83 (ground 0.5 below the camera, seen at the bottom edge). The target depends on
-    the pseudo-GT only: a flat or inverted NeRF cannot match it (fitting the
-    pseudo-GT to the render instead scores flat geometry zero), and it is invariant to a * d + b (a > 0)
-    of the pseudo-GT."""
     default_scene_index: NonNegativeInt = 0
     """Eval image shown when nothing else chose one (viewer, ns-render without --camera-idx); the
     VQ3D_SCENE environment variable overrides it for any command: 'eval:N', 'train:N' or a photo's path."""
-    output_normals: bool = True
+    use_normals_output: renamed(bool, "--pipeline.model.output-normals") = True
     """Outside training, also output 'normals' in [0, 1] (density gradient at the expected depth;
     for ns-export's point clouds and meshes, and a viewer output)."""
     inference_field: Literal["baked", "exact"] = "baked"
@@ -180,43 +168,13 @@ class Vq3dModelConfig(ModelConfig):
     1 gives 139 x 70 x 70 nodes for vq3d-tiny (45-51 dB against the exact render at 256 px); 2 gives
     50-57 dB for a bake five times as long (2.1 s instead of 0.45 s)."""
 
-    # ---- 3D-aware adversarial training: novel views have no ground truth, only the discriminator
-    adversarial_loss_mult: NonNegativeFloat = 0.0
-    """Weight of the generator's adversarial loss; 0 turns the discriminator off entirely."""
-    discriminator: Literal["resnet", "patch"] = "resnet"
-    """'resnet': StyleGAN2's residual discriminator (one logit per image, judges global layout; the
-    default, as in ViT-VQGAN); 'patch': pix2pix's PatchGAN (one logit per patch, local texture)."""
-    discriminator_channels: PositiveInt = 64
-    """Width of the discriminator's first layer (doubling per level, up to 256)."""
-    gan_loss: Literal["non-saturating", "hinge"] = "non-saturating"
-    """GAN objective for both players."""
-    adversarial_start_step: NonNegativeInt = 0
-    """Step at which the adversarial loss (and the discriminator's training) starts."""
-    adversarial_ramp_steps: NonNegativeInt = 1000
-    """The adversarial weight ramps linearly from 0 to 1 over this many steps after the start."""
-    adaptive_adversarial_weight: bool = False
-    """VQGAN's adaptive weight: scale the adversarial loss so its gradient at the decoder's last
-    layer matches the reconstruction loss's (costs two extra backward passes per step)."""
-    r1_gamma: NonNegativeFloat = 1.0
-    """R1 penalty weight on real images (the loss is gamma / 2 * E||grad D(real)||^2)."""
-    r1_interval: PositiveInt = 4
-    """Apply R1 every this many discriminator steps, scaled up to match (StyleGAN2's lazy R1)."""
-    gan_resolution: PositiveInt = 32
-    """Side of the images the discriminator sees: renders of the whole view at this resolution,
-    and the input images downsampled to it (a power of two)."""
-    gan_images_per_batch: PositiveInt = 4
-    """How many of the batch's images get a canonical and a novel-view render for the discriminator."""
-    novel_view_max_yaw_deg: YawRange = 30.0
-    """Novel-view cameras orbit the pivot with yaw uniform in +-this (degrees)."""
-    novel_view_max_elevation_deg: ElevationRange = 15.0
-    """... and elevation uniform in +-this (degrees)."""
-    novel_view_radius_jitter: ranged(float, 0, 1, high_open=True) = 0.0
-    """... at the canonical distance times 1 +- this (0: exactly the canonical distance)."""
-    discriminator_sees_disparity: bool = False
-    """Also give the discriminator the disparity channel (render vs pseudo-GT, each normalised per
-    image); needs depth in the data."""
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    """3D-aware adversarial training (``--pipeline.model.adversarial.*``): a discriminator judges
+    renders from the canonical camera and from novel cameras orbiting the pivot, where no ground
+    truth exists (its loss weight 0, the default: no discriminator)."""
     perceptual_loss_mult: NonNegativeFloat = 0.0
-    """Weight of LPIPS (VGG) between the canonical render and the input image, at gan_resolution."""
+    """Weight of LPIPS (VGG) between the canonical render and the input image, at the adversarial
+    renders' size (``adversarial.resolution``, of ``adversarial.images_per_batch`` images)."""
     perceptual_weights: Optional[Path] = None
     """torchvision's ImageNet VGG16 state dict for LPIPS (default: the torch hub cache,
     ~/.cache/torch/hub/checkpoints/vgg16-397923af.pth, downloaded there when missing and online)."""
@@ -229,11 +187,34 @@ class Vq3dModelConfig(ModelConfig):
         new names (``num_coarse_samples`` clashed with nerfstudio's own tests, which take any config
         with that field for vanilla-nerf's), and one written before the quantizer had its own config loads
         it nested (:func:`legacy_quantizer_config`). Removal: at version 0.2.0, when runs saved before
-        commit 426d7d4 (2026-12-05) no longer need to load; then nerfstudio's default unpickling does."""
-        state = {RENAMED_FIELDS.get(key, key): value for key, value in state.items()}
-        if isinstance(state.get("quantizer"), str):  # saved before the quantizer had its own config
-            state["quantizer"] = legacy_quantizer_config(state)
-        self.__dict__.update(state)
+        commit 426d7d4 (2026-12-05) no longer need to load; then nerfstudio's default unpickling does.
+        So do one written before the adversarial options had their own config and booleans were
+        named ``use_*`` (:func:`upgrade_model_fields`)."""
+        self.__dict__.update(upgrade_model_fields(state))
+
+
+def upgrade_model_fields(state: Dict) -> Dict:
+    """A model config's fields as saved by an older version (a ``config.yml``'s state, a package's
+    ``config.json`` model object) under this version's names: renamed fields (:data:`RENAMED_FIELDS`,
+    the :func:`~vq3d_nerfstudio.checks.renamed` options), the quantizer options nested
+    (:func:`legacy_quantizer_config`), the adversarial ones nested (:func:`legacy_adversarial_config`).
+    Fields saved under this version's names pass through. Removal: with those."""
+    renames = {**RENAMED_FIELDS, **renamed_fields(Vq3dModelConfig)}
+    state = {renames.get(key, key): value for key, value in state.items()}
+    if isinstance(state.get("quantizer"), str):  # saved before the quantizer had its own config
+        state["quantizer"] = legacy_quantizer_config(state)
+    if "adversarial" not in state:  # saved before the adversarial options had their own config
+        state["adversarial"] = legacy_adversarial_config(state)
+    return state
+
+
+def _discriminator_under_adversarial(module, state_dict: Dict, prefix: str, *_) -> None:
+    """A checkpoint saved when the discriminator was the model's own submodule (``discriminator.*``)
+    loads into :attr:`Vq3dModel.adversarial` (``adversarial.discriminator.*``). Removal: with the
+    old flags, at version 0.2.0."""
+    old = prefix + "discriminator."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "adversarial." + key[len(prefix):]] = state_dict.pop(key)
 
 
 class Vq3dModel(Model):
@@ -246,14 +227,9 @@ class Vq3dModel(Model):
         self.encoder = ViTEncoder(cfg.image_size, cfg.patch_size, cfg.hidden_dim, cfg.num_encoder_layers, cfg.num_heads)
         self.grid_size = self.encoder.grid_size
         self.quantizer = cfg.quantizer.setup(cfg.hidden_dim)
-        metadata = self.kwargs.get("metadata") or {}
-        self.depth_is_metric = metadata.get("depth_kind") == "z-depth"
-        self.camera_distance = float(metadata.get("camera_distance", 2.0))
-        self.fov_deg = float(metadata.get("fov_deg", 50.0))
         self.layout = PlaneLayout(
             kind=cfg.triplane_layout,
-            camera_distance=self.camera_distance,
-            fov_deg=self.fov_deg,
+            camera=cfg.canonical_camera,
             inner_resolution=cfg.triplane_resolution,
             margin=cfg.triplane_margin if cfg.triplane_layout == "frustum" else 0,
             depth_halfwidth=cfg.frustum_depth_halfwidth,
@@ -277,12 +253,9 @@ class Vq3dModel(Model):
         self.renderer = NerfRenderer(
             cfg.near_plane, cfg.far_plane, cfg.coarse_samples_per_ray, cfg.fine_samples_per_ray, cfg.sampler_linear_until
         )
-        self.discriminator: Optional[torch.nn.Module] = None
-        if cfg.adversarial_loss_mult > 0:
-            in_channels = 4 if cfg.discriminator_sees_disparity else 3
-            self.discriminator = gan.build_discriminator(
-                cfg.discriminator, cfg.gan_resolution, in_channels, cfg.discriminator_channels
-            )
+        self.adversarial = cfg.adversarial.setup(camera=cfg.canonical_camera)
+        """The adversarial component: the discriminator (None when off), its renders, param group and losses."""
+        self.register_load_state_dict_pre_hook(_discriminator_under_adversarial)
         self.step = 0
         self._perceptual: List[torch.nn.Module] = []  # a list: frozen weights stay out of checkpoints
         # Scene shown for rays without batch_idx. Not state to save: a plain attribute, not a buffer.
@@ -297,6 +270,21 @@ class Vq3dModel(Model):
         self.default_scene: Tuple[str, int] = ("eval", cfg.default_scene_index)
         """``(split, index)`` shown before anything else chose a scene, read by ``image_loader``
         (the pipeline sets it from ``VQ3D_SCENE``)."""
+
+    @property
+    def canonical_camera(self) -> CanonicalCamera:
+        """The camera every input image is seen by (``config.canonical_camera``)."""
+        return self.config.canonical_camera
+
+    @property
+    def camera_distance(self) -> float:
+        """The canonical camera's distance from the pivot (world units)."""
+        return self.config.canonical_camera.distance
+
+    @property
+    def fov_deg(self) -> float:
+        """The canonical camera's horizontal field of view (degrees)."""
+        return self.config.canonical_camera.fov_deg
 
     # ---- stage-1 interface (stage 2 uses only these) -------------------------------------------
     def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
@@ -381,8 +369,7 @@ class Vq3dModel(Model):
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         autoencoder = [*self.encoder.parameters(), *self.quantizer.parameters(), *self.decoder.parameters()]
         groups = {"autoencoder": autoencoder, "field": list(self.field.parameters())}
-        if self.discriminator is not None:
-            groups["discriminator"] = list(self.discriminator.parameters())
+        self.adversarial.get_param_groups(groups)
         return groups
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
@@ -410,81 +397,12 @@ class Vq3dModel(Model):
                 CONSOLE.print(f"[yellow]warning: training without the perceptual loss: {err}")
                 self.config.perceptual_loss_mult = 0.0
 
-    def discriminator_active(self, step: int) -> bool:
-        return self.discriminator is not None and gan.ramp_weight(
-            step, self.config.adversarial_start_step, self.config.adversarial_ramp_steps
-        ) > 0
-
-    def _adversarial_renders(self, planes: torch.Tensor, batch: Dict, with_novel: bool) -> Dict[str, torch.Tensor]:
-        """Whole-view renders at ``gan_resolution`` of the first images' NeRFs from the canonical
-        camera (for LPIPS and the discriminator) and, ``with_novel``, from one random novel camera
-        each (for the discriminator), plus the matching real images.
-
-        Renders are point samples at pixel centres (one ray each), so the real images are point
-        sampled at the same centres (bilinear at the low-resolution pixel centres, no area
-        filtering): otherwise the discriminator could tell real from fake by the filtering alone.
-        """
-        cfg = self.config
-        num, res = min(cfg.gan_images_per_batch, planes.shape[0]), cfg.gan_resolution
-        poses = canonical_camera_to_world(self.camera_distance)[None].expand(num, 3, 4)
-        if with_novel:
-            novel = sample_novel_poses(
-                num, self.camera_distance, cfg.novel_view_max_yaw_deg, cfg.novel_view_max_elevation_deg,
-                cfg.novel_view_radius_jitter,
-            )
-            poses = torch.cat([poses, novel])
-        views = poses.shape[0]
-        cameras = square_pinhole_cameras(poses, res, self.fov_deg).to(self.device)
-        cam = torch.arange(views, device=self.device).repeat_interleave(res * res)
-        pix = torch.arange(res * res, device=self.device).repeat(views)
-        rays = ray_generator(cameras)(torch.stack([cam, pix // res, pix % res], -1))
-        out = self.render_rays(rays, planes, cam % num, keep_samples=False)
-        to_images = lambda x: x.reshape(views, res, res, -1).permute(0, 3, 1, 2)  # noqa: E731
-        rgb, disparity = to_images(out["rgb"]), to_images(out["disparity"])
-        point_sample = lambda x: F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)  # noqa: E731
-        real = point_sample(batch["input_images"][:num])
-        result = {"gan_canonical_rgb": rgb[:num], "gan_real_rgb": real}
-        if not with_novel:
-            return result
-        fake_d, real_d = rgb * 2 - 1, real * 2 - 1
-        if cfg.discriminator_sees_disparity:
-            if "input_disparity" not in batch:
-                raise ValueError("discriminator_sees_disparity needs depth in the data (see vq3d-images --depth-kind)")
-            real_disp = point_sample(batch["input_disparity"][:num].float())
-            fake_d = torch.cat([fake_d, gan.normalize_disparity(disparity)], 1)
-            real_d = torch.cat([real_d, gan.normalize_disparity(real_disp)], 1)
-        result.update(gan_fake=fake_d, gan_real=real_d, gan_fake_disparity=disparity.detach())
-        return result
-
-    @staticmethod
-    def discriminator_inputs(outputs: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
-        """The discriminator's real and fake images of a training forward's ``outputs``, detached
-        (``real``, ``fake``, and ``gan_fake_disparity`` for logging), or None when it rendered none."""
-        if "gan_fake" not in outputs:
-            return None
-        return {
-            "real": outputs["gan_real"].detach(),
-            "fake": outputs["gan_fake"].detach(),
-            "gan_fake_disparity": outputs["gan_fake_disparity"].detach(),
-        }
-
-    def get_discriminator_loss_dict(
-        self, step: int, inputs: Optional[Dict[str, torch.Tensor]]
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """The discriminator's loss on :meth:`discriminator_inputs` (detached real and fake images),
-        with R1 on its lazy schedule; and metrics (mean logits)."""
-        cfg, disc = self.config, self.discriminator
-        if disc is None or inputs is None:
-            return {}, {}
-        real, fake = inputs["real"], inputs["fake"]
-        real_logits, fake_logits = disc(real), disc(fake)
-        loss_dict = {"discriminator_loss": gan.discriminator_loss(real_logits, fake_logits, cfg.gan_loss)}
-        metrics = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
-        if cfg.r1_gamma > 0 and step % max(1, cfg.r1_interval) == 0:
-            r1 = gan.r1_penalty(disc, real)
-            loss_dict["r1_penalty"] = cfg.r1_gamma / 2 * max(1, cfg.r1_interval) * r1
-            metrics["r1"] = r1.detach()
-        return loss_dict, metrics
+    def whole_view_renders(self, planes: torch.Tensor, batch: Dict, with_novel: bool) -> Dict[str, torch.Tensor]:
+        """:meth:`Adversarial.renders <vq3d_nerfstudio.stage1.adversarial.Adversarial.renders>` of
+        ``planes`` (the batch's NeRFs): canonical views for LPIPS and the discriminator, and
+        ``with_novel`` novel ones for the discriminator, with the matching real images."""
+        render = lambda rays, image_index: self.render_rays(rays, planes, image_index, keep_samples=False)  # noqa: E731
+        return self.adversarial.renders(render, planes.shape[0], batch, with_novel, self.device)
 
     def forward(self, ray_bundle: RayBundle, batch: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
         """Render rays. With ``batch["input_images"]`` the images are encoded here (inside the
@@ -502,9 +420,9 @@ class Vq3dModel(Model):
                 extra["code_indices"] = indices
             # Extra renders only when a loss uses them this step: the discriminator's (canonical and
             # novel views) once it has started, LPIPS's (canonical view) whenever it is on.
-            with_novel = self.training and self.discriminator_active(self.step)
+            with_novel = self.training and self.adversarial.active(self.step)
             if with_novel or (self.training and self.config.perceptual_loss_mult > 0):
-                extra.update(self._adversarial_renders(planes, batch, with_novel))
+                extra.update(self.whole_view_renders(planes, batch, with_novel))
         else:
             return self.get_outputs(ray_bundle)
         outputs = self.render_rays(ray_bundle, planes, batch_idx, keep_samples=bool(extra))
@@ -581,10 +499,10 @@ class Vq3dModel(Model):
     ) -> Dict[str, torch.Tensor]:
         """Render rays with this model's field (or ``field``, e.g. a scene with an object placed in
         it, or baked) through :class:`~vq3d_nerfstudio.stage1.renderer.NerfRenderer`; outside
-        training with ``output_normals`` the outputs include normals."""
+        training with ``use_normals_output`` the outputs include normals."""
         return self.renderer.render(
             ray_bundle, self.field if field is None else field, planes, batch_idx, keep_samples=keep_samples,
-            normals=self.config.output_normals and not self.training, colour_min_weight=colour_min_weight,
+            normals=self.config.use_normals_output and not self.training, colour_min_weight=colour_min_weight,
         )
 
     @torch.no_grad()
@@ -625,7 +543,7 @@ class Vq3dModel(Model):
         """An ``[H, W, C]`` frame of every output a render has, black with everything at the far
         plane (see :attr:`idle_render`)."""
         channels = {"rgb": 3, "rgb_coarse": 3, "accumulation": 1, "depth": 1, "expected_depth": 1, "disparity": 1}
-        if self.config.output_normals:
+        if self.config.use_normals_output:
             channels["normals"] = 3
         outputs = {key: torch.zeros(height, width, c, device=self.device) for key, c in channels.items()}
         outputs["depth"] = outputs["expected_depth"] = torch.full((height, width, 1), self.config.far_plane, device=self.device)
@@ -633,17 +551,10 @@ class Vq3dModel(Model):
 
     # ---- losses and metrics --------------------------------------------------------------------
     def _depth_target(self, outputs: Dict, batch: Dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Per-ray target disparity ``[R, 1]`` and mask ``[R, 1]`` (None: every ray)."""
-        target, mask = batch["disparity"], batch.get("disparity_mask")
-        if self.depth_is_metric:
-            return target, mask
-        # Relative pseudo-GT: map each image's robust range onto the canonical scene's disparity.
-        maps = batch["input_disparity"]
-        map_mask = batch.get("input_disparity_mask", torch.ones_like(maps, dtype=torch.bool))
-        low, high = losses.disparity_anchors(maps, map_mask, self.config.relative_disparity_percentiles)
-        group = outputs["batch_idx"]
-        target, ok = losses.canonical_disparity(target, low[group], high[group], self.config.relative_disparity_range)
-        return target, ok if mask is None else (ok & mask.bool())
+        """Per-ray target disparity ``[R, 1]`` and mask ``[R, 1]`` (None: every ray), as the batch
+        holds them: metric disparity, or relative pseudo-GT already mapped onto the canonical scene
+        by the dataset, once per image (``vq3d_nerfstudio.data.dataset.RelativeDisparityConfig``)."""
+        return batch["disparity"], batch.get("disparity_mask")
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         gt = batch["image"].to(self.device)
@@ -673,13 +584,7 @@ class Vq3dModel(Model):
                 outputs["weights_coarse"], outputs["disp_coarse"], target, mask
             )
             loss_dict["depth_loss"] = cfg.depth_loss_mult * depth_loss
-        if "gan_fake" in outputs:
-            weight = gan.ramp_weight(self.step, cfg.adversarial_start_step, cfg.adversarial_ramp_steps)
-            if self.discriminator is not None and weight > 0:
-                adversarial = gan.generator_loss(self.discriminator(outputs["gan_fake"]), cfg.gan_loss)
-                if cfg.adaptive_adversarial_weight:
-                    weight = weight * gan.adaptive_weight(loss_dict["rgb_loss"], adversarial, self.decoder.refine.weight)
-                loss_dict["adversarial_loss"] = cfg.adversarial_loss_mult * weight * adversarial
+        loss_dict.update(self.adversarial.get_loss_dict(self.step, outputs, loss_dict["rgb_loss"], self.decoder.refine.weight))
         if "gan_canonical_rgb" in outputs and cfg.perceptual_loss_mult > 0:
             if not self._perceptual:
                 self.prepare_training()

@@ -17,8 +17,9 @@ from typing import Any, Dict, Tuple
 import torch
 from nerfstudio.data.scene_box import SceneBox
 
-from vq3d_nerfstudio.checks import config_type_problem
+from vq3d_nerfstudio.checks import config_type_problem, renamed_fields
 from vq3d_nerfstudio.errors import PackageError
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 from vq3d_nerfstudio.model_index import (
     CARD_FILE,
     CONFIG_FILE,
@@ -29,28 +30,38 @@ from vq3d_nerfstudio.model_index import (
     model_card,
     read_package_config,
 )
-from vq3d_nerfstudio.stage1.model import Vq3dModel, Vq3dModelConfig
+from vq3d_nerfstudio.stage1.adversarial import AdversarialConfig
+from vq3d_nerfstudio.stage1.model import Vq3dModel, Vq3dModelConfig, upgrade_model_fields
 from vq3d_nerfstudio.stage1.quantizer import QUANTIZER_COMMANDS
 
 SKIPPED_FIELDS = ("_target",)
 """Model config fields a package does not store (the class is always :class:`Vq3dModel`)."""
+DATA_FIELDS = ("canonical_camera",)
+"""Model config fields a package stores under ``data``, where packages have always kept them: the
+canonical camera as ``camera_distance`` and ``fov_deg`` (:func:`camera_to_data`, :func:`camera_from_data`)."""
 INFERENCE_FIELDS = ("inference_field", "bake_nodes_per_texel")
 """Model config fields that choose how a model renders, not what its weights mean: a package written
 before one existed lacks it and loads with this install's default."""
+MOVED_DATA_FIELDS = ("relative_disparity_percentiles", "relative_disparity_range")
+"""Model config fields of packages written when the relative-depth target's options were the
+model's; they shape the training data, not the weights (now the datamanager's
+``relative_disparity``), so a package's are ignored. Removal: with their old flags, at version 0.2.0."""
 
 
 # ---- writing ---------------------------------------------------------------------------------------
 def config_to_json(config: Any) -> Dict[str, Any]:
     """A model config's fields as JSON values; the nested quantizer config as ``{"type": <its
-    subcommand>, <its fields>}``."""
+    subcommand>, <its fields>}``, the nested adversarial config as ``{<its fields>}``."""
     out: Dict[str, Any] = {}
     for f in dataclasses.fields(config):
-        if f.name in SKIPPED_FIELDS:
+        if f.name in SKIPPED_FIELDS + DATA_FIELDS:
             continue
         value = getattr(config, f.name)
         if f.name == "quantizer":
             kind = next(name for name, cls in QUANTIZER_COMMANDS.items() if type(value) is cls)
             value = {"type": kind, **config_to_json(value)}
+        elif f.name == "adversarial":
+            value = config_to_json(value)
         elif isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, dict):
@@ -60,22 +71,28 @@ def config_to_json(config: Any) -> Dict[str, Any]:
 
 
 def stage1_state_dict(model: Vq3dModel, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """The model's weights and buffers without the discriminator; floating tensors in ``dtype``."""
+    """The model's weights and buffers without the adversarial component's (the discriminator);
+    floating tensors in ``dtype``."""
     state = {}
     for key, value in model.state_dict().items():
-        if key.startswith("discriminator."):
+        if key.startswith("adversarial."):
             continue
         value = value.detach().cpu()
         state[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
     return state
 
 
+def camera_to_data(camera: CanonicalCamera) -> Dict[str, float]:
+    """The canonical camera as ``config.json``'s ``data`` keeps it."""
+    return {"camera_distance": float(camera.distance), "fov_deg": float(camera.fov_deg)}
+
+
 def model_metadata(model: Vq3dModel) -> Dict[str, Any]:
-    """What :meth:`Vq3dModel.populate_modules` read from the dataparser, for ``config.json``'s ``data``."""
+    """``config.json``'s ``data``: the model's canonical camera (which its training data had: the
+    pipeline checks they agree) and what :meth:`Vq3dModel.populate_modules` read from the dataparser."""
     metadata = model.kwargs.get("metadata") or {}
     return {
-        "camera_distance": float(model.camera_distance),
-        "fov_deg": float(model.fov_deg),
+        **camera_to_data(model.config.canonical_camera),
         "depth_kind": metadata.get("depth_kind", "none"),
         "class_names": list(metadata.get("class_names") or []),
     }
@@ -109,21 +126,32 @@ def write_package_files(
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def config_from_json(fields: Dict[str, Any], path: Path) -> Vq3dModelConfig:
-    """The model config of ``config.json``'s ``model`` object; unknown or missing fields (but
-    :data:`INFERENCE_FIELDS`), or a quantizer of no known type, are :class:`PackageError` naming
-    ``path``."""
-    known = {f.name: f for f in dataclasses.fields(Vq3dModelConfig) if f.name not in SKIPPED_FIELDS}
+def camera_from_data(data: Dict[str, Any]) -> CanonicalCamera:
+    """The canonical camera of ``config.json``'s ``data`` (:func:`camera_to_data`; its keys are
+    checked by :func:`~vq3d_nerfstudio.model_index.read_package_config`)."""
+    return CanonicalCamera(distance=data["camera_distance"], fov_deg=data["fov_deg"])
+
+
+def config_from_json(fields: Dict[str, Any], path: Path, camera: CanonicalCamera) -> Vq3dModelConfig:
+    """The model config of ``config.json``'s ``model`` object with ``camera``, its ``data``'s
+    (:func:`camera_from_data`); unknown or missing fields (but :data:`INFERENCE_FIELDS`), or a
+    quantizer of no known type, are :class:`PackageError` naming ``path``. A package written before
+    the adversarial options were nested or booleans were named ``use_*`` loads
+    (:func:`~vq3d_nerfstudio.stage1.model.upgrade_model_fields`), its :data:`MOVED_DATA_FIELDS` ignored."""
+    fields = {k: v for k, v in upgrade_model_fields(fields).items() if k not in MOVED_DATA_FIELDS}
+    known = {f.name: f for f in dataclasses.fields(Vq3dModelConfig) if f.name not in SKIPPED_FIELDS + DATA_FIELDS}
     unknown = sorted(set(fields) - set(known))
     missing = sorted(set(known) - set(fields) - set(INFERENCE_FIELDS))
     if unknown or missing:
         said = "; ".join(x for x in (unknown and f"unknown fields {unknown}", missing and f"missing fields {missing}") if x)
         raise PackageError(f"{path}: 'model' does not fit this install's model ({said}); remake the package with this vq3d version")
     defaults = Vq3dModelConfig()
-    values = {}
+    values: Dict[str, Any] = {"canonical_camera": camera}
     for name, value in fields.items():
         if name == "quantizer":
             value = _quantizer_from_json(value, path)
+        elif name == "adversarial" and not isinstance(value, AdversarialConfig):  # else: built from flat fields
+            value = _component_from_json(AdversarialConfig, value, path, "adversarial", "the adversarial options")
         elif isinstance(getattr(defaults, name), tuple) and isinstance(value, list):
             value = tuple(value)
         values[name] = value
@@ -142,10 +170,19 @@ def _quantizer_from_json(value: Any, path: Path):
     if not isinstance(value, dict) or value.get("type") not in QUANTIZER_COMMANDS:
         raise PackageError(f"{path}: 'model.quantizer' needs a 'type' of {kinds}; remake the package")
     cls = QUANTIZER_COMMANDS[value["type"]]
-    fields = {k: v for k, v in value.items() if k != "type"}
+    return _component_from_json(cls, {k: v for k, v in value.items() if k != "type"}, path, "quantizer", value["type"])
+
+
+def _component_from_json(cls: type, fields: Any, path: Path, name: str, kind: str):
+    """The nested config ``cls`` of ``config.json``'s ``model.<name>`` object ``fields`` (renamed
+    options under their old names too); other fields than ``cls``'s are a :class:`PackageError`."""
+    if not isinstance(fields, dict):
+        raise PackageError(f"{path}: 'model.{name}' is not an object; remake the package")
+    renames = renamed_fields(cls)
+    fields = {renames.get(k, k): v for k, v in fields.items()}
     known = {f.name for f in dataclasses.fields(cls) if f.name not in SKIPPED_FIELDS}
     if set(fields) != known:
-        raise PackageError(f"{path}: 'model.quantizer' fields {sorted(fields)} do not fit {value['type']} ({sorted(known)}); remake the package")
+        raise PackageError(f"{path}: 'model.{name}' fields {sorted(fields)} do not fit {kind} ({sorted(known)}); remake the package")
     default = cls()
     fields = {k: tuple(v) if isinstance(getattr(default, k), tuple) and isinstance(v, list) else v for k, v in fields.items()}
     return cls(**fields)
@@ -167,10 +204,11 @@ def read_weights(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def build_model(config: Vq3dModelConfig, data: Dict[str, Any], device: str = "cpu") -> Vq3dModel:
-    """A :class:`Vq3dModel` for inference from its config and dataparser values, without a
-    dataparser: no discriminator, no training data."""
-    config = dataclasses.replace(config, adversarial_loss_mult=0.0)
-    metadata = {key: data[key] for key in DATA_KEYS}
+    """A :class:`Vq3dModel` for inference from its config (the canonical camera included) and the
+    dataparser values it reads (``data``'s depth kind and class names), without a dataparser: no
+    discriminator, no training data."""
+    config = dataclasses.replace(config, adversarial=dataclasses.replace(config.adversarial, loss_mult=0.0))
+    metadata = {key: data[key] for key in DATA_KEYS if key not in camera_to_data(config.canonical_camera)}
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1, metadata=metadata)
     return model.to(device).eval()
 
@@ -180,7 +218,7 @@ def load_package(folder: Path, device: str = "cpu") -> Tuple[Vq3dModel, Dict[str
     truncated files, another version, unknown or missing fields, tensors that do not fit - is one
     :class:`PackageError` naming the file and the fix."""
     info = read_package_config(folder)
-    config = config_from_json(info["model"], folder / CONFIG_FILE)
+    config = config_from_json(info["model"], folder / CONFIG_FILE, camera_from_data(info["data"]))
     state = read_weights(folder / WEIGHTS_FILE)
     try:
         model = build_model(config, info["data"], "cpu")

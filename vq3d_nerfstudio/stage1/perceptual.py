@@ -4,7 +4,8 @@ LPIPS is an ImageNet backbone (AlexNet or VGG16 from torchvision) plus small lin
 ship inside torchmetrics; the backbone weights are torchvision's, normally downloaded into the torch
 hub cache on first use. Here the backbone is read from a file the user names, or from the place
 torchvision caches it (downloaded there first only when the caller asks, e.g. for the training loss),
-and a missing file is one clear error that says where to put it.
+through the project's one weights loader (:func:`~vq3d_nerfstudio.files.load_weights`: nothing in
+the file is run), and a missing or wrong file is one clear error that says where to put it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vq3d_nerfstudio.files import try_download
+from vq3d_nerfstudio.files import WeightsUnavailable, load_weights
 
 # LPIPS net name -> (torchvision constructor, torchvision weights enum)
 _BACKBONES = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights")}
 
 
-class LPIPSUnavailable(RuntimeError):
-    """The backbone weights LPIPS needs are not on this machine."""
+class LPIPSUnavailable(WeightsUnavailable):
+    """The backbone weights LPIPS needs are not on this machine (or the file does not hold them)."""
 
 
 def default_weights_path(net: str = "alex") -> Path:
@@ -49,20 +50,13 @@ class LPIPS(nn.Module):
         if net not in _BACKBONES:
             raise ValueError(f"LPIPS net must be one of {sorted(_BACKBONES)}, not {net!r}")
         path = Path(weights) if weights is not None else default_weights_path(net)
-        if not path.is_file() and weights is None and download:
-            try_download(weights_url(net), path)
-        if not path.is_file():
-            raise LPIPSUnavailable(
-                f"LPIPS needs the ImageNet {_BACKBONES[net][0]} weights at {path}; download {weights_url(net)} "
-                "there (or pass the file's path)"
-            )
+        state = load_weights(
+            path, f"LPIPS needs the ImageNet {_BACKBONES[net][0]} weights", weights_url(net),
+            download=weights is None and download, error=LPIPSUnavailable,
+        )
         import torchvision
         from torchmetrics.functional.image.lpips import _LPIPS
 
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # any unreadable file gets the same one-line error
-            raise LPIPSUnavailable(f"{path}: not a readable torchvision state dict ({err})") from err
         backbone = getattr(torchvision.models, _BACKBONES[net][0])(weights=None)
         try:
             backbone.load_state_dict(state)

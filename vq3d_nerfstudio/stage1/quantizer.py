@@ -31,7 +31,8 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from torch import nn
 from typing_extensions import Annotated
 
-from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveInt, ranged
+from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveInt, ranged, renamed, renamed_fields
+from vq3d_nerfstudio.errors import Vq3dError
 
 # ---------------------------------------------------------------------------------------------------
 # Vector quantization: pure functions
@@ -555,7 +556,7 @@ class FSQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-class NoCodesError(ValueError):
+class NoCodesError(Vq3dError, ValueError):
     """Asked a model with continuous tokens (``no-quantizer``) for code indices."""
 
 
@@ -630,7 +631,7 @@ class VQConfig(QuantizerConfig):
     """Dimension of the l2-normalised code space (factorized codes, ViT-VQGAN)."""
     commitment_beta: NonNegativeFloat = 0.25
     """Commitment loss weight inside the VQ loss (VQ-VAE's beta)."""
-    kmeans_init: bool = True
+    use_kmeans_init: renamed(bool, "--pipeline.model.quantizer.kmeans-init") = True
     """Initialise the codebook by spherical k-means on the first training batch's latents (random
     codes far from every encoding are never picked, so most of the codebook stayed unused)."""
     dead_code_fraction: NonNegativeFloat = 0.03
@@ -646,8 +647,14 @@ class VQConfig(QuantizerConfig):
     def setup(self, input_dim: int) -> FactorizedQuantizer:  # type: ignore[override]
         return FactorizedQuantizer(
             input_dim, self.size, self.code_dim, self.commitment_beta,
-            kmeans_init=self.kmeans_init, dead_code_fraction=self.dead_code_fraction,
+            kmeans_init=self.use_kmeans_init, dead_code_fraction=self.dead_code_fraction,
         )
+
+    def __setstate__(self, state: Dict) -> None:
+        """A ``config.yml`` saved before the boolean was named ``use_kmeans_init`` loads its value.
+        Removal: with the old flag, at version 0.2.0."""
+        renames = renamed_fields(VQConfig)
+        self.__dict__.update({renames.get(key, key): value for key, value in state.items()})
 
 
 @dataclass
@@ -709,7 +716,7 @@ def legacy_quantizer_config(state: Dict) -> QuantizerConfig:
         return NoQuantizerConfig()
     return VQConfig(
         size=int(old.get("codebook_size", 1024)), code_dim=int(old.get("code_dim", 32)),
-        commitment_beta=float(old.get("commitment_beta", 0.25)), kmeans_init=bool(old.get("codebook_kmeans_init", True)),
+        commitment_beta=float(old.get("commitment_beta", 0.25)), use_kmeans_init=bool(old.get("codebook_kmeans_init", True)),
         dead_code_fraction=float(old.get("dead_code_fraction", 0.03)),
     )
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
+
 # Which two coordinates of (x, y, z) index each plane, in grid_sample's (column, row) order.
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 
@@ -215,8 +217,8 @@ class PlaneLayout:
     """
 
     kind: str = "frustum"
-    camera_distance: float = 2.0
-    fov_deg: float = 50.0
+    camera: CanonicalCamera = CanonicalCamera()
+    """The canonical camera whose frustum the planes fill (the model's)."""
     inner_resolution: int = 64
     margin: int = 3
     depth_halfwidth: float = 1.0
@@ -237,5 +239,5 @@ class PlaneLayout:
         if self.kind == "world":
             return contract(points, self.scene_scale)
         return frustum_coordinates(
-            points, self.camera_distance, self.fov_deg, self.uv_inner, self.depth_halfwidth, self.depth_inner
+            points, self.camera.distance, self.camera.fov_deg, self.uv_inner, self.depth_halfwidth, self.depth_inner
         )

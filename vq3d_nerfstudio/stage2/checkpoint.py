@@ -23,13 +23,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from vq3d_nerfstudio.errors import Vq3dError
 from vq3d_nerfstudio.files import disk_full_as_error
 from vq3d_nerfstudio.stage2.transformer import TokenTransformer, TokenTransformerConfig
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Vq3dError, ValueError):
     """A stage-2 checkpoint that is missing, truncated, tampered with or does not fit."""
 
 

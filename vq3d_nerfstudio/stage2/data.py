@@ -30,15 +30,18 @@ import numpy as np
 import torch
 
 from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, item_or_next_readable
+from vq3d_nerfstudio.data.shard_access import read_sample, scan_shard
 from vq3d_nerfstudio.data.shard_dataset import held_out_rule
-from vq3d_nerfstudio.data.shards import decode_sample, read_index, read_sample, scan_shard
+from vq3d_nerfstudio.data.shard_format import decode_sample, read_index
+from vq3d_nerfstudio.data.workers import ErrorCarryingLoader
+from vq3d_nerfstudio.errors import Vq3dError
 from vq3d_nerfstudio.files import atomic_path, temporary_path, write_atomic
 
 CACHE_VERSION = 1
 SPLITS = ("train", "eval")
 
 
-class TokenCacheError(ValueError):
+class TokenCacheError(Vq3dError, ValueError):
     """A token cache that is missing, incomplete, tampered with or does not fit the model."""
 
 
@@ -269,7 +272,7 @@ def encode_split(
             print(f"{problem}: encoding that chunk again")
             part.unlink()
         subset = torch.utils.data.Subset(dataset, range(start, stop))
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+        loader = ErrorCarryingLoader(subset, batch_size=batch_size, num_workers=num_workers)  # a DatasetError as itself
         codes, classes = [], []
         for batch in loader:
             images = batch["image"].permute(0, 3, 1, 2)  # (B, 3, S, S)
@@ -337,7 +340,7 @@ class ShardSplit(torch.utils.data.Dataset):
     item read by byte offset), items ``{"image" [S, S, 3], "class_id"}`` like ``Vq3dImageDataset``'s.
     The held-out rule is the dataparser's, so stage 2 holds out what stage 1 held out. A sample that
     does not decode is handled as a folder's bad file is (``data.dataset.item_or_next_readable``):
-    with ``strict`` its one-line :class:`~vq3d_nerfstudio.data.shards.ShardError`, otherwise the next
+    with ``strict`` its one-line :class:`~vq3d_nerfstudio.data.shard_format.ShardError`, otherwise the next
     readable sample in its place (``bad_files`` remembers it)."""
 
     def __init__(self, root: Path, split: str, eval_fraction: float, image_size: int, strict: bool = False) -> None:
@@ -365,7 +368,7 @@ class ShardSplit(torch.utils.data.Dataset):
         return len(self.locations)
 
     def get_data(self, i: int) -> Dict:
-        """Sample ``i`` decoded (a :class:`~vq3d_nerfstudio.data.shards.ShardError` when it does not)."""
+        """Sample ``i`` decoded (a :class:`~vq3d_nerfstudio.data.shard_format.ShardError` when it does not)."""
         location = self.locations[i]
         sample = decode_sample(read_sample(self.root, location), self.root / location.shard, self.image_size, False)
         return {"image": sample["image"], "class_id": torch.tensor(sample["class_id"], dtype=torch.long)}

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from vq3d_nerfstudio.errors import PackageError
+from vq3d_nerfstudio.errors import PackageError, Vq3dError
 from vq3d_nerfstudio.export.video import to_uint8, write_image
 from vq3d_nerfstudio.files import safe_file_names
 from vq3d_nerfstudio.model_index import check_named_run_config, is_package
@@ -18,7 +18,7 @@ from vq3d_nerfstudio.stage2.transformer import TokenTransformer, sample_tokens
 UNCONDITIONAL = ("none", "null", "uncond", "unconditional")
 
 
-class SampleError(ValueError):
+class SampleError(Vq3dError, ValueError):
     """Bad sampling settings (class label, stage-1 / stage-2 mismatch): one line for the user."""
 
 

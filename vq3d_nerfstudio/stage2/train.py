@@ -1,5 +1,8 @@
-"""Training stage 2: the token cache, then the transformer (AdamW, warm-up + cosine, clipping,
-safe checkpoints and resume, tensorboard), on one device or many through ``torchrun`` (DDP).
+"""Training stage 2: the token cache (:mod:`~vq3d_nerfstudio.stage2.token_cache`), then the
+transformer (AdamW, warm-up + cosine, clipping, safe checkpoints and resume, tensorboard), on one
+device or many through ``torchrun`` (DDP). Problems are one-line ``Vq3dError``s, which
+``vq3d-train-stage2`` prints; the first Ctrl-C finishes the step, saves and stops
+(:class:`~vq3d_nerfstudio.interrupts.StopRequest`).
 
 Determinism: the global batch at step ``s`` and which of its labels are dropped depend only on
 ``(seed, s)``; under DDP rank ``r`` trains on positions ``r, r + W, ...`` of it. So a run resumed
@@ -9,11 +12,8 @@ from step ``s``, and a run on any number of processes, train on exactly the same
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,37 +31,15 @@ from vq3d_nerfstudio.checks import (
     PositiveInt,
     Probability,
     check_options,
-    nerfstudio_checkpoint_problem,
     ranged,
 )
-from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
-from vq3d_nerfstudio.data.dataset import Vq3dImageDataset
-from vq3d_nerfstudio.data.shard_dataset import is_prepared_folder
-from vq3d_nerfstudio.errors import DatasetError, PackageError
-from vq3d_nerfstudio.files import file_sha256, write_atomic
-from vq3d_nerfstudio.model_index import (
-    WEIGHTS_FILE,
-    check_named_run_config,
-    is_package,
-    resolve_model,
-    run_config_problem,
-)
-from vq3d_nerfstudio.stage1.package import load_package
+from vq3d_nerfstudio.errors import Vq3dError
+from vq3d_nerfstudio.files import write_atomic
+from vq3d_nerfstudio.interrupts import StopRequest
 from vq3d_nerfstudio.stage2 import checkpoint as ckpt
-from vq3d_nerfstudio.stage2.data import (
-    CACHE_VERSION,
-    SPLITS,
-    ShardSplit,
-    TokenCache,
-    TokenCacheError,
-    assemble_cache,
-    chunk_ranges,
-    encode_split,
-    global_batch,
-    listing_digest,
-    load_token_cache,
-    rank_share,
-)
+from vq3d_nerfstudio.stage2.data import TokenCache, global_batch, rank_share
+from vq3d_nerfstudio.stage2.distributed import Dist, init_distributed
+from vq3d_nerfstudio.stage2.token_cache import prepare_token_cache, recorded_stage1
 from vq3d_nerfstudio.stage2.transformer import PRESETS, TokenTransformer, TokenTransformerConfig
 
 
@@ -192,231 +170,6 @@ def drop_labels(classes: np.ndarray, batch_size: int, step: int, seed: int, prob
     return np.where(mask[rank::world_size], null_class, classes)
 
 
-# ---- distributed ------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            torch.distributed.all_reduce(values)
-        return values
-
-
-def init_distributed(device: str) -> Dist:
-    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on
-    CPUs); a plain run is rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("vq3d-train-stage2: error: --device cuda but no GPU is visible; use --device cpu")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if world_size > 1:
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-        return Dist(torch.distributed.get_rank(), world_size, local_rank, dev)
-    return Dist(0, 1, 0, dev)
-
-
-# ---- the token cache --------------------------------------------------------------------------------
-def default_cache_dir(folder: Path, data: Path) -> Path:
-    """``<folder>/token_cache-<hash of the data path>`` (``folder``: the stage-1 run's)."""
-    tag = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:12]
-    return folder / f"token_cache-{tag}"
-
-
-def rebuild_hint(cache_dir: Path) -> str:
-    """How to rebuild a damaged cache given as ``--token-cache`` alone: the command with the stage-1
-    run (and data) its ``meta.json`` names, when it is readable and that run's ``config.yml`` passes
-    :func:`~vq3d_nerfstudio.model_index.run_config_problem` (the hint must not have the user vouch for
-    a file that runs code); a placeholder otherwise."""
-    try:
-        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
-        stage1, data = meta.get("stage1_config"), meta.get("data")
-    except (OSError, ValueError, AttributeError):
-        stage1 = data = None
-    safe = isinstance(stage1, str) and Path(stage1).is_file() and run_config_problem(Path(stage1)) is None
-    stage1 = stage1 if safe else "<stage-1 run>/config.yml"
-    data = f" --data {data}" if isinstance(data, str) else ""
-    return f"; rebuild it with vq3d-train-stage2 --stage1-config {stage1}{data} --token-cache {cache_dir}"
-
-
-def recorded_stage1(cfg: Stage2TrainConfig, cache: TokenCache) -> Optional[str]:
-    """The stage-1 model the checkpoints record (``vq3d sample`` decodes with it): the cache's. A
-    run ``config.yml`` that the ``meta.json`` of a cache given alone names (not the user) is read
-    with a safe loader first, and refused in one line when it holds Python tags beyond nerfstudio's
-    config classes (loading it would run code)."""
-    recorded = cache.meta.get("stage1_config")
-    if not isinstance(recorded, str) or not recorded:
-        return None
-    if cfg.stage1_config is None and Path(recorded).is_file():
-        try:
-            check_named_run_config(Path(recorded), cache.path / "meta.json", "--stage1-config")
-        except PackageError as err:
-            raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    return recorded
-
-
-def prepare_token_cache(cfg: Stage2TrainConfig, dist: Dist) -> TokenCache:
-    """Reuse the cache when its fingerprint matches, else encode the dataset (each rank its share of
-    the chunks, resuming finished ones) and assemble it."""
-    if cfg.stage1_config is None:
-        if cfg.token_cache is None:
-            raise SystemExit("vq3d-train-stage2: error: pass --stage1-config <stage-1 run>/config.yml (or --token-cache DIR)")
-        try:
-            return load_token_cache(cfg.token_cache)
-        except TokenCacheError as err:
-            raise SystemExit(f"vq3d-train-stage2: error: {err}{rebuild_hint(cfg.token_cache)}") from None
-    from rich.progress import Progress
-
-    try:
-        stage1_path = cfg.stage1_config if cfg.stage1_config.is_file() else resolve_model(str(cfg.stage1_config))
-    except PackageError as err:
-        raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    if is_package(stage1_path):  # a model package: no run, no dataset of its own
-        if cfg.data is None:
-            raise SystemExit(f"vq3d-train-stage2: error: {stage1_path} is a model package, which holds no dataset; pass --data IMAGES")
-        try:
-            model, info = load_package(stage1_path, str(dist.device))
-        except PackageError as err:
-            raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-        checkpoint_path, stage1_step = stage1_path / WEIGHTS_FILE, info["provenance"].get("step") or 0
-        data = Path(cfg.data)
-        parser_config = Vq3dImagesDataParserConfig(
-            data=data, image_size=model.config.image_size, depth_kind="none",
-            camera_distance=info["data"]["camera_distance"], fov_deg=info["data"]["fov_deg"],
-        )
-        cache_home = cfg.output_dir  # a package folder may be read-only (a shipped model)
-    else:
-        from nerfstudio.utils.eval_utils import eval_setup
-
-        def check_checkpoint(config):  # an empty or truncated checkpoint: one line, not torch.load's traceback
-            problem = nerfstudio_checkpoint_problem(config.get_checkpoint_dir(), config.load_step)
-            if problem is not None:
-                raise SystemExit(f"vq3d-train-stage2: error: {problem}")
-            return config
-
-        stage1, pipeline, checkpoint_path, stage1_step = eval_setup(
-            stage1_path, test_mode="inference", update_config_callback=check_checkpoint
-        )
-        model = pipeline.model.to(dist.device)
-        stage1_parser = stage1.pipeline.datamanager.dataparser
-        data = Path(cfg.data or stage1_parser.data)
-        if isinstance(stage1_parser, Vq3dImagesDataParserConfig):
-            parser_config = dataclasses.replace(stage1_parser, data=data, depth_kind="none")
-        else:  # stage 1 trained through another nerfstudio dataparser: read its images as a plain folder
-            parser_config = Vq3dImagesDataParserConfig(data=data, image_size=model.config.image_size, depth_kind="none")
-        cache_home = stage1_path.parent
-    if not model.quantizer.has_codes:
-        raise SystemExit(
-            f"vq3d-train-stage2: error: {cfg.stage1_config} has continuous tokens (no-quantizer) and no codes "
-            "for stage 2 to model; train stage 1 with fsq-quantizer (or vq-quantizer)"
-        )
-
-    try:
-        if is_prepared_folder(data):  # `vq3d prepare` shards: every sample, read by offset
-            datasets = {s: ShardSplit(data, s, parser_config.eval_fraction, parser_config.image_size) for s in SPLITS}
-            listings = {s: datasets[s].fingerprint() for s in SPLITS}
-            class_names = datasets["train"].class_names
-        else:
-            parser = parser_config.setup()
-            outputs = {split: parser.get_dataparser_outputs(split) for split in SPLITS}
-            datasets = {split: Vq3dImageDataset(outputs[split]) for split in SPLITS}
-            listings = {
-                s: [listing_digest(outputs[s].image_filenames), outputs[s].metadata.get("class_ids")] for s in SPLITS
-            }
-            class_names = list(outputs["train"].metadata.get("class_names") or [])
-    except DatasetError as err:
-        raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    cache_dir = cfg.token_cache or default_cache_dir(cache_home, data)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "version": CACHE_VERSION,
-                "checkpoint": file_sha256(Path(checkpoint_path)),
-                "images": listings,
-                "classes": class_names,
-                "image_size": parser_config.image_size,
-            }
-        ).encode()
-    ).hexdigest()
-    meta_file = cache_dir / "meta.json"
-    why_rebuild = f"The stage-1 checkpoint, the images or their classes changed: rebuilding the token cache {cache_dir}"
-    if meta_file.exists():
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            same = isinstance(meta, dict) and meta.get("fingerprint") == fingerprint
-            cache = load_token_cache(cache_dir) if same else None  # a changed cache is not read
-        except TokenCacheError as err:
-            why_rebuild, cache = f"{err}: rebuilding it", None
-        except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
-            why_rebuild, cache = f"{meta_file}: unreadable ({err}); the token cache is damaged: rebuilding it", None
-        if cache is not None:
-            if dist.is_main:
-                print(f"Reusing the token cache {cache_dir} (same stage-1 checkpoint and images)")
-            cache.meta["stage1_config"] = str(stage1_path.resolve())  # the run the user named, whatever meta.json names
-            return cache
-    parts = cache_dir / "parts"
-    if dist.is_main:
-        if meta_file.exists():
-            print(why_rebuild)
-            meta_file.unlink()
-        stamp = parts / "fingerprint"
-        if parts.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-            import shutil
-
-            shutil.rmtree(parts)
-        parts.mkdir(parents=True, exist_ok=True)
-        write_atomic(stamp, fingerprint.encode("utf-8"))
-    dist.barrier()
-    mine = {
-        split: sum(b - a for c, (a, b) in enumerate(chunk_ranges(len(datasets[split]), cfg.encode_chunk_size)) if c % dist.world_size == dist.rank)
-        for split in SPLITS
-    }
-    encode = lambda images: model.encode_to_indices(images.to(dist.device))  # noqa: E731
-    with Progress(disable=not dist.is_main) as progress:
-        for split in SPLITS:
-            task = progress.add_task(f"Encoding {split} images to tokens", total=mine[split])
-            try:
-                encode_split(
-                    encode, datasets[split], parts, split, cfg.encode_chunk_size, cfg.encode_batch_size,
-                    cfg.num_workers, dist.rank, dist.world_size, on_images=lambda n, t=task: progress.advance(t, n),
-                )
-            except DatasetError as err:
-                raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
-    dist.barrier()
-    if dist.is_main:
-        meta = {
-            "version": CACHE_VERSION,
-            "fingerprint": fingerprint,
-            "codebook_size": int(model.config.quantizer.codebook_size),
-            "grid": list(model.index_shape),  # (h, w), or (h, w, G) with G codes per token
-            "class_names": class_names,
-            "num_classes": max(1, len(class_names)),
-            "stage1_config": str(stage1_path.resolve()),
-            "stage1_checkpoint": str(Path(checkpoint_path).resolve()),
-            "stage1_step": int(stage1_step),
-            "data": str(data.resolve()),
-        }
-        assemble_cache(cache_dir, {s: len(datasets[s]) for s in SPLITS}, cfg.encode_chunk_size, meta["codebook_size"], meta)
-        print(f"Wrote the token cache {cache_dir}")
-    dist.barrier()
-    return load_token_cache(cache_dir)
-
-
 # ---- training ---------------------------------------------------------------------------------------
 def batch_tensors(split_codes: np.ndarray, split_classes: np.ndarray, indices: np.ndarray, device) -> Tuple[torch.Tensor, np.ndarray]:
     codes = torch.from_numpy(np.asarray(split_codes[np.sort(indices)][np.argsort(np.argsort(indices))], dtype=np.int64))
@@ -444,34 +197,9 @@ def held_out_bits_per_token(model: TokenTransformer, cache: TokenCache, dist: Di
     return float(total[0] / total[1]) / math.log(2.0)
 
 
-class _StopFlag:
-    """First Ctrl-C: finish the step, save, stop. Second: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "_StopFlag":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)")
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def train(cfg: Stage2TrainConfig) -> Path:
     """Build or reuse the token cache, then train; returns the last checkpoint folder."""
-    check_options(cfg, "vq3d-train-stage2")  # finite floats, positive counts, a writable --output-dir
+    check_options(cfg)  # finite floats, positive counts, a writable --output-dir
     dist = init_distributed(cfg.device)
     try:
         return _train(cfg, dist)
@@ -482,15 +210,18 @@ def train(cfg: Stage2TrainConfig) -> Path:
 
 def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
     if cfg.depth_layers < 0:
-        raise SystemExit(f"vq3d-train-stage2: error: --depth-layers must be >= 0, got {cfg.depth_layers}")
+        raise Vq3dError(f"--depth-layers must be >= 0, got {cfg.depth_layers}")
     if cfg.batch_size % dist.world_size:
-        raise SystemExit(
-            f"vq3d-train-stage2: error: --batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes"
+        raise Vq3dError(
+            f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes"
         )
-    cache = prepare_token_cache(cfg, dist)
+    cache = prepare_token_cache(
+        cfg.stage1_config, cfg.data, cfg.token_cache, cfg.output_dir, dist, cfg.encode_chunk_size, cfg.encode_batch_size,
+        cfg.num_workers,
+    )
     if len(cache.train) < cfg.batch_size:
-        raise SystemExit(
-            f"vq3d-train-stage2: error: {cache.path} holds {len(cache.train)} training scenes, fewer than "
+        raise Vq3dError(
+            f"{cache.path} holds {len(cache.train)} training scenes, fewer than "
             f"--batch-size {cfg.batch_size}; lower it"
         )
     preset = PRESETS[cfg.model]
@@ -506,7 +237,7 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
         "model": model_config.to_dict(),
         "class_names": cache.class_names,
         "grid": cache.meta["grid"],
-        "stage1_config": recorded_stage1(cfg, cache),
+        "stage1_config": recorded_stage1(cfg.stage1_config, cache),
         "stage1_checkpoint": cache.meta.get("stage1_checkpoint"),
         "token_cache": str(cache.path.resolve()),
         "token_cache_fingerprint": cache.meta.get("fingerprint"),
@@ -517,21 +248,18 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
         try:
             saved = json.loads((latest / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise SystemExit(f"vq3d-train-stage2: error: {latest}/config.json unreadable ({err}); delete that folder") from None
+            raise ckpt.CheckpointError(f"{latest}/config.json unreadable ({err}); delete that folder") from None
         if saved.get("model", {}).get("vocab_size") != model_config.vocab_size or saved.get("grid") != info["grid"]:
-            raise SystemExit(
-                f"vq3d-train-stage2: error: {latest} was trained on another codebook or token grid "
+            raise ckpt.CheckpointError(
+                f"{latest} was trained on another codebook or token grid "
                 f"({saved.get('model', {}).get('vocab_size')} codes, grid {saved.get('grid')}); pass a new --output-dir"
             )
         if saved["model"].get("depth_layers", 0) != model_config.depth_layers:
-            raise SystemExit(
-                f"vq3d-train-stage2: error: {latest} was trained with --depth-layers {saved['model'].get('depth_layers', 0)}, "
+            raise ckpt.CheckpointError(
+                f"{latest} was trained with --depth-layers {saved['model'].get('depth_layers', 0)}, "
                 f"not {model_config.depth_layers}; pass that or a new --output-dir"
             )
-        try:
-            state = ckpt.load_training_state(latest, model, optimizer)
-        except ckpt.CheckpointError as err:
-            raise SystemExit(f"vq3d-train-stage2: error: {err}") from None
+        state = ckpt.load_training_state(latest, model, optimizer)
         start_step = int(state["step"])
         if dist.is_main:
             print(f"Resuming from {latest} (step {start_step})")
@@ -576,7 +304,7 @@ def _train(cfg: Stage2TrainConfig, dist: Dist) -> Path:
     last_path = latest
     step = start_step
     columns = [TextColumn("stage 2"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
-    with _StopFlag() as stop, Progress(*columns, disable=not dist.is_main) as progress:
+    with StopRequest() as stop, Progress(*columns, disable=not dist.is_main) as progress:
         task = progress.add_task("train", total=cfg.max_steps, completed=start_step, status="")
         model.train()
         while step < cfg.max_steps:
