@@ -191,6 +191,25 @@ def test_the_option_switches_get_outputs_between_the_exact_and_the_baked_field()
         assert model.scene.baked is baked  # baked once per scene
 
 
+def test_a_viewer_frame_computes_only_the_outputs_it_shows():
+    """With shown_outputs set (the viewer), normals and rgb_coarse are computed only when shown and
+    come back black otherwise, under the same keys; the shown outputs equal a full render's."""
+    model = tiny_model()
+    rays = canonical_rays(model)
+    with torch.no_grad():
+        full = model.get_outputs(rays)
+        for shown in ({"rgb"}, {"normals"}, {"rgb_coarse", "depth"}):
+            model.shown_outputs = lambda shown=shown: shown
+            got = model.get_outputs(rays)
+            assert got.keys() == full.keys()
+            for key in got:
+                if key in ("normals", "rgb_coarse") and key not in shown:
+                    assert torch.equal(got[key], torch.zeros_like(full[key])), (shown, key)
+                else:
+                    assert torch.equal(got[key], full[key]), (shown, key)
+        assert full["normals"].abs().sum() > 0 and full["rgb_coarse"].abs().sum() > 0
+
+
 def test_training_renders_the_exact_field_and_a_training_step_rebakes():
     model = tiny_model()
     rays = canonical_rays(model)

@@ -129,3 +129,46 @@ def test_pdf_spacing_is_nerfstudios_pdf_sampler_outside_training():
     assert got.shape == (num_rays, num_coarse + num_fine + 2)
     torch.testing.assert_close(got[:, :-1], expected.spacing_starts[..., 0], rtol=0, atol=0)
     torch.testing.assert_close(got[:, 1:], expected.spacing_ends[..., 0], rtol=0, atol=0)
+
+
+class PointCounter(PointField):
+    """The model's field, counting the points asked for density and for colour apart."""
+
+    def __init__(self, field):
+        self.inner, self.density_points, self.colour_points = field, 0, 0
+
+    def query(self, positions, planes, batch_idx):
+        return self.inner.query(positions, planes, batch_idx)
+
+    def density_at(self, positions, planes, batch_idx):
+        self.density_points += positions.shape[0]
+        return self.inner.density_at(positions, planes, batch_idx)
+
+    def rgb_at(self, positions, planes, batch_idx):
+        self.colour_points += positions.shape[0]
+        return self.inner.rgb_at(positions, planes, batch_idx)
+
+
+def test_density_first_colours_the_coarse_pass_only_when_asked():
+    """Without coarse colours the density-first path composites the same outputs from the same
+    densities, asks the field for fewer colours and none in the coarse pass, and returns rgb_coarse black."""
+    model = helpers.tiny_model(SIZE, samples_per_ray=12).eval()
+    model.set_scene_images(torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(7)))
+    planes = model.current_planes()
+    rays = orbit_cameras([(10.0, 0.0)], SIZE, 2.0, 50.0).generate_rays(camera_indices=0).flatten()
+    batch_idx = torch.zeros(len(rays), dtype=torch.long)
+    counted = PointCounter(model.field)
+    with torch.no_grad():
+        both = model.renderer.render(rays, counted, planes, batch_idx, keep_samples=True, colour_min_weight=1e-3)
+        densities, colours = counted.density_points, counted.colour_points
+        counted.density_points = counted.colour_points = 0
+        fine_only = model.renderer.render(rays, counted, planes, batch_idx, keep_samples=True, colour_min_weight=1e-3,
+                                          coarse_colour=False)
+    seen_fine = int((both["weights_fine"][..., 0] > 1e-3).sum() + (both["weights_fine"][:, -1, 0] <= 1e-3).sum())
+    seen_coarse = int((both["weights_coarse"][..., 0] > 1e-3).sum() + (both["weights_coarse"][:, -1, 0] <= 1e-3).sum())
+    assert colours == seen_fine + seen_coarse and counted.colour_points == seen_fine  # seen samples and each ray's last
+    assert counted.density_points == densities
+    assert torch.equal(fine_only["rgb_coarse"], torch.zeros(len(rays), 3))
+    for key in both:
+        if key != "rgb_coarse":
+            assert torch.equal(fine_only[key], both[key]), key

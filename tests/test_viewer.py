@@ -279,6 +279,7 @@ def test_viewer_opens_at_the_input_view_with_one_frustum_and_the_panels_scene(pi
         camera.metadata = {"cam_idx": viewer.current_camera_idx}
         model.get_outputs_for_camera(camera)
         assert model.scene.key == ("eval", 0) and pipeline._scene_controls.shown.value.startswith("held-out image 0")
+        assert model.shown_outputs() == {viewer.control_panel.output_render}  # frames compute what is shown
         camera.metadata = {"cam_idx": 2}  # a click on another camera still picks it
         model.get_outputs_for_camera(camera)
         assert model.scene.key == ("train", 2)
@@ -287,6 +288,17 @@ def test_viewer_opens_at_the_input_view_with_one_frustum_and_the_panels_scene(pi
         assert model.scene.encode_seconds is not None and model.scene.encode_seconds > 0
     finally:
         viewer.viser_server.stop()
+
+
+def test_the_panels_shown_outputs_are_the_chosen_one_and_the_splits():
+    from types import SimpleNamespace
+
+    from vq3d_nerfstudio.ns.viewer_controls import shown_outputs
+
+    panel = SimpleNamespace(output_render="rgb", split=False, split_output_render="normals")
+    assert shown_outputs(panel) == {"rgb"}
+    panel.split = True
+    assert shown_outputs(panel) == {"rgb", "normals"}
 
 
 def test_splat_toggle_builds_splats_and_idles_the_nerf_render(pipeline):

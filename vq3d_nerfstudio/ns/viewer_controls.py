@@ -15,7 +15,7 @@ import math
 import random
 import threading
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 import numpy as np
 from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
@@ -143,6 +143,7 @@ class ViewerSetup(ViewerControl):
       shown scene's image, hidden while the camera is at the input view (its image plane would cover
       the render); clicking it goes back to the input view;
     - on a CPU, "Max res" starts at :data:`CPU_STILL_SIDE` instead of 512 px;
+    - a frame computes the outputs the panel shows (:func:`shown_outputs`), not normals nobody looks at;
     - the status line: what is shown, how long its encode took, the splat count.
     """
 
@@ -171,6 +172,8 @@ class ViewerSetup(ViewerControl):
         panel = getattr(viewer, "control_panel", None)
         if panel is not None and getattr(model.device, "type", str(model.device)) == "cpu":
             panel._max_res.value = min(panel._max_res.value, CPU_STILL_SIDE)
+        if panel is not None:
+            model.shown_outputs = lambda: shown_outputs(panel)
         model.ignore_camera_index(int(getattr(viewer, "current_camera_idx", 0)))
         viewer.config.max_num_display_images = 1
         init_scene = viewer.init_scene
@@ -266,6 +269,15 @@ class ViewerSetup(ViewerControl):
         self._status.value = f"encoded in {seconds * 1000:.0f} ms" if seconds is not None else "shown"
         self.update_frustum()
         self._splats.scene_changed()
+
+
+def shown_outputs(panel) -> Set[str]:
+    """The outputs nerfstudio's control panel shows now: the chosen one, and the split view's while
+    the split is on (what :attr:`Vq3dModel.shown_outputs` asks for)."""
+    shown = {panel.output_render}
+    if panel.split:
+        shown.add(panel.split_output_render)
+    return shown
 
 
 class SceneControls:

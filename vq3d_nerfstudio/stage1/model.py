@@ -15,7 +15,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
+from typing import Callable, Collection, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -159,9 +159,10 @@ class Vq3dModelConfig(ModelConfig):
     looked up at the same samples, colour only where a sample is seen; 'exact', the tri-plane field
     itself. Training, rays with batch_idx and ``vq3d eval`` always use the exact field. Measured on
     the shipped vq3d-tiny-synth, a 256x256 frame on 2 CPU cores (BENCHMARKS.md, render-throughput):
-    0.34 s instead of 2.5 s (3.0 s before the exact path stopped evaluating coarse samples twice),
-    plus 0.44 s once per scene to bake; 47.8-48.9 dB PSNR and a 0.08% median depth error against the
-    exact render (45-51 dB over the four example scenes, canonical and 20 degree views)."""
+    0.31-0.32 s (the viewer's frame, the shown output only, 0.28-0.30 s) instead of 2.2-3.0 s (3.3-3.5 s
+    before the exact path stopped evaluating coarse samples twice), plus 0.46-0.51 s once per scene to
+    bake (two runs); 47.8-48.9 dB PSNR and a 0.08% median depth error against the exact render (45-51
+    dB over the four example scenes, canonical and 20 degree views)."""
     bake_nodes_per_texel: PositiveInt = 1
     """Baked inference field: grid nodes per plane texel interval along U and V (the texels are
     nodes; the depth axis gets at least as many, and 16 per period of the highest depth frequency).
@@ -265,6 +266,12 @@ class Vq3dModel(Model):
         self.idle_render = False
         """While True, cameras get a blank frame at the far plane without rendering (the viewer sets
         it while the browser draws the scene's splats)."""
+        self.shown_outputs: Optional[Callable[[], Collection[str]]] = None
+        """Set by the viewer: the names of the outputs it shows now. Outside training a render then
+        skips the costly outputs not named ('normals', the baked path's 'rgb_coarse'; they come back
+        black, so the viewer still lists them): normals alone took 28 of 369 ms of a 256 px baked frame
+        under the profiler (BENCHMARKS.md, render throughput). None (ns-render, ns-export, the
+        commands): every output."""
         self.image_loader: Optional[Callable[[str, int], torch.Tensor]] = None
         """Set by the pipeline: ``(split, index) -> [S, S, 3]`` image, for cam_idx / default scenes."""
         self.default_scene: Tuple[str, int] = ("eval", cfg.default_scene_index)
@@ -499,11 +506,18 @@ class Vq3dModel(Model):
     ) -> Dict[str, torch.Tensor]:
         """Render rays with this model's field (or ``field``, e.g. a scene with an object placed in
         it, or baked) through :class:`~vq3d_nerfstudio.stage1.renderer.NerfRenderer`; outside
-        training with ``use_normals_output`` the outputs include normals."""
-        return self.renderer.render(
+        training with ``use_normals_output`` the outputs include normals (black unless :attr:`shown_outputs`
+        names them)."""
+        shown = None if self.training or self.shown_outputs is None else set(self.shown_outputs())
+        normals = self.config.use_normals_output and not self.training
+        outputs = self.renderer.render(
             ray_bundle, self.field if field is None else field, planes, batch_idx, keep_samples=keep_samples,
-            normals=self.config.use_normals_output and not self.training, colour_min_weight=colour_min_weight,
+            normals=normals and (shown is None or "normals" in shown), colour_min_weight=colour_min_weight,
+            coarse_colour=shown is None or "rgb_coarse" in shown,
         )
+        if normals and "normals" not in outputs:
+            outputs["normals"] = torch.zeros_like(outputs["rgb"])
+        return outputs
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, torch.Tensor]:

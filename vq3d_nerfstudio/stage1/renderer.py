@@ -220,6 +220,7 @@ class NerfRenderer(nn.Module):
         normals: bool = False,
         reuse_coarse: bool = True,
         colour_min_weight: Optional[float] = None,
+        coarse_colour: bool = True,
     ) -> Dict[str, torch.Tensor]:
         """Per-ray outputs ``[R, C]``: ``rgb`` (fine), ``rgb_coarse``, ``accumulation``, ``depth``
         (expected ray distance; also under ``expected_depth``, the name nerfstudio's exporters read),
@@ -228,9 +229,12 @@ class NerfRenderer(nn.Module):
         (for the depth loss and depth metrics). ``reuse_coarse``: see :meth:`sample`.
 
         With ``colour_min_weight`` (a :class:`PointField`, no gradients): :meth:`render_density_first`,
-        the same samples and outputs with each sample's colour computed only where it is seen."""
+        the same samples and outputs with each sample's colour computed only where it is seen; there
+        ``coarse_colour=False`` skips the coarse pass's colours (``rgb_coarse`` comes back black)."""
         if colour_min_weight is not None:
-            return self.render_density_first(ray_bundle, field, planes, batch_idx, colour_min_weight, keep_samples, normals)
+            return self.render_density_first(
+                ray_bundle, field, planes, batch_idx, colour_min_weight, keep_samples, normals, coarse_colour
+            )
         passes = self.sample(ray_bundle, field, planes, batch_idx, reuse_coarse)
         norm = passes.directions_norm()
         fine, fine_w, coarse_w = passes.fine, passes.fine_weights, passes.coarse_weights
@@ -264,11 +268,13 @@ class NerfRenderer(nn.Module):
         min_weight: float,
         keep_samples: bool = False,
         normals: bool = False,
+        coarse_colour: bool = True,
     ) -> Dict[str, torch.Tensor]:
         """:meth:`render`'s outputs for a field whose colour costs as much as its density apart (a baked
         grid): the densities of both passes first (``field.density_at``), then the colours where a
         sample's weight exceeds ``min_weight`` (:func:`colour_where_seen`; the RGB outputs then differ
-        by at most ``(S - 1) * min_weight``, everything else is unchanged).
+        by at most ``(S - 1) * min_weight``, everything else is unchanged). ``coarse_colour=False``:
+        no colour lookups in the coarse pass, ``rgb_coarse`` black (a viewer showing another output).
 
         The same samples as :meth:`sample` (nerfstudio's collider, spaced sampler in eval and PDF
         sampler with the original bins), computed as plain ``[R, S]`` distances instead of
@@ -286,11 +292,11 @@ class NerfRenderer(nn.Module):
             positions = rays.origins[:, None] + rays.directions[:, None] * (starts + ends)[..., None] / 2  # (R, S, 3)
             points = batch_idx[:, None].expand(starts.shape).reshape(-1)
             density = field.density_at(positions.reshape(-1, 3), planes, points).reshape(starts.shape)
-            delta_density = (ends - starts) * density
-            transmittance = torch.exp(-torch.cumsum(delta_density, dim=-1))
-            transmittance = torch.cat([torch.ones_like(transmittance[:, :1]), transmittance[:, :-1]], dim=-1)
-            weights = torch.nan_to_num((1 - torch.exp(-delta_density)) * transmittance)
-            return positions, weights[..., None]
+            # nerfstudio's get_weights, (1 - exp(-delta_density)) * T_before, as T_before - T_after (the
+            # same value, T_after = T_before * exp(-delta_density)): one exp per sample instead of two
+            after = torch.exp(-torch.cumsum((ends - starts) * density, dim=-1))
+            before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=-1)
+            return positions, torch.nan_to_num(before - after)[..., None]
 
         num_coarse = coarse_sampler.num_samples
         coarse_spacing = torch.linspace(0.0, 1.0, num_coarse + 1, device=rays.origins.device)[None]  # (1, Sc + 1)
@@ -302,7 +308,11 @@ class NerfRenderer(nn.Module):
         fine_positions, fine_weights = positions_density_weights(fine_edges)
 
         fine_rgb = colour_where_seen(field, fine_positions, fine_weights, min_weight, planes, batch_idx)
-        coarse_rgb = colour_where_seen(field, coarse_positions, coarse_weights, min_weight, planes, batch_idx)
+        if coarse_colour:
+            coarse_rgb = colour_where_seen(field, coarse_positions, coarse_weights, min_weight, planes, batch_idx)
+            rgb_coarse = self.renderer_rgb(rgb=coarse_rgb, weights=coarse_weights)
+        else:
+            rgb_coarse = torch.zeros_like(rays.origins)
         fine_mid = ((fine_edges[:, :-1] + fine_edges[:, 1:]) / 2)[..., None]  # (R, Sf, 1)
         accumulation = fine_weights.sum(dim=-2)
         # nerfstudio's DepthRenderer("expected"): clipped to the chunk's nearest and farthest sample
@@ -311,7 +321,7 @@ class NerfRenderer(nn.Module):
         fine_disp = losses.sample_disparity(fine_mid, norm)
         outputs = {
             "rgb": self.renderer_rgb(rgb=fine_rgb, weights=fine_weights),
-            "rgb_coarse": self.renderer_rgb(rgb=coarse_rgb, weights=coarse_weights),
+            "rgb_coarse": rgb_coarse,
             "accumulation": accumulation,
             "depth": depth,
             "expected_depth": depth,
