@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from vq3d_nerfstudio.errors import PackageError
+from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 
 FORMAT = "vq3d-model"
 VERSION = 1
@@ -325,7 +326,7 @@ def model_card(name: str, info: Dict[str, Any], has_stage2: bool = False) -> str
         f"- input: {model['image_size']} px, patches of {model['patch_size']} px, tokens of width {model['hidden_dim']}",
         f"- quantizer: {quantizer['type']}",
         f"- tri-planes: {model['triplane_resolution']} texels, {model['triplane_channels']} channels, layout {model['triplane_layout']}",
-        f"- camera: distance {data['camera_distance']:g}, field of view {data['fov_deg']:g} degrees; depth kind in training: {data['depth_kind']}",
+        f"- camera: {CanonicalCamera(data['camera_distance'], data['fov_deg']).describe()}; depth kind in training: {data['depth_kind']}",
         f"- classes: {', '.join(data['class_names']) or 'none'}",
         f"- weights: {info['dtype']}",
     ]
