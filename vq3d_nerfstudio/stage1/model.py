@@ -159,9 +159,9 @@ class Vq3dModelConfig(ModelConfig):
     looked up at the same samples, colour only where a sample is seen; 'exact', the tri-plane field
     itself. Training, rays with batch_idx and ``vq3d eval`` always use the exact field. Measured on
     the shipped vq3d-tiny-synth, a 256x256 frame on 2 CPU cores (BENCHMARKS.md, render-throughput):
-    0.31-0.32 s (the viewer's frame, the shown output only, 0.28-0.30 s) instead of 2.2-3.0 s (3.3-3.5 s
-    before the exact path stopped evaluating coarse samples twice), plus 0.46-0.51 s once per scene to
-    bake (two runs); 47.8-48.9 dB PSNR and a 0.08% median depth error against the exact render (45-51
+    0.31-0.36 s (the viewer's frame, the shown output only, 0.28-0.32 s) instead of 2.2-3.0 s (3.3-3.6 s
+    before the exact path stopped evaluating coarse samples twice), plus 0.46-0.58 s once per scene to
+    bake (three runs, this machine drifting); 47.8-48.9 dB PSNR and a 0.08% median depth error against the exact render (45-51
     dB over the four example scenes, canonical and 20 degree views)."""
     bake_nodes_per_texel: PositiveInt = 1
     """Baked inference field: grid nodes per plane texel interval along U and V (the texels are
