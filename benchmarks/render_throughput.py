@@ -73,7 +73,7 @@ def inference_paths(repeats: int) -> tuple:
     from vq3d_nerfstudio.data.dataset import load_image
     from vq3d_nerfstudio.geometry.cameras import orbit_cameras
     from vq3d_nerfstudio.model_index import SHIPPED_DIR
-    from vq3d_nerfstudio.stage1.baked import COLOUR_MIN_WEIGHT, BakedField, bake_resolution
+    from vq3d_nerfstudio.stage1.baked import COLOUR_MIN_WEIGHT, COMPILED_DENSITY_PASS, BakedField, bake_resolution
     from vq3d_nerfstudio.stage1.package import load_package
     from vq3d_nerfstudio.stage1.renderer import NerfRenderer
 
@@ -85,6 +85,9 @@ def inference_paths(repeats: int) -> tuple:
     nodes = bake_resolution(model.layout, cfg.num_depth_frequencies, cfg.bake_nodes_per_texel)
     bake_s = median_time(lambda: BakedField.bake(model.field, planes, nodes), repeats=repeats)
     baked = BakedField.bake(model.field, planes, nodes)
+    start = time.perf_counter()  # the viewer's background compile, here waited for (no render runs meanwhile)
+    COMPILED_DENSITY_PASS.start(model.field.layout, (cfg.coarse_samples_per_ray, cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1))
+    compile_s = time.perf_counter() - start if COMPILED_DENSITY_PASS.join() else None
 
     def fewer_samples(coarse: int, fine: int) -> NerfRenderer:
         return NerfRenderer(cfg.near_plane, cfg.far_plane, coarse, fine, cfg.sampler_linear_until).eval()
@@ -97,6 +100,8 @@ def inference_paths(repeats: int) -> tuple:
          baked, seen),
         ("baked, the viewer's frame: the shown output (rgb) only, no normals or rgb_coarse", baked,
          dict(seen, normals=False, coarse_colour=False)),
+        ("baked, the viewer's frame, density passes compiled (the viewer's, once its background compile is done)", baked,
+         dict(seen, normals=False, coarse_colour=False, compiled=True)),
         ("baked, 24 + 16 samples (not a default: the trade-off)", baked, dict(seen, renderer=fewer_samples(24, 16))),
         ("baked, 16 + 16 samples (not a default: the trade-off)", baked, dict(seen, renderer=fewer_samples(16, 16))),
     ]
@@ -105,6 +110,8 @@ def inference_paths(repeats: int) -> tuple:
     reference = {name: render_frame(model, camera, model.field, reuse_coarse=False) for name, camera in cameras.items()}
     rows = []
     for what, field, options in paths:
+        options = dict(options)
+        COMPILED_DENSITY_PASS.ready = options.pop("compiled", False) and compile_s is not None
         seconds = median_time(lambda: render_frame(model, cameras["orbit 20 deg"], field, **options),
                               repeats=max(1, repeats - 2) if field is model.field else repeats)
         quality = []
@@ -115,7 +122,8 @@ def inference_paths(repeats: int) -> tuple:
             depth = float(((out["depth"] - ref["depth"]).abs() / ref["depth"]).median())
             quality.append(f"{psnr}, {100 * depth:.3f}%")
         rows.append((what, seconds, *quality))
-    return rows, bake_s, nodes
+    COMPILED_DENSITY_PASS.ready = False
+    return rows, bake_s, nodes, compile_s
 
 
 @torch.no_grad()
@@ -186,7 +194,7 @@ def main() -> None:
         f"- Full renders add the coarse pass, PDF resampling and compositing: {samples_per_ray} field evaluations per ray "
         f"({cfg.coarse_samples_per_ray} coarse + {cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1} fine).\n\n"
     )
-    inference_rows, bake_s, nodes = inference_paths(repeats)
+    inference_rows, bake_s, nodes, compile_s = inference_paths(repeats)
     before = inference_rows[0][1]
     inference_table = (
         "| path | ms / 256x256 frame | speed-up | vs before: PSNR, median depth error (canonical) | (orbit 20 deg) |\n"
@@ -194,16 +202,20 @@ def main() -> None:
         + "\n".join(f"| {what} | {seconds * 1e3:.0f} | {before / seconds:.1f}x | {canonical} | {orbit} |"
                      for what, seconds, canonical, orbit in inference_rows)
     )
-    baked_s, viewer_s = inference_rows[2][1], inference_rows[3][1]
+    baked_s, viewer_s, compiled_s = inference_rows[2][1], inference_rows[3][1], inference_rows[4][1]
+    compiled_text = (f"{compiled_s * 1e3:.0f} ms, after a {compile_s:.0f} s compile in the background" if compile_s is not None
+                     else "torch.compile not available here: the row is the eager path")
     body += (
         "### Inference paths: a 256x256 still frame of the shipped vq3d-tiny-synth\n\n"
         f"{inference_table}\n\n"
         f"- Baking the scene once ({nodes[0]} x {nodes[1]} x {nodes[2]} nodes along W, V, U): **{bake_s * 1e3:.0f} ms**; "
         f"the first frame of a new scene costs bake + frame = {(bake_s + baked_s) * 1e3:.0f} ms.\n"
-        f"- Goal: a still 256 px frame in the viewer <= 250 ms. The viewer's frame is row 4, **{viewer_s * 1e3:.0f} ms**: "
-        "nerfstudio's viewer shows one output (two with the split view), and the model computes only those "
-        "(`Vq3dModel.shown_outputs`; normals and rgb_coarse come back black while not shown). Rows 1-3 compute every "
-        "output, as `ns-render` and `ns-export` ask.\n"
+        f"- Goal: a still 256 px frame in the viewer <= 250 ms. The viewer's frame is row 5, **{compiled_text}** "
+        f"(row 4, {viewer_s * 1e3:.0f} ms, until then): nerfstudio's viewer shows one output (two with the split view), "
+        "and the model computes only those (`Vq3dModel.shown_outputs`; normals and rgb_coarse come back black while not "
+        "shown); on a CPU the viewer compiles the density passes (layout, trilinear lookup, weights) into one loop with "
+        "`torch.compile` in a background thread once the first scene is shown (`stage1/baked.py` CompiledDensityPass; "
+        "`VQ3D_NO_COMPILE=1` turns it off). Rows 1-3 compute every output, eagerly, as `ns-render` and `ns-export` ask.\n"
         "- Timed on the orbit frame (example_00, yaw 20 deg), chunks of eval_num_rays_per_chunk rays as "
         "`get_outputs_for_camera` renders them; depth error = median over pixels of |depth - before| / before (ray distance).\n"
         "- Where a baked frame's time went at revision 20280c8 (cProfile of `get_outputs_for_camera`, 24 + 24 samples, 369 ms a "
@@ -215,8 +227,8 @@ def main() -> None:
         "of the 49 fine samples a ray are such (20%), and finding and scattering them cost more than their lookups "
         "saved (every output: 408 vs 376 ms, interleaved runs). Also measured, not taken: chunks of 8192 rays instead "
         "of 4096 (about 6% faster, within this machine's noise; the shipped config fixes 4096), `torch.compile` of the "
-        "density pass (gcc is here; that pass 25% faster, after a 20 s compile at first use: a slower viewer start for "
-        "~12% of a frame), 24 + 16 or 24 + 20 samples in the viewer's frame (12% / 7% faster, down to 36.7 / 39.9 dB "
+        "density pass around `grid_sample` (that pass 25% faster: row 5 compiles a gather-based trilinear lookup with it, "
+        "3x), 24 + 16 or 24 + 20 samples in the viewer's frame (12% / 7% faster, down to 36.7 / 39.9 dB "
         "against the exact render over the 4 example scenes and 3 views). This machine's timings drift by up to a third between runs "
         "(memory-bound work; a shared host): compare rows of one run.\n\n"
         f"Machine: {machine()}. Revision {git_revision()}. Median of {repeats} ({max(1, repeats - 2)} for the slow rows) "

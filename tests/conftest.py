@@ -1,6 +1,7 @@
 """Shared fixtures: tiny data made on the fly, and the environment for the real CLI commands
 (plain helpers are in ``helpers.py``)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,11 @@ import torch
 from helpers import FAST, cli, cli_environment, run
 
 from vq3d_nerfstudio.data.synth import write_scenes
+
+# The viewer compiles its density passes in the background (ns/viewer_controls.py): not in the tests,
+# where a pass turning compiled mid-test would change renders by float rounding (test_baked.py tests
+# the compiled pass on its own).
+os.environ.setdefault("VQ3D_NO_COMPILE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

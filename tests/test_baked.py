@@ -210,6 +210,41 @@ def test_a_viewer_frame_computes_only_the_outputs_it_shows():
         assert full["normals"].abs().sum() > 0 and full["rgb_coarse"].abs().sum() > 0
 
 
+def test_the_gather_trilinear_is_grid_samples():
+    """The compile-friendly lookup (eight gathers and lerps) equals grid_sample's trilinear, border
+    clamp included (points outside the cube)."""
+    from vq3d_nerfstudio.stage1.baked import trilinear
+
+    generator = torch.Generator().manual_seed(3)
+    volume = torch.randn(1, 1, 7, 5, 6, generator=generator)
+    coords = torch.rand(500, 3, generator=generator) * 2.4 - 1.2
+    torch.testing.assert_close(trilinear(volume[0, 0], coords), sample_volume(volume, coords)[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_density_pass_renders_what_the_eager_one_does(monkeypatch):
+    """Compiled in the background (as the viewer starts it), then used by the renderer: the same
+    render as the eager path within float rounding, with no compile on the render's own calls."""
+    from torch._dynamo.utils import counters
+
+    from vq3d_nerfstudio.stage1 import baked as baked_module
+
+    model = tiny_model()
+    rays = canonical_rays(model)
+    cfg = model.config
+    compiled = baked_module.CompiledDensityPass()
+    monkeypatch.setattr(baked_module, "COMPILED_DENSITY_PASS", compiled)
+    with torch.no_grad():
+        eager = model.get_outputs(rays)
+        compiled.start(model.field.layout, (cfg.coarse_samples_per_ray, cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1))
+        if not compiled.join(timeout=600):
+            pytest.skip(f"torch.compile is unavailable here: {compiled.error}")
+        graphs = counters["stats"]["unique_graphs"]
+        got = model.get_outputs(rays)
+        assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graph served the real shapes
+    for key in eager:
+        torch.testing.assert_close(got[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_training_renders_the_exact_field_and_a_training_step_rebakes():
     model = tiny_model()
     rays = canonical_rays(model)

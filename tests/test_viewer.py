@@ -2,6 +2,7 @@
 pick scenes, and bad uploads leave the shown scene alone."""
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -299,6 +300,22 @@ def test_the_panels_shown_outputs_are_the_chosen_one_and_the_splits():
     assert shown_outputs(panel) == {"rgb"}
     panel.split = True
     assert shown_outputs(panel) == {"rgb", "normals"}
+
+
+def test_the_viewer_compiles_the_density_passes_unless_told_not_to(pipeline, monkeypatch):
+    """After the first scene the viewer starts compiling the baked density passes for the model's
+    layout and its coarse and fine interval counts; VQ3D_NO_COMPILE=1 (the test suite's setting) stops it."""
+    from vq3d_nerfstudio.ns import viewer_controls
+
+    started = []
+    monkeypatch.setattr(viewer_controls, "COMPILED_DENSITY_PASS", SimpleNamespace(start=lambda *args: started.append(args)))
+    model, setup = pipeline.model, pipeline.scene_viewer_setup
+    setup.compile_density_pass(delay=0)
+    assert started == []  # VQ3D_NO_COMPILE=1 here
+    monkeypatch.delenv("VQ3D_NO_COMPILE")
+    setup.compile_density_pass(delay=0)
+    cfg = model.config
+    assert started == [(model.field.layout, (cfg.coarse_samples_per_ray, cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1))]
 
 
 def test_splat_toggle_builds_splats_and_idles_the_nerf_render(pipeline):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import threading
 import time
@@ -32,6 +33,7 @@ from vq3d_nerfstudio.data.dataset import load_image
 from vq3d_nerfstudio.errors import DatasetError
 from vq3d_nerfstudio.export.rasterize import covariances
 from vq3d_nerfstudio.export.splats import SplatSettings, gaussians_from_nerf
+from vq3d_nerfstudio.stage1.baked import COMPILED_DENSITY_PASS
 from vq3d_nerfstudio.stage1.edits import EncodedImage, Placement, encode_image, interpolate
 from vq3d_nerfstudio.stage2.checkpoint import CheckpointError
 from vq3d_nerfstudio.stage2.sample import SampleError, SamplingSettings, SceneSampler, class_label_name
@@ -46,6 +48,9 @@ VIEWER_SKY_RADIUS = 8.0
 """Splats in the viewer: samples farther than this from the pivot (the sky) are pulled in to it."""
 CPU_STILL_SIDE = 256
 """On a CPU the viewer's "Max res" (the still frame's longer side) starts here instead of 512 px."""
+COMPILE_DELAY_S = 5.0
+"""On a CPU the viewer compiles its density passes this long after the first scene is shown (after the
+first picture; see :meth:`ViewerSetup.compile_density_pass`)."""
 
 
 def guard_viewer_messages() -> None:
@@ -144,6 +149,8 @@ class ViewerSetup(ViewerControl):
       the render); clicking it goes back to the input view;
     - on a CPU, "Max res" starts at :data:`CPU_STILL_SIDE` instead of 512 px;
     - a frame computes the outputs the panel shows (:func:`shown_outputs`), not normals nobody looks at;
+    - on a CPU the baked density passes get compiled in the background once the first scene is shown
+      (:meth:`compile_density_pass`): frames render eagerly until it is ready, ~30-40% faster after;
     - the status line: what is shown, how long its encode took, the splat count.
     """
 
@@ -154,6 +161,7 @@ class ViewerSetup(ViewerControl):
         self._splats = splats
         self._viewer = None
         self._scene = None
+        self._compile_timer: Optional[threading.Timer] = None
         model = pipeline.model
         self.reset = ViewerButton("Reset to input view", cb_hook=lambda _: self.to_input_view_all())
         cfg = model.config.adversarial  # the novel views the model is trained for
@@ -252,6 +260,25 @@ class ViewerSetup(ViewerControl):
             except Exception as err:  # a viewer thread must not die; say what happened
                 self._status.value = f"status unavailable: {type(err).__name__}: {err}"
 
+    def compile_density_pass(self, delay: float = COMPILE_DELAY_S) -> None:
+        """On a CPU with the baked field, start compiling the density passes in the background
+        (:data:`COMPILED_DENSITY_PASS`), ``delay`` seconds after the first scene is shown: the compile
+        (~26 s of the same cores the first time, ~7 s with torch's compile cache) started at once took
+        the first picture from 3.2 to 4.7 s (benchmarks/viewer_latency.py, median of 3). ``VQ3D_NO_COMPILE=1`` turns it off (the test
+        suite: a pass turning compiled mid-test would change a render by float rounding)."""
+        model = self._pipeline.model
+        if os.environ.get("VQ3D_NO_COMPILE", "") not in ("", "0"):
+            return
+        if getattr(model.device, "type", str(model.device)) == "cpu" and model.config.inference_field == "baked":
+            cfg = model.config  # the coarse pass's intervals, and the fine pass's (coarse + PDF samples + 1)
+            samples = (cfg.coarse_samples_per_ray, cfg.coarse_samples_per_ray + cfg.fine_samples_per_ray + 1)
+            if delay <= 0:
+                COMPILED_DENSITY_PASS.start(model.field.layout, samples)
+            elif self._compile_timer is None:
+                self._compile_timer = threading.Timer(delay, COMPILED_DENSITY_PASS.start, (model.field.layout, samples))
+                self._compile_timer.daemon = True
+                self._compile_timer.start()
+
     def poll(self) -> None:
         """Act on a new shown scene once its tri-planes exist: after its first frame, or at once
         while the NeRF render idles for the splats."""
@@ -265,6 +292,7 @@ class ViewerSetup(ViewerControl):
             model.current_planes()
             scene = model.scene
         self._scene = scene
+        self.compile_density_pass()
         seconds = getattr(scene, "encode_seconds", None)
         self._status.value = f"encoded in {seconds * 1000:.0f} ms" if seconds is not None else "shown"
         self.update_frustum()

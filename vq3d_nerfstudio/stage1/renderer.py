@@ -111,6 +111,16 @@ def colour_where_seen(
     return rgb.reshape(*seen.shape, 3)
 
 
+def sample_weights(edges: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """Rendering weights ``[R, S, 1]`` of the intervals between ``edges`` ``[R, S + 1]`` (ray distances)
+    with ``density`` ``[R, S]``: nerfstudio's ``RaySamples.get_weights``, ``(1 - exp(-density delta))
+    T_before``, written as ``T_before - T_after`` (the same value, ``T_after = T_before exp(-density
+    delta)``): one exp per sample instead of two."""
+    after = torch.exp(-torch.cumsum((edges[:, 1:] - edges[:, :-1]) * density, dim=-1))
+    before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=-1)
+    return torch.nan_to_num(before - after)[..., None]
+
+
 def directions_norm(ray_bundle: RayBundle) -> torch.Tensor:
     """``[R, 1]`` length of each ray's camera-space direction with ``z = -1`` (1 when the rays carry
     none): z-depth is ``t / directions_norm``."""
@@ -287,16 +297,17 @@ class NerfRenderer(nn.Module):
         def distances(spacing: torch.Tensor) -> torch.Tensor:  # nerfstudio's spacing_to_euclidean_fn
             return coarse_sampler.spacing_fn_inv(spacing * s_far + (1 - spacing) * s_near)
 
+        compiled_pass = getattr(field, "compiled_density_pass", None)  # a baked field, once compiled
+
         def positions_density_weights(edges: torch.Tensor):
+            fused = compiled_pass(rays.origins, rays.directions, edges) if compiled_pass is not None else None
+            if fused is not None:
+                return fused
             starts, ends = edges[:, :-1], edges[:, 1:]  # (R, S)
             positions = rays.origins[:, None] + rays.directions[:, None] * (starts + ends)[..., None] / 2  # (R, S, 3)
             points = batch_idx[:, None].expand(starts.shape).reshape(-1)
             density = field.density_at(positions.reshape(-1, 3), planes, points).reshape(starts.shape)
-            # nerfstudio's get_weights, (1 - exp(-delta_density)) * T_before, as T_before - T_after (the
-            # same value, T_after = T_before * exp(-delta_density)): one exp per sample instead of two
-            after = torch.exp(-torch.cumsum((ends - starts) * density, dim=-1))
-            before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=-1)
-            return positions, torch.nan_to_num(before - after)[..., None]
+            return positions, sample_weights(edges, density)
 
         num_coarse = coarse_sampler.num_samples
         coarse_spacing = torch.linspace(0.0, 1.0, num_coarse + 1, device=rays.origins.device)[None]  # (1, Sc + 1)
