@@ -150,6 +150,20 @@ def renamed_fields(cls: type) -> Dict[str, str]:
     }
 
 
+def under_current_names(cls: type, fields: Dict[str, Any], extra: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """``fields`` of dataclass ``cls`` as saved by an older version (a ``config.yml``'s state, a
+    package's ``config.json`` object) with its :func:`renamed` options (and ``extra``'s ``{old: new}``)
+    under their current names; the rest as they are."""
+    renames = {**(extra or {}), **renamed_fields(cls)}
+    return {renames.get(key, key): value for key, value in fields.items()}
+
+
+def pop_renamed_fields(cls: type, fields: Dict[str, Any]) -> Dict[str, Any]:
+    """``{current name: value}`` of the :func:`renamed` options of ``cls`` that ``fields`` holds under
+    their old names, popped from it: options that moved into ``cls`` from the config ``fields`` came from."""
+    return {new: fields.pop(old) for old, new in renamed_fields(cls).items() if old in fields}
+
+
 def renamed_option_notes(config: Any, argv: Sequence[str]) -> List[str]:
     """One line for each old flag of a :func:`renamed` option of ``config`` that ``argv`` uses, naming
     the new flag: ``"vq3d: --pipeline.model.adversarial-loss-mult is deprecated, use

@@ -65,7 +65,7 @@ from vq3d_nerfstudio.checks import (
     YawRange,
     ranged,
     renamed,
-    renamed_fields,
+    under_current_names,
 )
 from vq3d_nerfstudio.data.dataparser import Vq3dImagesDataParserConfig
 from vq3d_nerfstudio.data.dataset import SKIPPED_KEY, DepthCoverage, RelativeDisparityConfig, Vq3dImageDataset
@@ -140,8 +140,7 @@ class Vq3dDataManagerConfig(VanillaDataManagerConfig):
         the model's old values from the pipeline
         (:meth:`~vq3d_nerfstudio.ns.pipeline.Vq3dPipelineConfig.__setstate__`). Removal:
         with the old flags, at version 0.2.0."""
-        renames = renamed_fields(Vq3dDataManagerConfig)
-        self.__dict__.update({renames.get(key, key): value for key, value in state.items()})
+        self.__dict__.update(under_current_names(Vq3dDataManagerConfig, state))
         self.__dict__.setdefault("relative_disparity", RelativeDisparityConfig())
 
 

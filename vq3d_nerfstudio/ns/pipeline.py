@@ -19,7 +19,7 @@ from nerfstudio.utils import profiler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.cuda.amp.grad_scaler import GradScaler
 
-from vq3d_nerfstudio.checks import check_nerfstudio_command_line, config_type_problem, renamed_fields
+from vq3d_nerfstudio.checks import check_nerfstudio_command_line, config_type_problem, pop_renamed_fields
 from vq3d_nerfstudio.data.datamanager import Vq3dDataManager, Vq3dDataManagerConfig, data_canonical_camera
 from vq3d_nerfstudio.data.dataset import RelativeDisparityConfig, load_image
 from vq3d_nerfstudio.errors import Vq3dError
@@ -53,7 +53,7 @@ class Vq3dPipelineConfig(VanillaPipelineConfig):
         if model is not None and "canonical_camera" not in vars(model) and datamanager is not None:
             model.canonical_camera = data_canonical_camera(datamanager.dataparser)
         if model is not None and isinstance(datamanager, Vq3dDataManagerConfig):
-            moved = {new: vars(model).pop(old) for old, new in renamed_fields(RelativeDisparityConfig).items() if old in vars(model)}
+            moved = pop_renamed_fields(RelativeDisparityConfig, vars(model))
             if moved:
                 datamanager.relative_disparity = RelativeDisparityConfig(**{**vars(datamanager.relative_disparity), **moved})
 

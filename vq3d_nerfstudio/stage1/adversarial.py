@@ -28,9 +28,9 @@ from vq3d_nerfstudio.checks import (
     NonNegativeInt,
     PositiveInt,
     YawRange,
+    pop_renamed_fields,
     ranged,
     renamed,
-    renamed_fields,
 )
 from vq3d_nerfstudio.geometry.cameras import (
     canonical_camera_to_world,
@@ -97,7 +97,7 @@ def legacy_adversarial_config(state: Dict) -> AdversarialConfig:
     (``adversarial_loss_mult``, ``gan_resolution``, ...), which it pops from ``state`` (a missing one
     takes its default). Removal: at version 0.2.0, with the old flags, when runs and packages saved
     before issue 28 (commit 20280c8) no longer need to load."""
-    return AdversarialConfig(**{new: state.pop(old) for old, new in renamed_fields(AdversarialConfig).items() if old in state})
+    return AdversarialConfig(**pop_renamed_fields(AdversarialConfig, state))
 
 
 RenderRays = Callable[[RayBundle, torch.Tensor], Dict[str, torch.Tensor]]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vq3d_nerfstudio.stage1.field import PointField, density_from_logit
-from vq3d_nerfstudio.stage1.renderer import sample_weights
+from vq3d_nerfstudio.stage1.renderer import midpoint_positions, sample_weights
 from vq3d_nerfstudio.stage1.triplane import PlaneLayout
 
 #: Volume channels: the density logit (before ``density_from_logit``), then RGB in [0, 1].
@@ -141,7 +141,7 @@ def fused_density_pass(
     """One density pass of :meth:`NerfRenderer.render_density_first` through a baked density logit
     ``[D, H, W]``: the sample midpoints ``[R, S, 3]`` between ``edges`` ``[R, S + 1]`` along the rays
     and their rendering weights ``[R, S, 1]`` (layout, trilinear lookup, density, weights)."""
-    positions = origins[:, None] + directions[:, None] * (edges[:, :-1] + edges[:, 1:])[..., None] / 2
+    positions = midpoint_positions(origins, directions, edges)
     density = density_from_logit(trilinear(logit, layout(positions)))
     return positions, sample_weights(edges, density)
 

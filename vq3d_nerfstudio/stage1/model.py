@@ -34,7 +34,7 @@ from vq3d_nerfstudio.checks import (
     PositiveInt,
     ranged,
     renamed,
-    renamed_fields,
+    under_current_names,
 )
 from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 from vq3d_nerfstudio.stage1 import losses
@@ -200,8 +200,7 @@ def upgrade_model_fields(state: Dict) -> Dict:
     the :func:`~vq3d_nerfstudio.checks.renamed` options), the quantizer options nested
     (:func:`legacy_quantizer_config`), the adversarial ones nested (:func:`legacy_adversarial_config`).
     Fields saved under this version's names pass through. Removal: with those."""
-    renames = {**RENAMED_FIELDS, **renamed_fields(Vq3dModelConfig)}
-    state = {renames.get(key, key): value for key, value in state.items()}
+    state = under_current_names(Vq3dModelConfig, state, RENAMED_FIELDS)
     if isinstance(state.get("quantizer"), str):  # saved before the quantizer had its own config
         state["quantizer"] = legacy_quantizer_config(state)
     if "adversarial" not in state:  # saved before the adversarial options had their own config

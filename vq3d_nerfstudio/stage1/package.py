@@ -17,7 +17,7 @@ from typing import Any, Dict, Tuple
 import torch
 from nerfstudio.data.scene_box import SceneBox
 
-from vq3d_nerfstudio.checks import config_type_problem, renamed_fields
+from vq3d_nerfstudio.checks import config_type_problem, under_current_names
 from vq3d_nerfstudio.errors import PackageError
 from vq3d_nerfstudio.geometry.poses import CanonicalCamera
 from vq3d_nerfstudio.model_index import (
@@ -178,8 +178,7 @@ def _component_from_json(cls: type, fields: Any, path: Path, name: str, kind: st
     options under their old names too); other fields than ``cls``'s are a :class:`PackageError`."""
     if not isinstance(fields, dict):
         raise PackageError(f"{path}: 'model.{name}' is not an object; remake the package")
-    renames = renamed_fields(cls)
-    fields = {renames.get(k, k): v for k, v in fields.items()}
+    fields = under_current_names(cls, fields)
     known = {f.name for f in dataclasses.fields(cls) if f.name not in SKIPPED_FIELDS}
     if set(fields) != known:
         raise PackageError(f"{path}: 'model.{name}' fields {sorted(fields)} do not fit {kind} ({sorted(known)}); remake the package")

@@ -31,7 +31,7 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from torch import nn
 from typing_extensions import Annotated
 
-from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveInt, ranged, renamed, renamed_fields
+from vq3d_nerfstudio.checks import NonNegativeFloat, PositiveInt, ranged, renamed, under_current_names
 from vq3d_nerfstudio.errors import Vq3dError
 
 # ---------------------------------------------------------------------------------------------------
@@ -653,8 +653,7 @@ class VQConfig(QuantizerConfig):
     def __setstate__(self, state: Dict) -> None:
         """A ``config.yml`` saved before the boolean was named ``use_kmeans_init`` loads its value.
         Removal: with the old flag, at version 0.2.0."""
-        renames = renamed_fields(VQConfig)
-        self.__dict__.update({renames.get(key, key): value for key, value in state.items()})
+        self.__dict__.update(under_current_names(VQConfig, state))
 
 
 @dataclass

@@ -111,6 +111,11 @@ def colour_where_seen(
     return rgb.reshape(*seen.shape, 3)
 
 
+def midpoint_positions(origins: torch.Tensor, directions: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """World points ``[R, S, 3]`` halfway between ``edges`` ``[R, S + 1]`` (ray distances) along the rays."""
+    return origins[:, None] + directions[:, None] * (edges[:, :-1] + edges[:, 1:])[..., None] / 2
+
+
 def sample_weights(edges: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
     """Rendering weights ``[R, S, 1]`` of the intervals between ``edges`` ``[R, S + 1]`` (ray distances)
     with ``density`` ``[R, S]``: nerfstudio's ``RaySamples.get_weights``, ``(1 - exp(-density delta))
@@ -303,10 +308,9 @@ class NerfRenderer(nn.Module):
             fused = compiled_pass(rays.origins, rays.directions, edges) if compiled_pass is not None else None
             if fused is not None:
                 return fused
-            starts, ends = edges[:, :-1], edges[:, 1:]  # (R, S)
-            positions = rays.origins[:, None] + rays.directions[:, None] * (starts + ends)[..., None] / 2  # (R, S, 3)
-            points = batch_idx[:, None].expand(starts.shape).reshape(-1)
-            density = field.density_at(positions.reshape(-1, 3), planes, points).reshape(starts.shape)
+            positions = midpoint_positions(rays.origins, rays.directions, edges)  # (R, S, 3)
+            points = batch_idx[:, None].expand(positions.shape[:2]).reshape(-1)
+            density = field.density_at(positions.reshape(-1, 3), planes, points).reshape(positions.shape[:2])
             return positions, sample_weights(edges, density)
 
         num_coarse = coarse_sampler.num_samples
